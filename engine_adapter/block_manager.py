@@ -1,0 +1,42 @@
+"""Paged KV-cache bookkeeping: which cache blocks each request owns."""
+
+from __future__ import annotations
+
+from engine_adapter.request import Request
+
+
+class BlockManager:
+    """Hands out fixed-size KV blocks; a block belongs to at most one request."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # LIFO free list: recently freed blocks are reused first (warm in cache).
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, request: Request, upto_tokens: int) -> int:
+        """Blocks ``request`` must add to hold KV for its first ``upto_tokens`` tokens."""
+        need = -(-upto_tokens // self.block_size)
+        return max(0, need - len(request.block_table))
+
+    def can_grow(self, request: Request, upto_tokens: int) -> bool:
+        return self.blocks_needed(request, upto_tokens) <= len(self._free)
+
+    def grow(self, request: Request, upto_tokens: int) -> None:
+        need = self.blocks_needed(request, upto_tokens)
+        if need > len(self._free):
+            raise RuntimeError(f"out of KV blocks: need {need}, {len(self._free)} free")
+        for _ in range(need):
+            request.block_table.append(self._free.pop())
+
+    def free(self, request: Request) -> None:
+        self._free.extend(reversed(request.block_table))
+        request.block_table = []
+
+    def slot(self, request: Request, position: int) -> int:
+        return request.block_table[position // self.block_size] * self.block_size + (
+            position % self.block_size)

@@ -1,0 +1,123 @@
+"""The policy protocol: at each decision point a policy sees a SchedulerView and returns a Decision.
+
+The environment, the evaluation scripts and the server all drive the engine through this one
+protocol. The view also computes what an admission would get (tokens, KV blocks), so policies
+and the scheduler share one piece of arithmetic and an invalid decision is caught, not changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from engine_adapter.errors import InvalidDecision
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Start a prefill batch of ``admit`` (in this order) split into ``num_groups`` layer groups.
+
+    An empty ``admit`` means wait: no batch starts this iteration.
+    """
+
+    num_groups: int = 1
+    admit: tuple[str, ...] = ()
+
+    @classmethod
+    def wait(cls) -> Decision:
+        return cls()
+
+
+@dataclass(frozen=True)
+class WaitingRequest:
+    request_id: str
+    arrival_time: float
+    prompt_len: int
+    num_computed: int  # tokens already in the KV cache (earlier pieces)
+    num_uncomputed: int  # tokens the next prefill must still compute
+    blocks_held: int
+
+
+@dataclass(frozen=True)
+class InFlightBatch:
+    batch_id: int
+    num_groups: int
+    stage: int  # the stage it runs in the coming iteration
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerView:
+    """What a policy may see when a prefill batch can be formed."""
+
+    now: float
+    iteration: int
+    mode: str
+    num_layers: int
+    prefill_budget: int
+    block_size: int
+    free_blocks: int
+    max_num_seqs: int
+    num_running: int  # requests holding KV: decoding, in flight, or partly prefilled
+    waiting: tuple[WaitingRequest, ...]
+    decode_context_lens: tuple[int, ...]
+    in_flight: tuple[InFlightBatch, ...]
+
+    def allot(self, decision: Decision) -> list[tuple[WaitingRequest, int]]:
+        """Tokens each admitted request gets, in order; raises InvalidDecision if impossible."""
+        g = decision.num_groups
+        if not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_layers:
+            raise InvalidDecision(
+                f"num_groups must be an integer in 1..{self.num_layers} (the layer count), got {g!r}")
+        if len(set(decision.admit)) != len(decision.admit):
+            raise InvalidDecision(f"admission lists a request twice: {decision.admit}")
+        by_id = {w.request_id: w for w in self.waiting}
+        unknown = [r for r in decision.admit if r not in by_id]
+        if unknown:
+            raise InvalidDecision(f"admission names requests that are not waiting: {unknown}")
+        budget, blocks, new_seqs = self.prefill_budget, 0, 0
+        allotment = []
+        for rid in decision.admit:
+            w = by_id[rid]
+            if budget <= 0:
+                raise InvalidDecision(
+                    f"request {rid} gets no tokens: the batch already fills the prefill budget "
+                    f"of {self.prefill_budget} tokens")
+            tokens = min(w.num_uncomputed, budget)
+            budget -= tokens
+            blocks += -(-(w.num_computed + tokens) // self.block_size) - w.blocks_held
+            new_seqs += w.blocks_held == 0
+            allotment.append((w, tokens))
+        if blocks > self.free_blocks:
+            raise InvalidDecision(
+                f"admission needs {blocks} KV blocks, only {self.free_blocks} are free")
+        if self.num_running + new_seqs > self.max_num_seqs:
+            raise InvalidDecision(
+                f"admission would run {self.num_running + new_seqs} requests, more than "
+                f"max_num_seqs={self.max_num_seqs}")
+        return allotment
+
+    def fcfs_admission(self, budget: int | None = None) -> tuple[str, ...]:
+        """The longest first-come-first-served prefix of the queue that fits the budget
+        (default: the prefill budget), the free KV blocks and ``max_num_seqs``."""
+        budget = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
+        blocks, seqs = self.free_blocks, self.num_running
+        admitted: list[str] = []
+        for w in self.waiting:
+            if budget <= 0:
+                break
+            tokens = min(w.num_uncomputed, budget)
+            need = -(-(w.num_computed + tokens) // self.block_size) - w.blocks_held
+            if need > blocks or (w.blocks_held == 0 and seqs >= self.max_num_seqs):
+                break
+            admitted.append(w.request_id)
+            budget -= tokens
+            blocks -= need
+            seqs += w.blocks_held == 0
+        return tuple(admitted)
+
+    def tokens_of(self, admit: Sequence[str]) -> int:
+        return sum(t for _, t in self.allot(Decision(1, tuple(admit))))
+
+
+DecisionFunction = Callable[[SchedulerView], Decision]

@@ -1,0 +1,147 @@
+"""The engine: requests in, iterations out. Drivable step by step by the env or a server."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from engine_adapter.block_manager import BlockManager
+from engine_adapter.clock import VirtualClock, WallClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.decision import DecisionFunction
+from engine_adapter.energy import EnergyMeter, energy_meter
+from engine_adapter.errors import ConfigError, RequestError
+from engine_adapter.model import MoETransformer
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.plan import IterationReport, TokenEvent
+from engine_adapter.request import Request
+from engine_adapter.scheduler import Scheduler
+from engine_adapter.traffic import plan_traffic
+from engine_adapter.weights import dummy_weights, load_safetensors
+
+
+def build_model(config: EngineConfig, model_config: ModelConfig) -> MoETransformer:
+    device, dtype = config.torch_device, config.torch_dtype
+    if config.weights == "dummy":
+        weights = dummy_weights(model_config, dtype, device, seed=config.seed)
+    else:
+        weights = load_safetensors(model_config, config.weights, dtype, device)
+    return MoETransformer(model_config, weights)
+
+
+class Engine:
+    """Continuous batching over one scheduler and one executor.
+
+    ``decide`` is the policy's decision function (needed in layered mode). ``executor``
+    defaults to the torch executor on ``config.device``; ``clock`` to a virtual clock that
+    advances by each iteration's measured latency.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        decide: DecisionFunction | None = None,
+        executor=None,
+        clock: VirtualClock | WallClock | None = None,
+        energy: EnergyMeter | None = None,
+        model_config: ModelConfig | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.model_config = model_config or ModelConfig.load(self.config.model)
+        cfg, mcfg = self.config, self.model_config
+        self.max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings,
+                                 mcfg.max_position_embeddings)
+        capacity = cfg.num_kv_blocks * cfg.block_size
+        if capacity < self.max_model_len:
+            raise ConfigError(
+                f"KV cache of {capacity} tokens cannot hold even one request of max_model_len "
+                f"{self.max_model_len}: raise kv_cache_tokens or lower max_model_len")
+        if executor is None:
+            from engine_adapter.executor_torch import TorchExecutor
+
+            executor = TorchExecutor(build_model(cfg, mcfg), cfg.num_kv_blocks, cfg.block_size)
+        self.executor = executor
+        self.clock = clock or VirtualClock()
+        device_type = getattr(getattr(executor, "device", None), "type", "cpu")
+        self.energy = energy or energy_meter(device_type)
+        self.dtype_bytes = cfg.torch_dtype.itemsize
+        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg.mode, mcfg.num_layers, self.blocks, cfg.prefill_budget,
+                                   cfg.chunk_tokens, cfg.max_num_seqs, decide)
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request; bad input raises RequestError and changes nothing."""
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise RequestError("empty prompt: a request needs at least one prompt token")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(prompt) + max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt of {len(prompt)} tokens plus max_tokens {max_tokens} exceeds the model "
+                f"length {self.max_model_len}")
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.scheduler.requests:
+            raise RequestError(f"request id {rid!r} is already in use")
+        arrival = self.clock.now() if arrival_time is None else float(arrival_time)
+        self.scheduler.add(Request(rid, prompt, max_tokens, arrival))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- iterations -----------------------------------------------------------------------
+    def step(self) -> IterationReport | None:
+        """Run one iteration; None when there is nothing to run."""
+        start = self.clock.now()
+        plan = self.scheduler.schedule(start)
+        if plan is None:
+            return None
+        self.energy.start()
+        result = self.executor.execute(plan)
+        self.clock.advance(result.latency_s)
+        end = self.clock.now()
+        outcome = self.scheduler.postprocess(plan, result.sampled)
+        distinct = [None if c is None else sum(1 for x in c if x > 0) for c in result.expert_tokens]
+        traffic = plan_traffic(self.model_config, plan, distinct, self.dtype_bytes)
+        total_bytes = traffic.weight_bytes + traffic.kv_bytes
+        joules = result.energy_j
+        if joules is None:
+            joules = self.energy.stop(end - start, total_bytes, traffic.flops)
+        return IterationReport(
+            iteration=plan.iteration, mode=plan.mode, start_time=start, latency_s=end - start,
+            decode_tokens=plan.num_decode_tokens, prefill_tokens=plan.num_prefill_tokens,
+            stages=[{"batch_id": st.batch_id, "stage": st.stage, "num_groups": st.num_groups,
+                     "layers": (st.layer_start, st.layer_end), "tokens": st.num_tokens}
+                    for st in plan.stages],
+            distinct_experts=distinct, expert_bytes=traffic.expert_bytes,
+            weight_bytes=traffic.weight_bytes, kv_bytes=traffic.kv_bytes, flops=traffic.flops,
+            energy_j=joules, energy_source=self.energy.source,
+            events=[TokenEvent(rid, idx, tok, end) for rid, idx, tok in outcome.emitted],
+            finished=outcome.finished, preempted=list(self.scheduler.preempted_last),
+            logits=result.logits)
+
+    def run(self) -> list[IterationReport]:
+        """Step until every queued request has finished."""
+        reports = []
+        while self.has_unfinished():
+            report = self.step()
+            if report is None:
+                raise RuntimeError("requests are queued but none can be scheduled")
+            reports.append(report)
+        return reports

@@ -1,0 +1,21 @@
+"""Exceptions the engine raises for bad input. Each names the problem it found."""
+
+
+class EngineError(Exception):
+    """Base class for every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError, ValueError):
+    """A model or engine configuration that cannot be built."""
+
+
+class WeightsError(EngineError, ValueError):
+    """Weights that do not match the model configuration."""
+
+
+class RequestError(EngineError, ValueError):
+    """A request the engine cannot serve (bad prompt, bad length, bad token ids)."""
+
+
+class InvalidDecision(EngineError, ValueError):
+    """A policy decision the scheduler cannot carry out (bad G or bad admission)."""

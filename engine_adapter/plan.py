@@ -1,0 +1,140 @@
+"""What the scheduler asks an executor to run (IterationPlan) and what comes back (IterationReport)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive positions ``[start, start + length)`` of one request.
+
+    ``token_ids`` are filled where the rows must be embedded (decode rows and a batch's first
+    stage). ``sample`` marks a segment whose last row yields the request's next token.
+    """
+
+    request_id: str
+    start: int
+    length: int
+    block_table: tuple[int, ...]
+    sample: bool
+    token_ids: tuple[int, ...] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """Stage ``stage`` (0-based) of prefill batch ``batch_id``: its rows through layers
+    ``[layer_start, layer_end)``."""
+
+    batch_id: int
+    stage: int
+    num_groups: int
+    layer_start: int
+    layer_end: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_groups - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def covers(self, layer: int) -> bool:
+        return self.layer_start <= layer < self.layer_end
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """One iteration: the decode batch passes every layer, each stage its layer range."""
+
+    iteration: int
+    mode: str
+    num_layers: int
+    decode: tuple[Segment, ...]
+    stages: tuple[StageWork, ...]
+    cancelled_batches: tuple[int, ...] = ()
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return len(self.decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.stages)
+
+    def rows_in_layer(self, layer: int) -> int:
+        return len(self.decode) + sum(s.num_tokens for s in self.stages if s.covers(layer))
+
+    def schedule_key(self) -> tuple:
+        """Which tokens of which request ran through which layers: for comparing backends."""
+        return (
+            tuple((s.request_id, s.start, s.length) for s in self.decode),
+            tuple((st.batch_id, st.layer_start, st.layer_end,
+                   tuple((s.request_id, s.start, s.length) for s in st.segments))
+                  for st in self.stages),
+        )
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Request ``request_id`` emitted its ``index``-th output token ``token_id`` at ``time``."""
+
+    request_id: str
+    index: int
+    token_id: int
+    time: float
+
+
+@dataclass
+class ExecutionResult:
+    """What an executor measured while running a plan."""
+
+    latency_s: float
+    sampled: dict[str, int]
+    # Tokens routed to each expert, per layer (None for dense layers and layers not run).
+    expert_tokens: list[list[int] | None]
+    energy_j: float | None = None  # measured energy, where the device has a counter
+    logits: dict[str, Any] | None = None  # last-row logits per sampled request, when captured
+
+
+@dataclass
+class IterationReport:
+    """Everything one iteration did and cost."""
+
+    iteration: int
+    mode: str
+    start_time: float
+    latency_s: float
+    decode_tokens: int
+    prefill_tokens: int
+    stages: list[dict]
+    distinct_experts: list[int | None]
+    expert_bytes: int
+    weight_bytes: int
+    kv_bytes: int
+    flops: int
+    energy_j: float
+    energy_source: str
+    events: list[TokenEvent] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    logits: dict[str, Any] | None = None  # only when the executor captures logits (tests)
+
+    @property
+    def end_time(self) -> float:
+        return self.start_time + self.latency_s
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes

@@ -1,0 +1,60 @@
+"""A request and its lifecycle."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; may hold KV of earlier prompt pieces
+    PREFILLING = "prefilling"  # a member of an in-flight prefill batch
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass
+class Request:
+    """One generation request.
+
+    The request's known tokens are its prompt plus what it generated so far; KV exists for the
+    first ``num_computed`` of them. Prefill computes the rest and samples the next token, which
+    also makes recompute after preemption the same code path as a first prefill.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    # Where the request is now, for reports and views: (batch id, piece) while prefilling.
+    batch_id: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED)
+
+    def token_at(self, position: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < p else self.output_token_ids[position - p]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        all_ids = self.prompt_token_ids + self.output_token_ids
+        return all_ids[start:stop]

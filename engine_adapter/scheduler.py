@@ -1,0 +1,281 @@
+"""The one scheduler: which tokens of which requests run through which layers next iteration.
+
+Two modes share everything but the forming of prefill batches:
+
+* ``layered``: a policy decides, per prefill batch, the layer-group count G and the admitted
+  requests (up to the prefill budget, decode tokens not counted). The batch runs layer group
+  k in its k-th iteration; decode tokens pass every layer every iteration.
+* ``chunked``: Sarathi-style. Each iteration's token budget goes to decode tokens first, then
+  first-come-first-served prompt chunks (the continuing chunk heads the queue), G = 1.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine_adapter.block_manager import BlockManager
+from engine_adapter.decision import (
+    Decision,
+    DecisionFunction,
+    InFlightBatch,
+    SchedulerView,
+    WaitingRequest,
+)
+from engine_adapter.errors import InvalidDecision
+from engine_adapter.plan import IterationPlan, Segment, StageWork
+from engine_adapter.request import Request, RequestStatus
+
+MODES = ("layered", "chunked")
+
+
+def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, sized as ``numpy.array_split`` sizes them."""
+    sizes = [len(part) for part in np.array_split(np.arange(num_layers), num_groups)]
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+@dataclass
+class PrefillBatch:
+    batch_id: int
+    num_groups: int
+    bounds: list[tuple[int, int]]
+    segments: tuple[Segment, ...]
+    stage: int = 0
+
+
+@dataclass
+class StepOutcome:
+    """Token emissions (request, output index, token) and lifecycle changes of an iteration."""
+
+    emitted: list[tuple[str, int, int]] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        mode: str,
+        num_layers: int,
+        block_manager: BlockManager,
+        prefill_budget: int,
+        chunk_tokens: int,
+        max_num_seqs: int,
+        decide: DecisionFunction | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"scheduling mode must be one of {MODES}, got {mode!r}")
+        if mode == "layered" and decide is None:
+            raise ValueError("layered mode needs a decision function (a policy)")
+        self.mode = mode
+        self.num_layers = num_layers
+        self.blocks = block_manager
+        self.prefill_budget = prefill_budget
+        self.chunk_tokens = chunk_tokens
+        self.max_num_seqs = max_num_seqs
+        self.decide = decide
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.decoding: list[Request] = []
+        self.batches: list[PrefillBatch] = []
+        self.iteration = 0
+        self._next_batch_id = 0
+        self._admit_order: dict[str, int] = {}
+        self._admit_counter = 0
+        self.preempted_last: list[str] = []
+
+    # ---- requests -------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are freed as soon as no stage still writes them."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"unknown or finished request {request_id!r}")
+        if req.status == RequestStatus.PREFILLING:
+            req.status = RequestStatus.ABORTED  # its batch frees it when the batch ends
+        else:
+            self._retire(req, RequestStatus.ABORTED)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.decoding or self.batches)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for r in self.requests.values() if r.block_table)
+
+    # ---- one iteration --------------------------------------------------------------------
+    def schedule(self, now: float) -> IterationPlan | None:
+        self.preempted_last = []
+        cancelled = self._grow_decodes()
+        if self.waiting:
+            view = self.view(now)
+            if self.mode == "chunked":
+                decision = Decision(1, view.fcfs_admission())
+            else:
+                decision = self.decide(view)
+                if not isinstance(decision, Decision):
+                    raise InvalidDecision(
+                        f"a policy must return a Decision, got {type(decision).__name__}")
+            if decision.admit:
+                self._start_batch(view, decision)
+        if not self.decoding and not self.batches:
+            return None
+        decode = tuple(
+            Segment(r.request_id, r.num_computed, 1, tuple(r.block_table), True,
+                    (r.token_at(r.num_computed),))
+            for r in self.decoding)
+        stages = []
+        for b in self.batches:
+            lo, hi = b.bounds[b.stage]
+            segs = b.segments if b.stage == 0 else tuple(
+                Segment(s.request_id, s.start, s.length, s.block_table, s.sample)
+                for s in b.segments)
+            stages.append(StageWork(b.batch_id, b.stage, b.num_groups, lo, hi, segs))
+        plan = IterationPlan(self.iteration, self.mode, self.num_layers, decode, tuple(stages),
+                             tuple(cancelled))
+        self.iteration += 1
+        return plan
+
+    def view(self, now: float) -> SchedulerView:
+        budget = self.prefill_budget
+        if self.mode == "chunked":
+            budget = max(0, self.chunk_tokens - len(self.decoding))
+        return SchedulerView(
+            now=now, iteration=self.iteration, mode=self.mode, num_layers=self.num_layers,
+            prefill_budget=budget, block_size=self.blocks.block_size,
+            free_blocks=self.blocks.num_free, max_num_seqs=self.max_num_seqs,
+            num_running=self.num_running,
+            waiting=tuple(
+                WaitingRequest(r.request_id, r.arrival_time, r.prompt_len, r.num_computed,
+                               r.num_uncomputed, len(r.block_table))
+                for r in self.waiting),
+            decode_context_lens=tuple(r.num_tokens for r in self.decoding),
+            in_flight=tuple(InFlightBatch(b.batch_id, b.num_groups, b.stage,
+                                          sum(s.length for s in b.segments))
+                            for b in self.batches))
+
+    def postprocess(self, plan: IterationPlan, sampled: dict[str, int]) -> StepOutcome:
+        out = StepOutcome()
+        for seg in plan.decode:
+            req = self.requests[seg.request_id]
+            req.num_computed += 1
+            self._emit(req, sampled[seg.request_id], out)
+        finished_batches = []
+        for b in self.batches:
+            if b.stage < b.num_groups - 1:
+                b.stage += 1
+                continue
+            finished_batches.append(b)
+            for seg in b.segments:
+                req = self.requests[seg.request_id]
+                if req.status == RequestStatus.ABORTED:
+                    self._retire(req, RequestStatus.ABORTED)
+                    continue
+                req.num_computed += seg.length
+                req.batch_id = None
+                if seg.sample:
+                    req.status = RequestStatus.DECODING
+                    self.decoding.append(req)
+                    self._emit(req, sampled[seg.request_id], out)
+                else:
+                    req.status = RequestStatus.WAITING
+                    self.waiting.appendleft(req)  # the continuing piece heads the queue
+        for b in finished_batches:
+            self.batches.remove(b)
+        return out
+
+    # ---- internals ------------------------------------------------------------------------
+    def _emit(self, req: Request, token: int, out: StepOutcome) -> None:
+        req.output_token_ids.append(token)
+        out.emitted.append((req.request_id, len(req.output_token_ids) - 1, token))
+        if len(req.output_token_ids) >= req.max_tokens:
+            self._retire(req, RequestStatus.FINISHED)
+            out.finished.append(req.request_id)
+
+    def _retire(self, req: Request, status: RequestStatus) -> None:
+        self.blocks.free(req)
+        req.status = status
+        if req in self.decoding:
+            self.decoding.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.requests.pop(req.request_id, None)
+        self._admit_order.pop(req.request_id, None)
+
+    def _grow_decodes(self) -> list[int]:
+        """Give every decoding request a KV slot for its next token, preempting if needed."""
+        cancelled: list[int] = []
+        for req in list(self.decoding):
+            if req.status != RequestStatus.DECODING:
+                continue  # preempted earlier in this loop
+            while not self.blocks.can_grow(req, req.num_tokens):
+                cancelled += self._preempt_one(exclude=req)
+            self.blocks.grow(req, req.num_tokens)
+        return cancelled
+
+    def _preempt_one(self, exclude: Request) -> list[int]:
+        """Preempt (for recompute) the most recently admitted holder of KV blocks."""
+        holders = [r for r in self.requests.values()
+                   if r.block_table and r is not exclude and r.status != RequestStatus.ABORTED]
+        if not holders:
+            # Only possible if one request outgrows the whole cache, which add() rules out.
+            raise RuntimeError(f"request {exclude.request_id} cannot fit in the KV cache")
+        victim = max(holders, key=lambda r: self._admit_order.get(r.request_id, -1))
+        if victim.status == RequestStatus.PREFILLING:
+            batch = next(b for b in self.batches if b.batch_id == victim.batch_id)
+            self.batches.remove(batch)
+            for seg in reversed(batch.segments):
+                self._preempt(self.requests[seg.request_id])
+            return [batch.batch_id]
+        self._preempt(victim)
+        return []
+
+    def _preempt(self, req: Request) -> None:
+        if req.status == RequestStatus.ABORTED:
+            self._retire(req, RequestStatus.ABORTED)
+            return
+        self.blocks.free(req)
+        if req in self.decoding:
+            self.decoding.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.num_computed = 0
+        req.batch_id = None
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self.preempted_last.append(req.request_id)
+
+    def _start_batch(self, view: SchedulerView, decision: Decision) -> None:
+        allotment = view.allot(decision)
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        segments = []
+        for w, tokens in allotment:
+            req = self.requests[w.request_id]
+            self.waiting.remove(req)
+            start = req.num_computed
+            self.blocks.grow(req, start + tokens)
+            if req.request_id not in self._admit_order:
+                self._admit_order[req.request_id] = self._admit_counter
+                self._admit_counter += 1
+            req.status = RequestStatus.PREFILLING
+            req.batch_id = batch_id
+            segments.append(Segment(
+                req.request_id, start, tokens, tuple(req.block_table),
+                sample=start + tokens == req.num_tokens,
+                token_ids=tuple(req.tokens(start, start + tokens))))
+        g = decision.num_groups
+        self.batches.append(
+            PrefillBatch(batch_id, g, layer_groups(self.num_layers, g), tuple(segments)))

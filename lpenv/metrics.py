@@ -1,0 +1,112 @@
+"""The one place metrics are computed: from per-request token timestamps.
+
+TTFT = first token time - arrival; TBT gaps = differences between consecutive token times;
+a request attains its SLO when TTFT <= the TTFT SLO and every gap <= the TBT SLO (the
+layered-prefill paper's definition). Energy per token = energy / (prompt + generated tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine_adapter.plan import IterationReport
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    arrival_time: float
+    prompt_tokens: int
+    max_tokens: int
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.token_times) >= self.max_tokens
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival_time if self.token_times else None
+
+    @property
+    def tbt_gaps(self) -> np.ndarray:
+        return np.diff(np.asarray(self.token_times, dtype=float))
+
+    def attains(self, ttft_slo: float, tbt_slo: float) -> bool:
+        return (self.finished and self.ttft is not None and self.ttft <= ttft_slo
+                and bool(np.all(self.tbt_gaps <= tbt_slo)))
+
+
+class MetricsRecorder:
+    """Collects arrivals and iteration reports; summarizes them on demand."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, RequestRecord] = {}
+        self.iteration_latencies: list[float] = []
+        self.energy_j = 0.0
+        self.energy_sources: set[str] = set()
+        self.expert_bytes = 0
+        self.total_bytes = 0
+        self.first_time: float | None = None
+        self.last_time = 0.0
+
+    def arrival(self, request_id: str, time: float, prompt_tokens: int, max_tokens: int) -> None:
+        self.requests[request_id] = RequestRecord(request_id, time, prompt_tokens, max_tokens)
+        if self.first_time is None:
+            self.first_time = time
+
+    def iteration(self, report: IterationReport) -> None:
+        self.iteration_latencies.append(report.latency_s)
+        self.energy_j += report.energy_j
+        self.energy_sources.add(report.energy_source)
+        self.expert_bytes += report.expert_bytes
+        self.total_bytes += report.total_bytes
+        self.last_time = max(self.last_time, report.end_time)
+        for ev in report.events:
+            rec = self.requests[ev.request_id]
+            if ev.index != len(rec.token_times):
+                raise ValueError(f"request {ev.request_id}: token {ev.index} out of order")
+            rec.token_times.append(ev.time)
+
+    def extend(self, reports: Iterable[IterationReport]) -> None:
+        for r in reports:
+            self.iteration(r)
+
+    def summary(self, ttft_slo: float = float("inf"), tbt_slo: float = float("inf")) -> dict:
+        recs = list(self.requests.values())
+        done = [r for r in recs if r.finished]
+        ttfts = np.array([r.ttft for r in recs if r.ttft is not None], dtype=float)
+        gaps = np.concatenate([r.tbt_gaps for r in recs] or [np.zeros(0)])
+        lat = np.asarray(self.iteration_latencies, dtype=float)
+        tokens = sum(r.prompt_tokens + len(r.token_times) for r in recs)
+        generated = sum(len(r.token_times) for r in recs)
+        span = self.last_time - (self.first_time or 0.0)
+
+        def pct(a: np.ndarray, q: float) -> float:
+            return float(np.percentile(a, q)) if a.size else float("nan")
+
+        n = max(len(recs), 1)
+        return {
+            "requests_total": len(recs),
+            "requests_finished": len(done),
+            "slo_attainment": sum(r.attains(ttft_slo, tbt_slo) for r in recs) / n,
+            "ttft_attainment": sum(r.ttft is not None and r.ttft <= ttft_slo for r in recs) / n,
+            "tbt_attainment": sum(bool(np.all(r.tbt_gaps <= tbt_slo)) for r in recs) / n,
+            "ttft_mean_s": float(ttfts.mean()) if ttfts.size else float("nan"),
+            "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90), "ttft_p99_s": pct(ttfts, 99),
+            "tbt_p50_s": pct(gaps, 50), "tbt_p99_s": pct(gaps, 99),
+            "e2e_mean_s": float(np.mean([r.token_times[-1] - r.arrival_time for r in done]))
+            if done else float("nan"),
+            "iteration_p50_s": pct(lat, 50), "iteration_p99_s": pct(lat, 99),
+            "iterations": int(lat.size),
+            "throughput_tok_s": generated / span if span > 0 else float("nan"),
+            "energy_j": self.energy_j,
+            "energy_per_token_j": self.energy_j / tokens if tokens else float("nan"),
+            "energy_source": ",".join(sorted(self.energy_sources)),
+            "expert_bytes": self.expert_bytes,
+            "total_bytes": self.total_bytes,
+            "sim_time_s": span,
+        }

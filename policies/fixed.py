@@ -1,0 +1,29 @@
+"""Fixed layer-group count: every prefill batch gets the same G."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_adapter.decision import Decision, SchedulerView
+
+
+@dataclass
+class FixedGroups:
+    """G fixed; FCFS admission up to ``budget`` tokens (default: the engine's prefill budget).
+
+    ``staggered`` lets a new batch start while another is in flight.
+    """
+
+    groups: int = 1
+    budget: int | None = None
+    staggered: bool = False
+    name: str = "fixed"
+    mode: str = "layered"
+
+    def decide(self, view: SchedulerView) -> Decision:
+        if view.in_flight and not self.staggered:
+            return Decision.wait()
+        admit = view.fcfs_admission(self.budget)
+        return Decision(min(self.groups, view.num_layers), admit) if admit else Decision.wait()
+
+    __call__ = decide

@@ -1,0 +1,42 @@
+"""The layered-prefill paper's rule: FCFS up to the prefill budget, one batch in flight at a
+time, G picked from the batch's prefill tokens (PAPER.md's table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_adapter.decision import Decision, SchedulerView
+
+# The paper's thresholds are 512, 1,024, 2,048 and 4,096 prefill tokens: multiples of its
+# 512-token chunk. ``unit`` scales them (a CPU-sized run uses a smaller unit).
+PAPER_UNIT = 512
+
+
+def paper_groups(prefill_tokens: int, max_groups: int, num_layers: int,
+                 unit: int = PAPER_UNIT) -> int:
+    """G for a batch of ``prefill_tokens``: 1, 2, 4, max/2, max across the thresholds.
+
+    With max 16 that is 1/2/4/8/16 and with max 12 it is 1/2/4/6/12, as in the paper.
+    """
+    levels = (1, 2, 4, max(1, max_groups // 2), max_groups)
+    level = sum(prefill_tokens > unit * m for m in (1, 2, 4, 8))
+    return max(1, min(levels[level], max_groups, num_layers))
+
+
+@dataclass
+class PaperRule:
+    max_groups: int = 16
+    unit: int = PAPER_UNIT
+    name: str = "paper"
+    mode: str = "layered"
+
+    def decide(self, view: SchedulerView) -> Decision:
+        if view.in_flight:
+            return Decision.wait()
+        admit = view.fcfs_admission()
+        if not admit:
+            return Decision.wait()
+        g = paper_groups(view.tokens_of(admit), self.max_groups, view.num_layers, self.unit)
+        return Decision(g, admit)
+
+    __call__ = decide
