@@ -102,6 +102,8 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is None:
             raise KeyError(f"unknown or finished request {request_id!r}")
+        if req.status == RequestStatus.ABORTED:
+            return  # already aborting: its batch frees it
         if req.status == RequestStatus.PREFILLING:
             req.status = RequestStatus.ABORTED  # its batch frees it when the batch ends
         else:
@@ -119,6 +121,7 @@ class Scheduler:
         self.preempted_last = []
         cancelled = self._grow_decodes()
         if self.waiting:
+            self._unblock_head(now)
             view = self.view(now)
             if self.mode == "chunked":
                 decision = Decision(1, view.fcfs_admission())
@@ -223,6 +226,20 @@ class Scheduler:
                 cancelled += self._preempt_one(exclude=req)
             self.blocks.grow(req, req.num_tokens)
         return cancelled
+
+    def _unblock_head(self, now: float) -> None:
+        """With nothing running, partly prefilled requests could hold the KV blocks the queue's
+        head needs, and nothing would ever free them: preempt them until the head fits."""
+        if self.decoding or self.batches:
+            return  # running requests will finish and free blocks
+        head = self.waiting[0]
+        while not self.view(now).fcfs_admission():
+            holders = [r for r in self.waiting if r.block_table and r is not head]
+            if not holders:
+                return  # the head cannot fit for another reason (max_num_seqs, budget)
+            self._preempt(max(holders, key=lambda r: self._admit_order.get(r.request_id, -1)))
+            self.waiting.remove(head)
+            self.waiting.appendleft(head)  # the preempted request queues behind the head
 
     def _preempt_one(self, exclude: Request) -> list[int]:
         """Preempt (for recompute) the most recently admitted holder of KV blocks."""
