@@ -68,7 +68,8 @@ class SchedulerView:
         g = decision.num_groups
         if not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_layers:
             raise InvalidDecision(
-                f"num_groups must be an integer in 1..{self.num_layers} (the layer count), got {g!r}")
+                f"num_groups must be an integer in 1..{self.num_layers} (the layer count), "
+                f"got {g!r}")
         if len(set(decision.admit)) != len(decision.admit):
             raise InvalidDecision(f"admission lists a request twice: {decision.admit}")
         by_id = {w.request_id: w for w in self.waiting}

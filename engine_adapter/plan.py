@@ -1,4 +1,5 @@
-"""What the scheduler asks an executor to run (IterationPlan) and what comes back (IterationReport)."""
+"""What the scheduler asks an executor to run (IterationPlan) and what comes back
+(IterationReport)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ class Request:
 
     def token_at(self, position: int) -> int:
         p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < p else self.output_token_ids[position - p]
+        if position < p:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - p]
 
     def tokens(self, start: int, stop: int) -> list[int]:
         all_ids = self.prompt_token_ids + self.output_token_ids

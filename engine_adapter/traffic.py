@@ -41,7 +41,8 @@ def plan_traffic(
 
     expert_bytes = weight_bytes = kv_bytes = flops = 0
     for layer in range(config.num_layers):
-        segs = list(plan.decode) + [s for st in plan.stages if st.covers(layer) for s in st.segments]
+        segs = list(plan.decode)
+        segs += [s for st in plan.stages if st.covers(layer) for s in st.segments]
         rows = sum(s.length for s in segs)
         if rows == 0:
             continue

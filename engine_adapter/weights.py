@@ -145,7 +145,8 @@ def save_safetensors(config: ModelConfig, weights: ModelWeights, folder: str | P
     """Write ``config.json`` and ``model.safetensors`` in Hugging Face naming."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_views(config, weights).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone()
+               for k, v in hf_views(config, weights).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config.hf_config, indent=2))
     return folder

@@ -96,7 +96,8 @@ class MetricsRecorder:
             "ttft_attainment": sum(r.ttft is not None and r.ttft <= ttft_slo for r in recs) / n,
             "tbt_attainment": sum(bool(np.all(r.tbt_gaps <= tbt_slo)) for r in recs) / n,
             "ttft_mean_s": float(ttfts.mean()) if ttfts.size else float("nan"),
-            "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90), "ttft_p99_s": pct(ttfts, 99),
+            "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90),
+            "ttft_p99_s": pct(ttfts, 99),
             "tbt_p50_s": pct(gaps, 50), "tbt_p99_s": pct(gaps, 99),
             "e2e_mean_s": float(np.mean([r.token_times[-1] - r.arrival_time for r in done]))
             if done else float("nan"),

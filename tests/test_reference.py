@@ -91,3 +91,17 @@ def test_greedy_generate_matches_transformers(tiny_checkpoint, reference):
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS,
                                  do_sample=False, min_new_tokens=MAX_TOKENS)
         assert out[0, len(prompt):].tolist() == toks
+
+
+def test_sliding_window_mixtral_matches_transformers(tmp_path):
+    from engine_adapter.model_config import ModelConfig
+    from engine_adapter.weights import dummy_weights, save_safetensors
+
+    hf = dict(ModelConfig.load("mixtral-tiny").hf_config, sliding_window=24)
+    config = ModelConfig.from_hf_dict(hf)
+    folder = save_safetensors(config, dummy_weights(config, torch.float32, torch.device("cpu"), 5),
+                              tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    prompts, tokens, logits = _run(folder, "layered", FixedGroups(3), prefill_budget=40)
+    _check_against_reference(reference, prompts, tokens, logits)

@@ -84,7 +84,8 @@ def _drive(engine: Engine, workload, abort_at: dict[int, int], vocab: int):
             continue
         idle = 0
         emitters = {ev.request_id for ev in report.events}
-        assert decoding - set(report.preempted) <= emitters, "a decoding request missed an iteration"
+        missed = decoding - set(report.preempted) - emitters
+        assert not missed, f"decoding requests {missed} missed an iteration"
         for ev in report.events:
             assert ev.request_id not in aborted
             assert ev.index == len(emitted[ev.request_id])
