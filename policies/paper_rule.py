@@ -18,7 +18,8 @@ def paper_groups(prefill_tokens: int, max_groups: int, num_layers: int,
 
     With max 16 that is 1/2/4/8/16 and with max 12 it is 1/2/4/6/12, as in the paper.
     """
-    levels = (1, 2, 4, max(1, max_groups // 2), max_groups)
+    # max(4, ...) keeps G non-decreasing in the token count when max_groups < 8.
+    levels = (1, 2, 4, max(4, max_groups // 2), max_groups)
     level = sum(prefill_tokens > unit * m for m in (1, 2, 4, 8))
     return max(1, min(levels[level], max_groups, num_layers))
 

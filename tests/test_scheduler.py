@@ -132,3 +132,9 @@ def test_layered_reads_experts_once_where_chunks_reread_them():
 def test_paper_rule_table(tokens, g16, g12):
     assert paper_groups(tokens, 16, 48) == g16
     assert paper_groups(tokens, 12, 24) == g12
+
+
+@pytest.mark.parametrize("max_groups", range(1, 17))
+def test_paper_rule_never_lowers_g_for_more_tokens(max_groups):
+    gs = [paper_groups(t, max_groups, 48) for t in range(1, 9000, 97)]
+    assert gs == sorted(gs) and max(gs) == max_groups

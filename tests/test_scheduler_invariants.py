@@ -98,7 +98,7 @@ def _drive(engine: Engine, workload, abort_at: dict[int, int], vocab: int):
     return prompts, emitted, aborted
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads, mode=st.sampled_from(["layered", "chunked"]),
        kv_tokens=st.integers(MAX_LEN, 160), block_size=st.sampled_from([1, 4, 16]),
        chunk=st.integers(1, 48), budget=st.integers(1, 64), seed=st.integers(0, 2**16),
@@ -136,7 +136,7 @@ def test_preemption_recomputes_and_finishes():
     assert any(p.cancelled_batches or p for p in executor.plans)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(workload=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 10), st.integers(0, 6)),
                          min_size=2, max_size=5),
        mode=st.sampled_from(["layered", "chunked"]), seed=st.integers(0, 1000),
