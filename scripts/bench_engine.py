@@ -196,6 +196,18 @@ def warm_up(engine: Engine) -> None:
     engine.run()
 
 
+def warm_engine_pair(model: MoETransformer, base: EngineConfig, chunk_tokens: int,
+                     prefill_budget: int, policy: PaperRule) -> dict[str, Engine]:
+    """The chunked baseline and layered prefill over the same model, both warmed up."""
+    engines = {
+        "chunked": make_engine(model, base, "chunked", chunk_tokens=chunk_tokens),
+        "layered": make_engine(model, base, "layered", policy, prefill_budget=prefill_budget),
+    }
+    for engine in engines.values():
+        warm_up(engine)
+    return engines
+
+
 def random_prompt(gen: torch.Generator, length: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=gen).tolist()
 
@@ -206,13 +218,7 @@ def run_traffic(model: MoETransformer, base: EngineConfig, setup: TrafficSetup,
     mcfg = model.config
     prompt = random_prompt(torch.Generator().manual_seed(seed), prompt_tokens, mcfg.vocab_size)
     policy = PaperRule(max_groups=min(16, mcfg.num_layers), unit=setup.chunk_tokens)
-    engines = {
-        "chunked": make_engine(model, base, "chunked", chunk_tokens=setup.chunk_tokens),
-        "layered": make_engine(model, base, "layered", policy,
-                               prefill_budget=setup.prefill_budget),
-    }
-    for engine in engines.values():
-        warm_up(engine)
+    engines = warm_engine_pair(model, base, setup.chunk_tokens, setup.prefill_budget, policy)
     request = [BenchRequest("long", 0.0, prompt, 1)]
     drivers = run_interleaved({mode: ModeDriver(engine, request, f"traffic {mode}", i)
                                for i, (mode, engine) in enumerate(engines.items())})
@@ -272,13 +278,7 @@ def run_workload(model: MoETransformer, base: EngineConfig, setup: WorkloadSetup
                   mcfg.max_position_embeddings)
     requests = sample_workload(setup, mcfg.vocab_size, max_len, seed)
     policy = PaperRule(max_groups=mcfg.num_layers, unit=setup.paper_rule_unit)
-    engines = {
-        "chunked": make_engine(model, base, "chunked", chunk_tokens=setup.chunk_tokens),
-        "layered": make_engine(model, base, "layered", policy,
-                               prefill_budget=setup.prefill_budget),
-    }
-    for engine in engines.values():
-        warm_up(engine)
+    engines = warm_engine_pair(model, base, setup.chunk_tokens, setup.prefill_budget, policy)
     drivers = run_interleaved({mode: ModeDriver(engine, requests, f"workload {mode}", i)
                                for i, (mode, engine) in enumerate(engines.items())})
     lengths = [len(r.prompt) for r in requests]
