@@ -109,6 +109,17 @@ class Scheduler:
         else:
             self._retire(req, RequestStatus.ABORTED)
 
+    def phase(self, request_id: str) -> str:
+        """Where a request is, in words: ``waiting``, ``prefilling stage k/G (batch b)``,
+        ``decoding``; finished and aborted requests are no longer known here."""
+        req = self.requests[request_id]
+        if req.status == RequestStatus.PREFILLING:
+            b = next(b for b in self.batches if b.batch_id == req.batch_id)
+            return f"prefilling stage {b.stage + 1}/{b.num_groups} (batch {b.batch_id})"
+        if req.status == RequestStatus.WAITING and req.num_computed:
+            return f"waiting ({req.num_computed}/{req.num_tokens} tokens computed)"
+        return req.status.value
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.decoding or self.batches)
 

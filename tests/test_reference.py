@@ -105,3 +105,14 @@ def test_sliding_window_mixtral_matches_transformers(tmp_path):
         folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
     prompts, tokens, logits = _run(folder, "layered", FixedGroups(3), prefill_budget=40)
     _check_against_reference(reference, prompts, tokens, logits)
+
+
+def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_checkpoint):
+    """bfloat16 is a supported dtype: it runs every path and stays close to float32."""
+    _, tokens32, logits32 = _run(tiny_checkpoint, "layered", FixedGroups(2), prefill_budget=64)
+    _, tokens16, logits16 = _run(tiny_checkpoint, "layered", FixedGroups(2), prefill_budget=64,
+                                 dtype="bfloat16")
+    first32 = torch.stack([lg[0] for lg in logits32])
+    first16 = torch.stack([lg[0].float() for lg in logits16])
+    assert (first16 - first32).abs().max() / first32.abs().max() < 5e-2
+    assert all(len(t) == MAX_TOKENS for t in tokens16)

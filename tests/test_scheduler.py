@@ -138,3 +138,19 @@ def test_paper_rule_table(tokens, g16, g12):
 def test_paper_rule_never_lowers_g_for_more_tokens(max_groups):
     gs = [paper_groups(t, max_groups, 48) for t in range(1, 9000, 97)]
     assert gs == sorted(gs) and max(gs) == max_groups
+
+
+def test_phase_describes_the_lifecycle():
+    engine, _ = _engine(policy=FixedGroups(2), prefill_budget=8)
+    engine.add_request(list(range(12)), 2, request_id="a")
+    sched = engine.scheduler
+    assert sched.phase("a") == "waiting"
+    engine.step()
+    assert sched.phase("a") == "prefilling stage 2/2 (batch 0)"
+    engine.step()
+    assert sched.phase("a") == "waiting (8/12 tokens computed)"
+    engine.step()
+    engine.step()
+    assert sched.phase("a") == "decoding"
+    engine.step()
+    assert "a" not in sched.requests
