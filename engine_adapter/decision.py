@@ -47,6 +47,15 @@ class InFlightBatch:
 
 
 @dataclass(frozen=True)
+class EngineStats:
+    """Recent engine behaviour, as exponential moving averages (the engine updates them)."""
+
+    iteration_latency_s: float = 0.0
+    arrival_rate: float = 0.0  # requests per second
+    energy_per_token_j: float = 0.0
+
+
+@dataclass(frozen=True)
 class SchedulerView:
     """What a policy may see when a prefill batch can be formed."""
 
@@ -59,9 +68,11 @@ class SchedulerView:
     free_blocks: int
     max_num_seqs: int
     num_running: int  # requests holding KV: decoding, in flight, or partly prefilled
+    num_blocks: int
     waiting: tuple[WaitingRequest, ...]
     decode_context_lens: tuple[int, ...]
     in_flight: tuple[InFlightBatch, ...]
+    stats: EngineStats = EngineStats()
 
     def allot(self, decision: Decision) -> list[tuple[WaitingRequest, int]]:
         """Tokens each admitted request gets, in order; raises InvalidDecision if impossible."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from engine_adapter.block_manager import BlockManager
 from engine_adapter.clock import VirtualClock, WallClock
 from engine_adapter.config import EngineConfig
-from engine_adapter.decision import DecisionFunction
+from engine_adapter.decision import Decision, DecisionFunction, EngineStats, SchedulerView
 from engine_adapter.energy import EnergyMeter, energy_meter
 from engine_adapter.errors import ConfigError, RequestError
 from engine_adapter.model import MoETransformer
@@ -18,6 +18,9 @@ from engine_adapter.request import Request
 from engine_adapter.scheduler import Scheduler
 from engine_adapter.traffic import plan_traffic
 from engine_adapter.weights import dummy_weights, load_safetensors
+
+# Weight of the newest sample in the engine's moving averages (latency, arrivals, energy).
+STATS_SMOOTHING = 0.2
 
 
 def build_model(config: EngineConfig, model_config: ModelConfig) -> MoETransformer:
@@ -69,6 +72,7 @@ class Engine:
         self.scheduler = Scheduler(cfg.mode, mcfg.num_layers, self.blocks, cfg.prefill_budget,
                                    cfg.chunk_tokens, cfg.max_num_seqs, decide)
         self._ids = itertools.count()
+        self._last_arrival: float | None = None
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -97,6 +101,7 @@ class Engine:
             raise RequestError(f"request id {rid!r} is already in use")
         arrival = self.clock.now() if arrival_time is None else float(arrival_time)
         self.scheduler.add(Request(rid, prompt, max_tokens, arrival))
+        self._note_arrival(arrival)
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -106,10 +111,17 @@ class Engine:
         return self.scheduler.has_work()
 
     # ---- iterations -----------------------------------------------------------------------
-    def step(self) -> IterationReport | None:
-        """Run one iteration; None when there is nothing to run."""
+    def decision_view(self) -> SchedulerView | None:
+        """The view the coming iteration's decision is made on (None: no decision needed)."""
+        return self.scheduler.decision_view(self.clock.now())
+
+    def step(self, decision: Decision | None = None) -> IterationReport | None:
+        """Run one iteration; None when there is nothing to run.
+
+        ``decision`` overrides the policy for this iteration (the env passes its action here).
+        """
         start = self.clock.now()
-        plan = self.scheduler.schedule(start)
+        plan = self.scheduler.schedule(start, decision)
         if plan is None:
             return None
         self.energy.start()
@@ -123,6 +135,7 @@ class Engine:
         joules = result.energy_j
         if joules is None:
             joules = self.energy.stop(end - start, total_bytes, traffic.flops)
+        self._update_stats(end - start, joules, plan.num_decode_tokens + plan.num_prefill_tokens)
         return IterationReport(
             iteration=plan.iteration, mode=plan.mode, start_time=start, latency_s=end - start,
             decode_tokens=plan.num_decode_tokens, prefill_tokens=plan.num_prefill_tokens,
@@ -135,6 +148,26 @@ class Engine:
             events=[TokenEvent(rid, idx, tok, end) for rid, idx, tok in outcome.emitted],
             finished=outcome.finished, preempted=list(self.scheduler.preempted_last),
             logits=result.logits)
+
+    def _update_stats(self, latency: float, joules: float, tokens: int) -> None:
+        old = self.scheduler.stats
+        a = STATS_SMOOTHING
+        per_token = joules / tokens if tokens else old.energy_per_token_j
+        self.scheduler.stats = EngineStats(
+            iteration_latency_s=(1 - a) * old.iteration_latency_s + a * latency,
+            arrival_rate=old.arrival_rate,
+            energy_per_token_j=(1 - a) * old.energy_per_token_j + a * per_token)
+
+    def _note_arrival(self, t: float) -> None:
+        # Rate from an EMA of inter-arrival gaps; the first arrival only sets the reference.
+        old = self.scheduler.stats
+        if self._last_arrival is not None and t > self._last_arrival:
+            gap = t - self._last_arrival
+            prev = 1.0 / old.arrival_rate if old.arrival_rate > 0 else gap
+            rate = 1.0 / ((1 - STATS_SMOOTHING) * prev + STATS_SMOOTHING * gap)
+            self.scheduler.stats = EngineStats(old.iteration_latency_s, rate,
+                                               old.energy_per_token_j)
+        self._last_arrival = t if self._last_arrival is None else max(self._last_arrival, t)
 
     def run(self) -> list[IterationReport]:
         """Step until every queued request has finished."""

@@ -20,6 +20,7 @@ from engine_adapter.block_manager import BlockManager
 from engine_adapter.decision import (
     Decision,
     DecisionFunction,
+    EngineStats,
     InFlightBatch,
     SchedulerView,
     WaitingRequest,
@@ -71,8 +72,6 @@ class Scheduler:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduling mode must be one of {MODES}, got {mode!r}")
-        if mode == "layered" and decide is None:
-            raise ValueError("layered mode needs a decision function (a policy)")
         self.mode = mode
         self.num_layers = num_layers
         self.blocks = block_manager
@@ -89,6 +88,9 @@ class Scheduler:
         self._admit_order: dict[str, int] = {}
         self._admit_counter = 0
         self.preempted_last: list[str] = []
+        self._prepared = False
+        self._cancelled: list[int] = []
+        self.stats = EngineStats()
 
     # ---- requests -------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -128,19 +130,45 @@ class Scheduler:
         return sum(1 for r in self.requests.values() if r.block_table)
 
     # ---- one iteration --------------------------------------------------------------------
-    def schedule(self, now: float) -> IterationPlan | None:
+    def prepare(self, now: float) -> None:
+        """Give decodes their KV slots (preempting if needed) before anything is decided.
+
+        Idempotent until the next ``schedule``: the env and a server may look at
+        ``decision_view`` first and decide later.
+        """
+        if self._prepared:
+            return
         self.preempted_last = []
-        cancelled = self._grow_decodes()
+        self._cancelled = self._grow_decodes()
         if self.waiting:
             self._unblock_head(now)
+        self._prepared = True
+
+    def decision_view(self, now: float) -> SchedulerView | None:
+        """The view a policy decides on, or None when this iteration needs no decision
+        (nothing waits, or chunked mode, which admits first come first served itself)."""
+        self.prepare(now)
+        if self.mode == "chunked" or not self.waiting:
+            return None
+        return self.view(now)
+
+    def schedule(self, now: float, decision: Decision | None = None) -> IterationPlan | None:
+        """The next iteration's plan. In layered mode ``decision`` (or, if None, the policy's)
+        says whether and how a new prefill batch starts."""
+        self.prepare(now)
+        self._prepared = False
+        cancelled = self._cancelled
+        if self.waiting:
             view = self.view(now)
             if self.mode == "chunked":
                 decision = Decision(1, view.fcfs_admission())
-            else:
+            elif decision is None:
+                if self.decide is None:
+                    raise InvalidDecision("requests wait and there is no policy to decide")
                 decision = self.decide(view)
-                if not isinstance(decision, Decision):
-                    raise InvalidDecision(
-                        f"a policy must return a Decision, got {type(decision).__name__}")
+            if not isinstance(decision, Decision):
+                raise InvalidDecision(
+                    f"a policy must return a Decision, got {type(decision).__name__}")
             if decision.admit:
                 self._start_batch(view, decision)
         if not self.decoding and not self.batches:
@@ -169,7 +197,7 @@ class Scheduler:
             now=now, iteration=self.iteration, mode=self.mode, num_layers=self.num_layers,
             prefill_budget=budget, block_size=self.blocks.block_size,
             free_blocks=self.blocks.num_free, max_num_seqs=self.max_num_seqs,
-            num_running=self.num_running,
+            num_running=self.num_running, num_blocks=self.blocks.num_blocks,
             waiting=tuple(
                 WaitingRequest(r.request_id, r.arrival_time, r.prompt_len, r.num_computed,
                                r.num_uncomputed, len(r.block_table))
@@ -177,7 +205,8 @@ class Scheduler:
             decode_context_lens=tuple(r.num_tokens for r in self.decoding),
             in_flight=tuple(InFlightBatch(b.batch_id, b.num_groups, b.stage,
                                           sum(s.length for s in b.segments))
-                            for b in self.batches))
+                            for b in self.batches),
+            stats=self.stats)
 
     def postprocess(self, plan: IterationPlan, sampled: dict[str, int]) -> StepOutcome:
         out = StepOutcome()

@@ -68,9 +68,14 @@ def test_bad_engine_config(field, value):
         EngineConfig(**{field: value})
 
 
-def test_layered_mode_needs_a_policy():
-    with pytest.raises(ValueError, match="decision function"):
-        Engine(EngineConfig(model="qwen3-moe-tiny", mode="layered", kv_cache_tokens=2048))
+def test_layered_mode_needs_a_policy_or_a_decision():
+    engine = Engine(EngineConfig(model="qwen3-moe-tiny", mode="layered", kv_cache_tokens=2048))
+    engine.add_request([1, 2, 3], 2)
+    with pytest.raises(InvalidDecision, match="no policy"):
+        engine.step()
+    view = engine.decision_view()
+    engine.step(Decision(1, view.fcfs_admission()))  # an explicit decision needs no policy
+    assert engine.scheduler.decision_view(engine.clock.now()) is None
 
 
 def _checkpoint(tmp_path, mutate):
