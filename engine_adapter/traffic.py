@@ -1,11 +1,12 @@
 """Bytes moved and FLOPs done by one iteration plan, counted from the model's shapes.
 
 One function serves every executor: the torch executor passes the distinct experts its routers
-really activated; a simulator passes those of its routing model.
+really activated; a cost model passes those of its routing model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine_adapter.model_config import ModelConfig
@@ -19,6 +20,18 @@ class Traffic:
     kv_bytes: int  # KV cache read and written
     flops: int
 
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(self.expert_bytes + other.expert_bytes,
+                       self.weight_bytes + other.weight_bytes,
+                       self.kv_bytes + other.kv_bytes, self.flops + other.flops)
+
+
+ZERO = Traffic(0, 0, 0, 0)
+
 
 def _attended_keys(seg: Segment, window: int | None) -> tuple[int, int]:
     """(sum over the segment's queries of keys attended, keys read once for the segment)."""
@@ -29,44 +42,58 @@ def _attended_keys(seg: Segment, window: int | None) -> tuple[int, int]:
     return total, min(seg.end, window + seg.length - 1)
 
 
-def plan_traffic(
-    config: ModelConfig, plan: IterationPlan, distinct_experts: list[int | None], dtype_bytes: int
-) -> Traffic:
+def layer_traffic(config: ModelConfig, layer: int, segments: Sequence[Segment],
+                  distinct_experts: int | None, dtype_bytes: int) -> Traffic:
+    """One decoder layer run over ``segments`` (nothing if there are none)."""
+    rows = sum(s.length for s in segments)
+    if rows == 0:
+        return ZERO
     h, d = config.hidden_size, config.head_dim
     attn_params = (config.num_heads + 2 * config.num_kv_heads) * d * h + config.num_heads * d * h
     norm_params = 2 * h + (2 * d if config.qk_norm else 0)
     kv_row = 2 * config.num_kv_heads * d * dtype_bytes  # one token's K and V in one layer
-    expert_params = config.expert_params()
-    dense_params = 3 * h * config.dense_intermediate_size
+    weight_bytes = (attn_params + norm_params) * dtype_bytes
+    flops = 2 * rows * attn_params
+    kv_bytes = expert_bytes = 0
+    for s in segments:
+        scores, keys_read = _attended_keys(s, config.sliding_window)
+        flops += 4 * config.num_heads * d * scores  # QK^T and PV
+        kv_bytes += (keys_read + s.length) * kv_row  # read the context, write the new rows
+    if config.moe_layers[layer]:
+        expert_params = config.expert_params()
+        expert_bytes = (distinct_experts or 0) * expert_params * dtype_bytes
+        weight_bytes += config.num_experts * h * dtype_bytes + expert_bytes  # router, experts
+        flops += 2 * rows * h * config.num_experts + 2 * rows * config.top_k * expert_params
+    else:
+        dense_params = 3 * h * config.dense_intermediate_size
+        weight_bytes += dense_params * dtype_bytes
+        flops += 2 * rows * dense_params
+    return Traffic(expert_bytes, weight_bytes, kv_bytes, flops)
 
-    expert_bytes = weight_bytes = kv_bytes = flops = 0
-    for layer in range(config.num_layers):
-        segs = list(plan.decode)
-        segs += [s for st in plan.stages if st.covers(layer) for s in st.segments]
-        rows = sum(s.length for s in segs)
-        if rows == 0:
-            continue
-        weight_bytes += (attn_params + norm_params) * dtype_bytes
-        flops += 2 * rows * attn_params
-        for s in segs:
-            scores, keys_read = _attended_keys(s, config.sliding_window)
-            flops += 4 * config.num_heads * d * scores  # QK^T and PV
-            kv_bytes += (keys_read + s.length) * kv_row  # read the context, write the new rows
-        if config.moe_layers[layer]:
-            n_distinct = distinct_experts[layer] or 0
-            expert_bytes += n_distinct * expert_params * dtype_bytes
-            weight_bytes += config.num_experts * h * dtype_bytes  # router
-            flops += 2 * rows * h * config.num_experts
-            flops += 2 * rows * config.top_k * expert_params
-        else:
-            weight_bytes += dense_params * dtype_bytes
-            flops += 2 * rows * dense_params
-    weight_bytes += expert_bytes
+
+def segments_in_layer(plan: IterationPlan, layer: int) -> list[Segment]:
+    return list(plan.decode) + [s for st in plan.stages if st.covers(layer) for s in st.segments]
+
+
+def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> Traffic:
+    """Embedding rows gathered and the LM head (on sampled rows only)."""
+    h = config.hidden_size
     embedded = len(plan.decode) + sum(st.num_tokens for st in plan.stages if st.is_first)
-    weight_bytes += embedded * h * dtype_bytes  # embedding rows gathered
+    weight_bytes = embedded * h * dtype_bytes
+    flops = 0
     sampled = len(plan.decode) + sum(
         1 for st in plan.stages if st.is_last for s in st.segments if s.sample)
     if sampled:
         weight_bytes += (config.vocab_size * h + h) * dtype_bytes
         flops += 2 * sampled * config.vocab_size * h
-    return Traffic(expert_bytes, weight_bytes, kv_bytes, flops)
+    return Traffic(0, weight_bytes, 0, flops)
+
+
+def plan_traffic(
+    config: ModelConfig, plan: IterationPlan, distinct_experts: list[int | None], dtype_bytes: int
+) -> Traffic:
+    total = edge_traffic(config, plan, dtype_bytes)
+    for layer in range(config.num_layers):
+        total = total + layer_traffic(config, layer, segments_in_layer(plan, layer),
+                                      distinct_experts[layer], dtype_bytes)
+    return total
