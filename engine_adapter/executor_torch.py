@@ -42,6 +42,10 @@ class TorchExecutor:
         self.capture_logits = False
         self._logits: dict[str, torch.Tensor] | None = None
 
+    def reset(self) -> None:
+        """Forget in-flight batches (a new engine takes over this executor's KV cache)."""
+        self._carried.clear()
+
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         for batch_id in plan.cancelled_batches:

@@ -22,6 +22,7 @@ class RequestRecord:
     prompt_tokens: int
     max_tokens: int
     token_times: list[float] = field(default_factory=list)
+    rejected: bool = False  # refused at arrival (e.g. longer than the model): never served
 
     @property
     def finished(self) -> bool:
@@ -53,8 +54,10 @@ class MetricsRecorder:
         self.first_time: float | None = None
         self.last_time = 0.0
 
-    def arrival(self, request_id: str, time: float, prompt_tokens: int, max_tokens: int) -> None:
-        self.requests[request_id] = RequestRecord(request_id, time, prompt_tokens, max_tokens)
+    def arrival(self, request_id: str, time: float, prompt_tokens: int, max_tokens: int,
+                rejected: bool = False) -> None:
+        self.requests[request_id] = RequestRecord(request_id, time, prompt_tokens, max_tokens,
+                                                  rejected=rejected)
         self.first_time = time if self.first_time is None else min(self.first_time, time)
 
     def iteration(self, report: IterationReport) -> None:
@@ -74,13 +77,18 @@ class MetricsRecorder:
         for r in reports:
             self.iteration(r)
 
+    def tokens(self) -> int:
+        """Prompt plus generated tokens of every request served (the energy-per-token base)."""
+        return sum(r.prompt_tokens + len(r.token_times) for r in self.requests.values()
+                   if not r.rejected)
+
     def summary(self, ttft_slo: float = float("inf"), tbt_slo: float = float("inf")) -> dict:
         recs = list(self.requests.values())
         done = [r for r in recs if r.finished]
         ttfts = np.array([r.ttft for r in recs if r.ttft is not None], dtype=float)
         gaps = np.concatenate([r.tbt_gaps for r in recs] or [np.zeros(0)])
         lat = np.asarray(self.iteration_latencies, dtype=float)
-        tokens = sum(r.prompt_tokens + len(r.token_times) for r in recs)
+        tokens = self.tokens()
         generated = sum(len(r.token_times) for r in recs)
         span = self.last_time - (self.first_time or 0.0)
 
@@ -91,6 +99,7 @@ class MetricsRecorder:
         return {
             "requests_total": len(recs),
             "requests_finished": len(done),
+            "requests_rejected": sum(r.rejected for r in recs),
             "slo_attainment": sum(r.attains(ttft_slo, tbt_slo) for r in recs) / n,
             "ttft_attainment": sum(r.ttft is not None and r.ttft <= ttft_slo for r in recs) / n,
             # An unfinished request has not shown that every gap meets the SLO.

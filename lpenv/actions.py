@@ -1,0 +1,109 @@
+"""The action encoding: ``MultiDiscrete([len(group_choices), admission_levels, 2])``.
+
+* component 0, **G**: index into ``group_choices`` (default: for each distinct largest group
+  size ceil(L / G), the smallest G that gives it; for 48 layers 1, 2, 3, 4, 5, 6, 7, 8, 10,
+  12, 16, 24, 48);
+* component 1, **admission**: level i admits the longest first-come-first-served prefix of the
+  queue that fits ``(i + 1) / levels`` of the prefill budget (and the free KV blocks and
+  ``max_num_seqs``); the last admitted request may get a partial piece;
+* component 2, **start**: 0 waits (no batch starts this iteration: lets the queue build up,
+  or lets a batch in flight finish), 1 starts the batch now, even while others are in flight.
+
+Masks (for ``MaskablePPO``) are the three components' masks concatenated. An action the mask
+forbids raises ``InvalidAction``; it is never changed into another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.errors import InvalidDecision
+
+WAIT, START = 0, 1
+
+
+class InvalidAction(InvalidDecision):
+    """An action outside the space or forbidden by the current mask."""
+
+
+def default_group_choices(num_layers: int) -> tuple[int, ...]:
+    choices: dict[int, int] = {}
+    for g in range(1, num_layers + 1):
+        choices.setdefault(math.ceil(num_layers / g), g)
+    return tuple(sorted(choices.values()))
+
+
+@dataclass(frozen=True)
+class ActionCodec:
+    group_choices: tuple[int, ...]
+    admission_levels: int = 4
+    allow_stagger: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.group_choices or any(g < 1 for g in self.group_choices):
+            raise ValueError(f"group_choices must be positive integers, got {self.group_choices}")
+        if self.admission_levels < 1:
+            raise ValueError("admission_levels must be at least 1")
+
+    @classmethod
+    def for_layers(cls, num_layers: int, group_choices: Sequence[int] | None = None,
+                   admission_levels: int = 4, allow_stagger: bool = True) -> ActionCodec:
+        choices = tuple(group_choices) if group_choices else default_group_choices(num_layers)
+        too_big = [g for g in choices if g > num_layers]
+        if too_big:
+            raise ValueError(f"group_choices {too_big} exceed the model's {num_layers} layers")
+        return cls(choices, admission_levels, allow_stagger)
+
+    @property
+    def nvec(self) -> list[int]:
+        return [len(self.group_choices), self.admission_levels, 2]
+
+    def level_budget(self, view: SchedulerView, level: int) -> int:
+        return max(1, view.prefill_budget * (level + 1) // self.admission_levels)
+
+    def admission(self, view: SchedulerView, level: int) -> tuple[str, ...]:
+        return view.fcfs_admission(self.level_budget(view, level))
+
+    def masks(self, view: SchedulerView | None, can_wait: bool = True) -> np.ndarray:
+        """Flat boolean mask over the three components (``sum(nvec)`` entries)."""
+        g_mask = np.ones(len(self.group_choices), dtype=bool)
+        if view is None:
+            levels = np.zeros(self.admission_levels, dtype=bool)
+        else:
+            levels = np.array([bool(self.admission(view, i))
+                               for i in range(self.admission_levels)])
+        can_start = bool(levels.any()) and (
+            view is not None and (self.allow_stagger or not view.in_flight))
+        if not can_start:
+            levels[:] = True  # ignored when waiting; keep the mask non-empty
+        start = np.array([can_wait or not can_start, can_start])
+        return np.concatenate([g_mask, levels, start])
+
+    def is_decision_point(self, view: SchedulerView | None) -> bool:
+        return view is not None and bool(self.masks(view)[-1])
+
+    def decode(self, action: Sequence[int], view: SchedulerView, can_wait: bool = True) -> Decision:
+        a = np.asarray(action).reshape(-1)
+        if a.shape != (3,) or not all(0 <= int(x) < n for x, n in zip(a, self.nvec)):
+            raise InvalidAction(f"action {a.tolist()} is outside MultiDiscrete({self.nvec})")
+        mask = self.masks(view, can_wait)
+        offsets = np.cumsum([0] + self.nvec[:-1])
+        for component, (x, off) in enumerate(zip(a, offsets)):
+            if not mask[off + int(x)]:
+                raise InvalidAction(
+                    f"action {a.tolist()}: component {component} value {int(x)} is masked out "
+                    f"here (mask {mask.astype(int).tolist()})")
+        g_idx, level, start = (int(x) for x in a)
+        if start == WAIT:
+            return Decision.wait()
+        return Decision(min(self.group_choices[g_idx], view.num_layers),
+                        self.admission(view, level))
+
+    def to_json(self) -> dict:
+        return {"group_choices": list(self.group_choices),
+                "admission_levels": self.admission_levels, "allow_stagger": self.allow_stagger}

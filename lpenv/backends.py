@@ -1,0 +1,62 @@
+"""Backends behind one interface: an executor for the engine core.
+
+* ``torch``: the real MoE model (CPU or CUDA). Latency ``measured`` (host timer or CUDA events)
+  or ``modeled`` (the cost model prices each plan the real model ran: reproducible episodes).
+* ``sim`` and ``vllm`` arrive with their own issues; asking for them now is a clear error.
+
+Built models are cached per process, so env resets and several envs share one set of weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import PROFILES, CostModel, ModeledLatency
+from engine_adapter.engine import build_model
+from engine_adapter.executor_torch import TorchExecutor
+from engine_adapter.model import MoETransformer
+from engine_adapter.model_config import ModelConfig
+
+BACKENDS = ("torch", "sim", "vllm")
+LATENCIES = ("measured", "modeled")
+_MODELS: dict[tuple, MoETransformer] = {}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str = "torch"
+    latency: str = "measured"
+    hardware: str = "cpu-generic"  # cost-model profile for modeled latency and estimates
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
+        if self.name != "torch":
+            raise NotImplementedError(
+                f"backend {self.name!r} is not available yet (it comes with its own issue); "
+                "use backend 'torch'")
+        if self.latency not in LATENCIES:
+            raise ValueError(f"latency must be one of {LATENCIES}, got {self.latency!r}")
+        if self.hardware not in PROFILES:
+            raise ValueError(f"hardware must be one of {sorted(PROFILES)}, got {self.hardware!r}")
+
+    @property
+    def deterministic(self) -> bool:
+        return self.latency == "modeled"
+
+
+def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransformer:
+    key = (config.model, config.weights, config.seed, config.dtype, str(config.torch_device))
+    if key not in _MODELS:
+        _MODELS[key] = build_model(config, model_config)
+    return _MODELS[key]
+
+
+def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
+    executor = TorchExecutor(shared_model(config, model_config), config.num_kv_blocks,
+                             config.block_size)
+    if backend.latency == "modeled":
+        cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
+        return ModeledLatency(executor, cost)
+    return executor

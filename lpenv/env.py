@@ -1,0 +1,232 @@
+"""The Gymnasium environment around the layered-prefill engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from engine_adapter.clock import VirtualClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.decision import SchedulerView
+from engine_adapter.engine import Engine
+from engine_adapter.model_config import ModelConfig
+from lpenv.actions import ActionCodec
+from lpenv.backends import BackendConfig, build_executor
+from lpenv.episode import Episode
+from lpenv.observation import CLIP, ObservationSpec
+from lpenv.reward import SLO, RewardConfig
+from lpenv.workload import WorkloadConfig, generate
+
+
+def _build(cls, value, what: str):
+    """A config dataclass from itself, a mapping (e.g. Hydra's), or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if hasattr(value, "items"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(value))
+    raise TypeError(f"{what} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+class LayeredPrefillEnv(gym.Env):
+    """Choose each prefill batch's layer-group count G and admission on a real MoE engine.
+
+    ## Description
+    A workload of requests arrives, in trace time, at a layered-prefill serving engine (the
+    real MoE model of ``engine_adapter``). Whenever a prefill batch can be formed, the agent
+    chooses how many layer groups G to split it into, how much of the queue to admit (first
+    come, first served, up to a token-budget level) and whether to start it now (even while
+    another batch is still in flight) or wait. Between decisions the engine runs on its own:
+    decode tokens pass every layer every iteration, in-flight batches advance one layer group
+    per iteration. Time is a virtual clock advanced by each iteration's latency (measured on
+    the real engine, or modeled), so the outcome does not depend on how long the agent thinks.
+
+    ## Action Space
+    ``MultiDiscrete([len(group_choices), admission_levels, 2])``: G index, admission level,
+    wait/start. See ``lpenv.actions`` for the encoding. ``action_masks()`` (for sb3-contrib's
+    ``MaskablePPO``) and ``info["action_mask"]`` give the valid values; a masked action raises
+    ``InvalidAction``.
+
+    ## Observation Space
+    ``Box(0, 10, (3 + 2 * queue_slots + 10,), float32)``: queue length and tokens, head-of-line
+    wait against the TTFT SLO, the first ``queue_slots`` waiting requests' tokens and waits,
+    decode batch size and context lengths, KV utilization, in-flight prefill work, recent
+    iteration latency against the TBT SLO, arrival-rate estimate, recent energy per token.
+    See ``lpenv.observation``; ``info`` carries the raw figures.
+
+    ## Rewards
+    Paid so that the episode return equals ``slo_attainment - energy_weight x joules per
+    token`` (``lpenv.reward``): +1 on the first step, -1/N when a request is known to miss its
+    SLO (TTFT, or any TBT gap), and -energy_weight x joules / tokens per iteration.
+
+    ## Starting State
+    ``reset(seed=...)`` draws a new workload (arrival times, lengths, token ids) from the seed
+    and builds a fresh engine (the model's weights are built once per process and shared);
+    the episode starts at the first decision point.
+
+    ## Episode End
+    Terminated when every request of the workload has arrived and finished. Truncated when the
+    virtual clock passes ``horizon_s`` or after ``max_decisions`` decisions, if set; requests
+    not finished by then count as missing their SLO.
+
+    ## Arguments
+    ``gymnasium.make("lpenv/LayeredPrefill-v0", engine=..., workload=..., slo=..., reward=...,
+    backend=..., group_choices=None, admission_levels=4, allow_stagger=True, queue_slots=8,
+    horizon_s=None, max_decisions=None, render_mode=None)``; ``engine``, ``workload``,
+    ``reward`` and ``backend`` take their config dataclasses or mappings (Hydra configs),
+    ``slo`` a mapping ``{ttft_s, tbt_s}``. The engine always runs in layered mode here.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+
+    def __init__(self, engine: Any = None, workload: Any = None, slo: Any = None,
+                 reward: Any = None, backend: Any = None,
+                 group_choices: list[int] | None = None, admission_levels: int = 4,
+                 allow_stagger: bool = True, queue_slots: int = 8,
+                 horizon_s: float | None = None, max_decisions: int | None = None,
+                 rate_scale: float | None = None, energy_scale: float = 0.01,
+                 render_mode: str | None = None) -> None:
+        self.engine_config = _build(EngineConfig, engine or {"model": "qwen3-moe-tiny",
+                                                             "kv_cache_tokens": 8192,
+                                                             "prefill_budget": 512}, "engine")
+        if self.engine_config.mode != "layered":
+            raise ValueError("the env drives layered mode; the chunked baseline is evaluated "
+                             "with lpenv-eval policy=chunked")
+        self.workload_config = _build(WorkloadConfig, workload or {
+            "lengths": "arxiv4k", "scale": 0.05, "rate": 4.0, "num_requests": 16}, "workload")
+        self.slo = _build(SLO, slo or {"ttft_s": 2.0, "tbt_s": 0.1}, "slo")
+        self.reward_config = _build(RewardConfig, reward, "reward")
+        self.backend = _build(BackendConfig, backend, "backend")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
+        self.render_mode = render_mode
+        self.horizon_s, self.max_decisions = horizon_s, max_decisions
+
+        self.model_config = ModelConfig.load(self.engine_config.model)
+        self.max_model_len = min(self.engine_config.max_model_len
+                                 or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.codec = ActionCodec.for_layers(self.model_config.num_layers, group_choices,
+                                            admission_levels, allow_stagger)
+        self.obs_spec = ObservationSpec(
+            ttft_slo_s=self.slo.ttft_s, tbt_slo_s=self.slo.tbt_s,
+            prefill_budget=self.engine_config.prefill_budget,
+            max_num_seqs=self.engine_config.max_num_seqs, max_model_len=self.max_model_len,
+            num_layers=self.model_config.num_layers, queue_slots=queue_slots,
+            rate_scale=rate_scale or self.workload_config.rate, energy_scale=energy_scale)
+        self.action_space = spaces.MultiDiscrete(self.codec.nvec)
+        self.observation_space = spaces.Box(0.0, CLIP, (self.obs_spec.size,), np.float32)
+        self._executor = None
+        self.episode: Episode | None = None
+        self.view: SchedulerView | None = None
+
+    # ---- Gymnasium API ----------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if self._executor is None:
+            self._executor = build_executor(self.backend, self.engine_config, self.model_config)
+        self._executor.reset()
+        engine = Engine(self.engine_config, executor=self._executor, clock=VirtualClock(),
+                        model_config=self.model_config)
+        requests = generate(self.workload_config, self.np_random)
+        self.episode = Episode(engine, requests, self.slo, self.reward_config, self.np_random,
+                               self.horizon_s)
+        self.view = self.episode.next_decision(self.codec.is_decision_point)
+        if self.view is None:
+            self.episode.close()
+        self._pending_reward = self.episode.rewards.take()
+        if self.render_mode == "human":
+            print(self.render_text())
+        return self.codec_obs(), self._info()
+
+    def step(self, action):
+        if self.episode is None:
+            raise RuntimeError("call reset() before step()")
+        if self.view is None:
+            raise RuntimeError("the episode is over: call reset()")
+        ep = self.episode
+        decision = self.codec.decode(action, self.view, ep.can_wait())
+        ep.decisions += 1
+        ep.apply(decision)
+        self.view = ep.next_decision(self.codec.is_decision_point)
+        truncated = (ep.truncated or (self.max_decisions is not None
+                                      and ep.decisions >= self.max_decisions))
+        terminated = ep.finished
+        if terminated or truncated:
+            self.view = None
+            ep.close()
+        reward = self._pending_reward + ep.rewards.take()
+        self._pending_reward = 0.0
+        if self.render_mode == "human":
+            print(self.render_text())
+        return self.codec_obs(), reward, terminated, truncated and not terminated, self._info()
+
+    def action_masks(self) -> np.ndarray:
+        can_wait = self.episode.can_wait() if self.episode else True
+        return self.codec.masks(self.view, can_wait)
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return self.render_text()
+        if self.render_mode == "human":
+            print(self.render_text())
+        return None
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def codec_obs(self) -> np.ndarray:
+        return self.obs_spec.encode(self.view)
+
+    def _info(self) -> dict:
+        ep = self.episode
+        sched = ep.engine.scheduler
+        info = {
+            "time_s": ep.now, "decisions": ep.decisions,
+            "waiting": len(sched.waiting), "decoding": len(sched.decoding),
+            "in_flight": [(b.batch_id, b.stage, b.num_groups) for b in sched.batches],
+            "free_kv_blocks": ep.engine.blocks.num_free,
+            "arrived": len(ep.recorder.requests), "missed": len(ep.rewards.missed),
+            "energy_j": ep.recorder.energy_j, "action_mask": self.action_masks(),
+        }
+        if ep.closed:
+            info["summary"] = ep.summary()
+        return info
+
+    def render_text(self) -> str:
+        ep = self.episode
+        if ep is None:
+            return "(not reset)"
+        sched = ep.engine.scheduler
+        lines = [f"t={ep.now:8.3f}s  arrived={len(ep.recorder.requests)}  "
+                 f"pending={len(ep.pending)}  missed={len(ep.rewards.missed)}  "
+                 f"energy={ep.recorder.energy_j:.2f} J"]
+        queue = " ".join(f"{r.request_id}({r.num_uncomputed}t,{ep.now - r.arrival_time:.2f}s)"
+                         for r in list(sched.waiting)[:8])
+        lines.append(f"queue[{len(sched.waiting)}]: {queue or '-'}")
+        for b in sched.batches:
+            bar = "".join("#" if i == b.stage else ("=" if i < b.stage else ".")
+                          for i in range(b.num_groups))
+            members = ",".join(s.request_id for s in b.segments)
+            lines.append(f"batch {b.batch_id}: stage {b.stage + 1}/{b.num_groups} [{bar}] "
+                         f"{sum(s.length for s in b.segments)}t {members}")
+        ctx = [r.num_tokens for r in sched.decoding]
+        lines.append(f"decode[{len(ctx)}]: ctx " + (f"{min(ctx)}..{max(ctx)}" if ctx else "-"))
+        return "\n".join(lines)
+
+    def config_dict(self) -> dict:
+        """The configuration an exported policy records."""
+        return {"engine": asdict(self.engine_config), "workload": asdict(self.workload_config),
+                "slo": asdict(self.slo), "reward": asdict(self.reward_config),
+                "backend": asdict(self.backend), "actions": self.codec.to_json(),
+                "observation": self.obs_spec.to_json()}

@@ -1,0 +1,122 @@
+"""One episode: a workload arriving on the engine's virtual clock, metrics and reward.
+
+The env and the evaluation scripts share this driver: the env stops at each decision point
+and hands it to the agent; evaluation passes a policy that decides in place.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.engine import Engine
+from engine_adapter.errors import RequestError
+from lpenv.metrics import MetricsRecorder
+from lpenv.reward import SLO, RewardAccountant, RewardConfig
+from lpenv.workload import RequestSpec
+
+DecisionPoint = Callable[[SchedulerView], bool]
+
+
+class Episode:
+    def __init__(self, engine: Engine, requests: list[RequestSpec], slo: SLO,
+                 reward: RewardConfig, rng: np.random.Generator,
+                 horizon_s: float | None = None) -> None:
+        self.engine = engine
+        self.slo = slo
+        self.horizon_s = horizon_s
+        self.rng = rng
+        self.pending: deque[RequestSpec] = deque(requests)
+        self.recorder = MetricsRecorder()
+        planned_tokens = sum(r.prompt_tokens + r.output_tokens for r in requests)
+        self.rewards = RewardAccountant(reward, slo, self.recorder, len(requests), planned_tokens)
+        self.decisions = 0
+        self.closed = False
+        self.last_report = None
+
+    @property
+    def now(self) -> float:
+        return self.engine.clock.now()
+
+    @property
+    def truncated(self) -> bool:
+        return self.horizon_s is not None and self.now >= self.horizon_s
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and not self.engine.has_unfinished()
+
+    @property
+    def over(self) -> bool:
+        return self.finished or self.truncated
+
+    def can_wait(self) -> bool:
+        """Waiting makes sense while something runs or more requests are to come."""
+        s = self.engine.scheduler
+        return bool(self.pending or s.decoding or s.batches)
+
+    def _admit_arrivals(self) -> None:
+        vocab = self.engine.model_config.vocab_size
+        while self.pending and self.pending[0].arrival_time <= self.now:
+            spec = self.pending.popleft()
+            prompt = self.rng.integers(0, vocab, spec.prompt_tokens).tolist()
+            try:
+                self.engine.add_request(prompt, spec.output_tokens, spec.request_id,
+                                        spec.arrival_time)
+                self.recorder.arrival(spec.request_id, spec.arrival_time, spec.prompt_tokens,
+                                      spec.output_tokens)
+            except RequestError:
+                # Counted, never silently dropped: a rejected request misses its SLO.
+                self.recorder.arrival(spec.request_id, spec.arrival_time, spec.prompt_tokens,
+                                      spec.output_tokens, rejected=True)
+                self.rewards.rejected(spec.request_id)
+
+    def next_decision(self, is_point: DecisionPoint) -> SchedulerView | None:
+        """Run the engine until ``is_point(view)`` holds (returns the view) or the episode is
+        over (returns None)."""
+        while True:
+            if self.over:
+                return None
+            self._admit_arrivals()
+            view = self.engine.decision_view()
+            if view is not None and is_point(view):
+                return view
+            self.apply(Decision.wait() if view is not None else None)
+
+    def apply(self, decision: Decision | None) -> None:
+        """One engine iteration with ``decision``; an idle engine jumps to the next arrival."""
+        report = self.engine.step(decision)
+        if report is None:
+            if not self.pending:
+                raise RuntimeError(
+                    "requests wait, nothing runs and no more will arrive: a policy that waits "
+                    "now would wait forever")
+            self.engine.clock.advance_to(self.pending[0].arrival_time)
+            self.rewards.deadlines(self.now)
+            return
+        self.last_report = report
+        self.recorder.iteration(report)
+        self.rewards.iteration(report)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.rewards.close()
+
+    def run(self, decide: Callable[[SchedulerView], Decision]) -> dict:
+        """Play the whole episode with a policy deciding in place; return the summary."""
+        while (view := self.next_decision(lambda v: True)) is not None:
+            self.decisions += 1
+            self.apply(decide(view))
+        self.close()
+        self.rewards.take()
+        return self.summary()
+
+    def summary(self) -> dict:
+        s = self.recorder.summary(self.slo.ttft_s, self.slo.tbt_s)
+        s["return"] = self.rewards.total
+        s["decisions"] = self.decisions
+        return s

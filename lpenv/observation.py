@@ -1,0 +1,89 @@
+"""The observation: a documented, normalized vector built from a SchedulerView alone.
+
+Because it needs nothing but the view (and a few normalization constants), the same encoder
+serves the env, the evaluation scripts and the server: an exported policy carries the
+constants. Every entry is clipped to [0, ``CLIP``].
+
+| index | entry | normalized by |
+|---|---|---|
+| 0 | requests waiting | ``max_num_seqs`` |
+| 1 | tokens waiting (still to compute) | ``prefill_budget`` |
+| 2 | head-of-line wait | TTFT SLO |
+| 3 + 2k, 4 + 2k | k-th waiting request (k < ``queue_slots``): tokens to compute, wait | budget, TTFT SLO |
+| then | decode batch size | ``max_num_seqs`` |
+| | mean and max decode context length | ``max_model_len`` |
+| | KV-cache utilization (used blocks / all blocks) | - |
+| | prefill batches in flight | layers |
+| | tokens in flight | ``prefill_budget`` |
+| | least remaining stages of a batch in flight | layers |
+| | recent iteration latency (moving average) | TBT SLO |
+| | arrival-rate estimate | ``rate_scale`` |
+| | recent energy per token (moving average) | ``energy_scale`` |
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from engine_adapter.decision import SchedulerView
+
+SPEC_VERSION = 1
+CLIP = 10.0
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    ttft_slo_s: float
+    tbt_slo_s: float
+    prefill_budget: int
+    max_num_seqs: int
+    max_model_len: int
+    num_layers: int
+    queue_slots: int = 8
+    rate_scale: float = 1.0  # requests per second that maps to 1.0
+    energy_scale: float = 0.01  # joules per token that maps to 1.0
+    version: int = SPEC_VERSION
+
+    @property
+    def size(self) -> int:
+        return 3 + 2 * self.queue_slots + 10
+
+    def names(self) -> list[str]:
+        slots = [f"waiting_{k}_{what}" for k in range(self.queue_slots)
+                 for what in ("tokens", "wait")]
+        return (["queue_len", "queue_tokens", "head_wait"] + slots
+                + ["decode_batch", "decode_ctx_mean", "decode_ctx_max", "kv_utilization",
+                   "in_flight_batches", "in_flight_tokens", "in_flight_stages_left",
+                   "iteration_latency", "arrival_rate", "energy_per_token"])
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def encode(self, view: SchedulerView | None) -> np.ndarray:
+        obs = np.zeros(self.size, dtype=np.float32)
+        if view is None:
+            return obs
+        budget, seqs, ttft = self.prefill_budget, self.max_num_seqs, self.ttft_slo_s
+        waits = [view.now - w.arrival_time for w in view.waiting]
+        obs[0] = len(view.waiting) / seqs
+        obs[1] = sum(w.num_uncomputed for w in view.waiting) / budget
+        obs[2] = (waits[0] / ttft) if waits else 0.0
+        for k, w in enumerate(view.waiting[: self.queue_slots]):
+            obs[3 + 2 * k] = w.num_uncomputed / budget
+            obs[4 + 2 * k] = waits[k] / ttft
+        i = 3 + 2 * self.queue_slots
+        ctx = view.decode_context_lens
+        obs[i] = len(ctx) / seqs
+        obs[i + 1] = (sum(ctx) / len(ctx) / self.max_model_len) if ctx else 0.0
+        obs[i + 2] = (max(ctx) / self.max_model_len) if ctx else 0.0
+        obs[i + 3] = 1.0 - view.free_blocks / view.num_blocks
+        obs[i + 4] = len(view.in_flight) / self.num_layers
+        obs[i + 5] = sum(b.num_tokens for b in view.in_flight) / budget
+        obs[i + 6] = (min(b.num_groups - b.stage for b in view.in_flight) / self.num_layers
+                      if view.in_flight else 0.0)
+        obs[i + 7] = view.stats.iteration_latency_s / self.tbt_slo_s
+        obs[i + 8] = view.stats.arrival_rate / self.rate_scale
+        obs[i + 9] = view.stats.energy_per_token_j / self.energy_scale
+        return np.clip(obs, 0.0, CLIP)

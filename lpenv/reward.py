@@ -1,0 +1,103 @@
+"""Reward: the episode objective ``attainment - energy_weight x joules per token``, paid out
+step by step so that the return equals it exactly.
+
+* Attainment (the paper's definition: TTFT within its SLO and every TBT gap within its SLO).
+  The first step pays +1; a request costs -1/N the moment it is known to miss (its TTFT
+  deadline passes without a first token, or a gap exceeds the TBT SLO), so the agent hears of
+  a miss when it happens rather than when the request ends. At the episode's end every request
+  that has not finished misses, and if the episode was cut short N becomes the number of
+  requests that arrived.
+* Energy: each iteration pays ``-energy_weight x joules / planned tokens`` (prompt plus output
+  tokens of the whole workload); the last step corrects the sum to the tokens really served.
+
+So the return is ``attained / N - energy_weight x energy / tokens``, the summary's
+``slo_attainment - energy_weight x energy_per_token_j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_adapter.plan import IterationReport
+from lpenv.metrics import MetricsRecorder
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    energy_weight: float = 5.0  # lambda, per joule per token (CPU runs spend ~0.01 J/token)
+
+    def __post_init__(self) -> None:
+        if self.energy_weight < 0:
+            raise ValueError(f"reward.energy_weight must be >= 0, got {self.energy_weight}")
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float
+    tbt_s: float
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tbt_s <= 0:
+            raise ValueError(f"SLOs must be positive, got TTFT {self.ttft_s}, TBT {self.tbt_s}")
+
+
+class RewardAccountant:
+    def __init__(self, config: RewardConfig, slo: SLO, recorder: MetricsRecorder,
+                 planned_requests: int, planned_tokens: int) -> None:
+        self.config, self.slo, self.recorder = config, slo, recorder
+        self.planned_requests = planned_requests
+        self.planned_tokens = max(planned_tokens, 1)
+        self.missed: set[str] = set()
+        self.total = 0.0
+        self._pending = 1.0  # the constant of the objective, paid with the first step
+
+    def _miss(self, request_id: str) -> None:
+        if request_id not in self.missed:
+            self.missed.add(request_id)
+            self._pending -= 1.0 / self.planned_requests
+
+    def rejected(self, request_id: str) -> None:
+        self._miss(request_id)
+
+    def iteration(self, report: IterationReport) -> None:
+        self._pending -= self.config.energy_weight * report.energy_j / self.planned_tokens
+        for ev in report.events:
+            rec = self.recorder.requests[ev.request_id]
+            times = rec.token_times  # the recorder has appended this event already
+            late = (ev.time - rec.arrival_time > self.slo.ttft_s if ev.index == 0
+                    else times[ev.index] - times[ev.index - 1] > self.slo.tbt_s)
+            if late:
+                self._miss(ev.request_id)
+        self.deadlines(report.end_time)
+
+    def deadlines(self, now: float) -> None:
+        """Misses that are certain already: a TTFT deadline or a TBT gap that has run out."""
+        for rec in self.recorder.requests.values():
+            if rec.request_id in self.missed or rec.finished or rec.rejected:
+                continue
+            if not rec.token_times:
+                late = now - rec.arrival_time > self.slo.ttft_s
+            else:
+                late = now - rec.token_times[-1] > self.slo.tbt_s
+            if late:
+                self._miss(rec.request_id)
+
+    def close(self) -> None:
+        """End of episode: unfinished requests miss; normalize by what really happened."""
+        for rec in self.recorder.requests.values():
+            if not rec.finished:
+                self._miss(rec.request_id)
+        arrived, n_missed = len(self.recorder.requests), len(self.missed)
+        # The steps paid 1 - missed / planned; the objective is 1 - missed / arrived
+        # (0 when nothing arrived).
+        target = 1.0 - n_missed / arrived if arrived else 0.0
+        self._pending += target - (1.0 - n_missed / self.planned_requests)
+        served = max(self.recorder.tokens(), 1)
+        energy = self.recorder.energy_j
+        self._pending -= self.config.energy_weight * energy * (1 / served - 1 / self.planned_tokens)
+
+    def take(self) -> float:
+        """The reward accrued since the last call."""
+        r, self._pending = self._pending, 0.0
+        self.total += r
+        return r
