@@ -9,7 +9,7 @@ constants. Every entry is clipped to [0, ``CLIP``].
 | 0 | requests waiting | ``max_num_seqs`` |
 | 1 | tokens waiting (still to compute) | ``prefill_budget`` |
 | 2 | head-of-line wait | TTFT SLO |
-| 3 + 2k, 4 + 2k | k-th waiting request (k < ``queue_slots``): tokens to compute, wait | budget, TTFT SLO |
+| 3 + 2k, 4 + 2k | k-th waiting request: tokens to compute, wait | budget, TTFT SLO |
 | then | decode batch size | ``max_num_seqs`` |
 | | mean and max decode context length | ``max_model_len`` |
 | | KV-cache utilization (used blocks / all blocks) | - |

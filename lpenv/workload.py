@@ -57,7 +57,8 @@ class WorkloadConfig:
                              f"workload.trace to a CSV path, got {self.lengths!r}")
         if self.trace is not None and not Path(self.trace).is_file():
             raise ValueError(f"workload.trace {self.trace!r} is not a file")
-        if not (1 <= self.min_prompt <= self.max_prompt and 1 <= self.min_output <= self.max_output):
+        prompt_ok = 1 <= self.min_prompt <= self.max_prompt
+        if not (prompt_ok and 1 <= self.min_output <= self.max_output):
             raise ValueError("workload length bounds must satisfy 1 <= min <= max")
 
 
