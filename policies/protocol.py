@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.model_config import ModelConfig
 
 
 @runtime_checkable
 class Policy(Protocol):
     """Chooses, at each decision point, G and the admitted requests of the next prefill batch.
 
-    ``mode`` is the engine scheduling mode the policy drives (``layered`` or ``chunked``).
+    ``mode`` is the engine scheduling mode the policy drives (``layered`` or ``chunked``); a
+    chunked policy is never asked to decide (the engine admits first come, first served) and
+    says its per-iteration token budget in ``chunk_tokens``.
     """
 
     name: str
@@ -20,3 +24,14 @@ class Policy(Protocol):
     def decide(self, view: SchedulerView) -> Decision: ...
 
     def __call__(self, view: SchedulerView) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may know about where it runs, besides the views it is shown."""
+
+    model: ModelConfig
+    ttft_slo_s: float
+    tbt_slo_s: float
+    hardware: str = "cpu-generic"  # cost-model profile for policies that estimate latency
+    dtype_bytes: int = 4

@@ -1,0 +1,23 @@
+"""The chunked-prefill baseline (Sarathi-Serve, vLLM's default): the engine in chunked mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_adapter.decision import Decision, SchedulerView
+
+
+@dataclass
+class ChunkedPrefill:
+    """Each iteration's ``chunk_tokens`` go to decode tokens first, then the continuing chunk,
+    then new requests. The engine does this itself in chunked mode: ``decide`` is never called."""
+
+    chunk_tokens: int = 512
+    name: str = "chunked"
+    mode: str = "chunked"
+
+    def decide(self, view: SchedulerView) -> Decision:
+        raise RuntimeError("the chunked baseline runs the engine in chunked mode, which admits "
+                           "requests itself; it has no decisions to make")
+
+    __call__ = decide

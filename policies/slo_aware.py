@@ -1,0 +1,102 @@
+"""An SLO-aware heuristic: admission and G from the engine's cost estimate.
+
+At each decision point it prices candidate batches (first-come-first-served prefixes at
+several token-budget levels, times every G) with the cost model, iteration by iteration, with
+the decode batch and any batch in flight alongside:
+
+1. Nothing to stall (no decode batch): take the whole budget with G = 1, the fastest first
+   token and one read of every expert.
+2. Otherwise keep every coming iteration under ``headroom x TBT SLO``: among candidates whose
+   priced iterations all fit, admit the most tokens; on a tie, the smallest G (first token
+   sooner). If the queue's head is already past ``urgency`` of its TTFT SLO, prefer the
+   candidate whose first token comes soonest among those that fit.
+3. If nothing fits, start the cheapest candidate only when the head's TTFT deadline is near
+   (a TTFT miss is as bad as a TBT miss); else wait for the decode batch to shrink.
+
+Unlike the paper's rule, it may start a batch while another is in flight, when the cost model
+says both stages fit in the same iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine_adapter.cost_model import CostModel
+from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.scheduler import layer_groups
+from policies.protocol import PolicyContext
+
+
+@dataclass
+class SloAware:
+    context: PolicyContext
+    headroom: float = 0.9
+    urgency: float = 0.5
+    admission_levels: int = 4
+    name: str = "slo_aware"
+    mode: str = "layered"
+    cost: CostModel = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        c = self.context
+        self.cost = CostModel(c.model, c.hardware, c.dtype_bytes)
+
+    def _candidates(self, view: SchedulerView) -> list[tuple[str, ...]]:
+        seen, out = set(), []
+        for level in range(self.admission_levels):
+            budget = max(1, view.prefill_budget * (level + 1) // self.admission_levels)
+            admit = view.fcfs_admission(budget)
+            if admit and (key := (admit, view.tokens_of(admit))) not in seen:
+                seen.add(key)
+                out.append(admit)
+        return out
+
+    def _price(self, view: SchedulerView, admit: tuple[str, ...], g: int) -> list[float]:
+        """Latency of each of the G iterations the batch takes, with in-flight stages."""
+        by_id = {w.request_id: w for w in view.waiting}
+        pieces = [(by_id[r].num_computed, t)
+                  for r, t in ((w.request_id, t) for w, t in view.allot(Decision(g, admit)))]
+        flights = [(layer_groups(view.num_layers, b.num_groups), b.stage, b.num_tokens)
+                   for b in view.in_flight]
+        times = []
+        for k, (lo, hi) in enumerate(layer_groups(view.num_layers, g)):
+            stages = [(lo, hi, pieces)]
+            for bounds, stage, tokens in flights:
+                if stage + k < len(bounds):
+                    a, b = bounds[stage + k]
+                    stages.append((a, b, [(0, tokens)]))
+            times.append(self.cost.predict(view.decode_context_lens, stages))
+        return times
+
+    def decide(self, view: SchedulerView) -> Decision:
+        candidates = self._candidates(view)
+        if not candidates:
+            return Decision.wait()
+        if not view.decode_context_lens and not view.in_flight:
+            return Decision(1, candidates[-1])
+        limit = self.headroom * self.context.tbt_slo_s
+        head_wait = view.now - view.waiting[0].arrival_time
+        urgent = head_wait > self.urgency * self.context.ttft_slo_s
+        fitting, cheapest = [], None
+        for admit in candidates:
+            tokens = view.tokens_of(admit)
+            for g in range(1, view.num_layers + 1):
+                times = self._price(view, admit, g)
+                worst, first_token = max(times), sum(times)
+                if cheapest is None or worst < cheapest[0]:
+                    cheapest = (worst, g, admit)
+                if worst <= limit:
+                    fitting.append((tokens, g, first_token, admit))
+                    break  # a larger G only delays the first token further
+        if fitting:
+            if urgent:
+                _, g, _, admit = min(fitting, key=lambda f: (f[2], -f[0]))
+            else:
+                _, g, _, admit = max(fitting, key=lambda f: (f[0], -f[1]))
+            return Decision(g, admit)
+        if urgent or not view.decode_context_lens:
+            _, g, admit = cheapest
+            return Decision(g, admit)
+        return Decision.wait()
+
+    __call__ = decide
