@@ -18,7 +18,30 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job: the chunked baseline, fixed G, the paper's rule, the SLO-aware heuristic and
+# (if lpenv-train has exported one to $(LEARNED)) the learned policy, on the embedded real
+# engine (qwen3-moe-cpu, measured latency, virtual clock), one workload at $(RUN_RATES) req/s.
+# Jobs run one at a time (parallel jobs would share the cores and slow each other's measured
+# iterations); then the sweep report prints the table and writes the plots to $(RUN_DIR).
+RUN_DIR ?= results/main
+RUN_RATES ?= 2,4
+RUN_ARGS ?= workload=arxiv4k workload.num_requests=24 workload.max_output=32
+LEARNED ?= results/learned/policy
+EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
+	workload.rate=$(RUN_RATES) $(RUN_ARGS)
+
 run: $(STAMP)
+	rm -rf $(RUN_DIR)
+	$(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${hydra.job.num}' policy=chunked,paper,slo_aware
+	$(EVAL) 'hydra.sweep.subdir=fixed-$${hydra.job.num}' policy=fixed policy.groups=1,8
+	@if [ -f $(LEARNED)/policy.json ]; then \
+	  $(EVAL) 'hydra.sweep.subdir=learned-$${hydra.job.num}' policy=learned \
+	    policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
+	else echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
+	$(BIN)/lpenv-sweep-report $(RUN_DIR)
+
+# The engine benchmark: chunked against layered prefill on the CPU model.
+bench: $(STAMP)
 	$(BIN)/python -m scripts.bench_engine --out results/bench_engine.json --plots results
 
 test: $(STAMP)

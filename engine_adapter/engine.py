@@ -178,3 +178,14 @@ class Engine:
                 raise RuntimeError("requests are queued but none can be scheduled")
             reports.append(report)
         return reports
+
+
+def warm_up(executor, config: EngineConfig, model_config: ModelConfig, tokens: int = 32) -> None:
+    """Run one small request through ``executor`` on a throwaway engine, so that one-time
+    costs (allocator, first touch of buffers) do not land on a measured iteration."""
+    engine = Engine(config, executor=executor, model_config=model_config,
+                    decide=lambda view: Decision(1, view.fcfs_admission()))
+    engine.add_request([i % model_config.vocab_size for i in range(tokens)], 2)
+    engine.run()
+    if hasattr(executor, "reset"):
+        executor.reset()

@@ -229,4 +229,5 @@ class LayeredPrefillEnv(gym.Env):
         return {"engine": asdict(self.engine_config), "workload": asdict(self.workload_config),
                 "slo": asdict(self.slo), "reward": asdict(self.reward_config),
                 "backend": asdict(self.backend), "actions": self.codec.to_json(),
-                "observation": self.obs_spec.to_json()}
+                "observation": self.obs_spec.to_json(), "horizon_s": self.horizon_s,
+                "max_decisions": self.max_decisions}

@@ -14,6 +14,7 @@ import numpy as np
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.engine import Engine
 from engine_adapter.errors import RequestError
+from engine_adapter.plan import IterationReport
 from lpenv.metrics import MetricsRecorder
 from lpenv.reward import SLO, RewardAccountant, RewardConfig
 from lpenv.workload import RequestSpec
@@ -24,7 +25,8 @@ DecisionPoint = Callable[[SchedulerView], bool]
 class Episode:
     def __init__(self, engine: Engine, requests: list[RequestSpec], slo: SLO,
                  reward: RewardConfig, rng: np.random.Generator,
-                 horizon_s: float | None = None) -> None:
+                 horizon_s: float | None = None,
+                 on_iteration: Callable[[IterationReport], None] | None = None) -> None:
         self.engine = engine
         self.slo = slo
         self.horizon_s = horizon_s
@@ -35,7 +37,8 @@ class Episode:
         self.rewards = RewardAccountant(reward, slo, self.recorder, len(requests), planned_tokens)
         self.decisions = 0
         self.closed = False
-        self.last_report = None
+        self.last_report: IterationReport | None = None
+        self.on_iteration = on_iteration  # e.g. a progress bar
 
     @property
     def now(self) -> float:
@@ -100,6 +103,8 @@ class Episode:
         self.last_report = report
         self.recorder.iteration(report)
         self.rewards.iteration(report)
+        if self.on_iteration is not None:
+            self.on_iteration(report)
 
     def close(self) -> None:
         if not self.closed:

@@ -121,3 +121,10 @@ class MetricsRecorder:
             "total_bytes": self.total_bytes,
             "sim_time_s": span,
         }
+
+
+def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> float | None:
+    """DistServe's goodput: the highest request rate tested whose SLO attainment is at least
+    ``target`` (None if none is)."""
+    ok = [rate for rate, a in attainment_by_rate.items() if a >= target]
+    return max(ok) if ok else None

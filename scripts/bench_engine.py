@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from engine_adapter.config import EngineConfig
 from engine_adapter.engine import Engine, build_model
+from engine_adapter.engine import warm_up as warm_up_executor
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
@@ -192,8 +193,7 @@ def make_engine(model: MoETransformer, base: EngineConfig, mode: str,
 
 
 def warm_up(engine: Engine) -> None:
-    engine.add_request(list(range(WARMUP_TOKENS)), 2, request_id="warmup")
-    engine.run()
+    warm_up_executor(engine.executor, engine.config, engine.model_config, WARMUP_TOKENS)
 
 
 def warm_engine_pair(model: MoETransformer, base: EngineConfig, chunk_tokens: int,

@@ -177,7 +177,7 @@ def test_bad_config_is_a_clear_error():
 def test_subproc_vec_env():
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
-    vec = SubprocVecEnv([lambda: make() for _ in range(2)], start_method="fork")
+    vec = SubprocVecEnv([lambda: make() for _ in range(2)], start_method="spawn")
     try:
         obs = vec.reset()
         assert obs.shape == (2, make().observation_space.shape[0])

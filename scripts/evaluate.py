@@ -1,0 +1,229 @@
+"""lpenv-eval: evaluate one policy on one workload on the engine's virtual clock.
+
+Writes into the Hydra run directory (``outputs/eval/<date>/<time>``, or one folder per job of a
+multirun under ``multirun/eval/<date>/<time>``):
+
+* ``summary.json``: the run's identity (policy, engine, model, workload, rate, SLOs, seed) and
+  every figure of ``lpenv.metrics.MetricsRecorder.summary`` (attainment, TTFT, TBT, E2E,
+  throughput, energy, bytes, virtual time) plus ``wall_time_s``, the host time of the episode;
+* ``requests.csv``: one row per request: arrival, first token, TTFT, prompt and output
+  lengths, whether it attained its SLO, and every token's time (space-separated).
+
+Examples::
+
+    lpenv-eval                                     # the paper rule, arxiv4k at 4 req/s, CPU
+    lpenv-eval policy=chunked workload.rate=3
+    lpenv-eval model=qwen3-moe-tiny backend.latency=modeled
+    lpenv-eval -m policy=fixed policy.groups=1,2,4,8,16 workload.rate=2,4,6  # joblib, parallel
+    lpenv-sweep-report multirun/eval/<date>/<time>
+
+The run goes through ``lpenv.episode.Episode``, the same driver as the env: the engine in the
+policy's mode, the executor from ``lpenv.backends``, a virtual clock, the workload drawn from
+``seed``. Every metric comes from the episode's ``MetricsRecorder``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from engine_adapter.clock import VirtualClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.engine import Engine, warm_up
+from engine_adapter.errors import ConfigError
+from engine_adapter.model_config import ModelConfig
+from lpenv.backends import BackendConfig, build_executor
+from lpenv.config_schema import policy_params, register_configs, to_dataclass
+from lpenv.episode import Episode
+from lpenv.reward import SLO, RewardConfig
+from lpenv.workload import WorkloadConfig, generate
+from policies.protocol import Policy, PolicyContext
+from policies.registry import make_policy
+
+# An absolute path: the entry point finds conf/ from any working directory.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+register_configs()
+log = logging.getLogger("lpenv.eval")
+
+# What every summary.json holds (sweep reports and tests rely on these).
+SUMMARY_FIELDS = (
+    "policy", "engine", "model", "workload", "rate", "requests_total", "requests_finished",
+    "requests_rejected", "slo_attainment", "ttft_attainment", "tbt_attainment", "ttft_mean_s",
+    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "e2e_mean_s",
+    "throughput_tok_s", "energy_j", "energy_per_token_j", "energy_source", "expert_bytes",
+    "total_bytes", "sim_time_s", "wall_time_s")
+CSV_COLUMNS = ("request_id", "arrival_s", "first_token_s", "ttft_s", "prompt_tokens",
+               "output_tokens", "generated_tokens", "finished", "rejected", "attained",
+               "token_times_s")
+
+
+class ConfigProblem(ValueError):
+    """A configuration that composes but cannot be built (the message says what and where)."""
+
+
+@dataclass
+class Setup:
+    """Everything one evaluation is built from, checked."""
+
+    engine: EngineConfig
+    model: ModelConfig
+    workload: WorkloadConfig
+    slo: SLO
+    reward: RewardConfig
+    backend: BackendConfig
+    policy: Policy
+    label: str
+
+
+def policy_label(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
+    """``policy.label`` if set, else the policy's name and its ``policy.*`` overrides (but a
+    learned policy's path)."""
+    if cfg.policy.label:
+        return str(cfg.policy.label)
+    params = [o.split(".", 1)[1] for o in overrides
+              if o.startswith("policy.") and o.split("=")[0] not in ("policy.label", "policy.path")]
+    return " ".join([str(cfg.policy.name), *params])
+
+
+def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
+    """The dataclasses and the policy; config mistakes raise ConfigProblem naming the key."""
+    try:
+        parts = {name: to_dataclass(name, cfg[name])
+                 for name in ("workload", "slo", "reward", "backend")}
+        engine = to_dataclass("engine", cfg.engine)
+        model = ModelConfig.load(engine.model)
+        context = PolicyContext(model, parts["slo"].ttft_s, parts["slo"].tbt_s,
+                                parts["backend"].hardware, engine.torch_dtype.itemsize)
+        policy = make_policy(str(cfg.policy.name), context, **policy_params(cfg.policy))
+        # The engine runs in the policy's mode; a chunked policy brings its token budget.
+        mode_settings: dict[str, Any] = {"mode": policy.mode}
+        if policy.mode == "chunked":
+            mode_settings["chunk_tokens"] = policy.chunk_tokens
+        engine = EngineConfig(**{**asdict(engine), **mode_settings})
+    except (ConfigError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as exc:
+        raise ConfigProblem(str(exc)) from exc
+    return Setup(engine, model, parts["workload"], parts["slo"], parts["reward"],
+                 parts["backend"], policy, policy_label(cfg, overrides))
+
+
+def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
+    executor = build_executor(setup.backend, setup.engine, setup.model)
+    if cfg.warmup and not setup.backend.deterministic:
+        warm_up(executor, setup.engine, setup.model)
+    engine = Engine(setup.engine, executor=executor, clock=VirtualClock(),
+                    model_config=setup.model)
+    rng = np.random.default_rng(cfg.seed)
+    requests = generate(setup.workload, rng)
+    bar = tqdm(total=len(requests), unit="req", disable=not cfg.progress, leave=False,
+               desc=f"{setup.label} @ {setup.workload.rate:g} req/s")
+
+    def on_iteration(report) -> None:
+        bar.update(len(report.finished))
+
+    episode = Episode(engine, requests, setup.slo, setup.reward, rng, cfg.horizon_s,
+                      on_iteration=on_iteration)
+    start = time.perf_counter()
+    metrics = episode.run(setup.policy)
+    wall = time.perf_counter() - start
+    bar.close()
+    summary = {
+        "policy": setup.label,
+        "policy_name": str(cfg.policy.name),
+        "policy_params": policy_params(cfg.policy),
+        "engine": setup.backend.name,
+        "mode": setup.engine.mode,
+        "latency": setup.backend.latency,
+        "hardware": setup.backend.hardware,
+        "device": str(setup.engine.torch_device),
+        "model": setup.engine.model,
+        "workload": setup.workload.name,
+        "rate": setup.workload.rate,
+        "arrival": setup.workload.arrival,
+        "num_requests": setup.workload.num_requests,
+        "seed": int(cfg.seed),
+        "ttft_slo_s": setup.slo.ttft_s,
+        "tbt_slo_s": setup.slo.tbt_s,
+        **metrics,
+        "wall_time_s": wall,
+    }
+    return summary, episode
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an empty percentile) as JSON null, so the file stays strict JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_requests_csv(episode: Episode, slo: SLO, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for rec in episode.recorder.requests.values():
+            first = rec.token_times[0] if rec.token_times else ""
+            w.writerow([rec.request_id, f"{rec.arrival_time:.6f}",
+                        first if first == "" else f"{first:.6f}",
+                        "" if rec.ttft is None else f"{rec.ttft:.6f}",
+                        rec.prompt_tokens, rec.max_tokens, len(rec.token_times),
+                        int(rec.finished), int(rec.rejected),
+                        int(rec.attains(slo.ttft_s, slo.tbt_s)),
+                        " ".join(f"{t:.6f}" for t in rec.token_times)])
+
+
+def evaluate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
+    """Run one evaluation; write ``summary.json`` and ``requests.csv`` into ``out_dir``."""
+    setup = build(cfg, overrides)
+    summary, episode = run_episode(cfg, setup)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: _finite(v) for k, v in summary.items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    write_requests_csv(episode, setup.slo, out_dir / "requests.csv")
+    return summary
+
+
+def format_line(s: dict) -> str:
+    def num(key: str, scale: float = 1.0, fmt: str = ".3g") -> str:
+        return "n/a" if s[key] is None else format(s[key] * scale, fmt)
+
+    return (f"{s['policy']} @ {s['rate']:g} req/s: attainment {num('slo_attainment', 100, '.0f')}%"
+            f" (TTFT {num('ttft_attainment', 100, '.0f')}%, TBT "
+            f"{num('tbt_attainment', 100, '.0f')}%), TTFT p90 {num('ttft_p90_s')} s, TBT p99 "
+            f"{num('tbt_p99_s', 1e3)} ms, {num('energy_per_token_j', 1e3)} mJ/token, "
+            f"{s['requests_finished']}/{s['requests_total']} finished, "
+            f"sim {s['sim_time_s']:.1f} s, wall {s['wall_time_s']:.1f} s")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def _main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    try:
+        summary = evaluate(cfg, out_dir, list(hc.overrides.task))
+    except ConfigProblem as exc:
+        overrides = " ".join(hc.overrides.task)
+        sys.exit(f"lpenv-eval: invalid configuration{f' ({overrides})' if overrides else ''}: "
+                 f"{exc}")
+    print(format_line(summary), flush=True)
+    log.info("wrote %s", out_dir / "summary.json")
+    return summary["slo_attainment"]  # a sweeper that optimizes (e.g. Optuna) maximizes this
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""lpenv-sweep-report: the paper's figure and a goodput table from an lpenv-eval multirun.
+
+Reads every ``summary.json`` (and the ``requests.csv`` beside it) under the given folders and
+writes, into ``--out`` (default: the first folder):
+
+* ``attainment_vs_rate.png``: SLO attainment against request rate, one line per policy, with
+  the 90% target (the paper's main figure); one panel per scenario (workload, model, SLOs);
+* ``ttft_cdf.png``, ``tbt_cdf.png``: CDFs of TTFT and of every gap between tokens, per policy,
+  one panel per scenario and rate, the SLO as a dashed line;
+* ``goodput.csv``: per scenario and policy, the goodput (DistServe's sense: the highest rate
+  tested whose attainment is >= the target) and the attainment at each rate;
+* ``runs.csv``: one row per run, the main figures of its summary.
+
+and prints the run table and the goodput table. Runs of the same scenario, policy and rate
+(several seeds) are averaged. TTFT and gaps are those of ``lpenv.metrics.RequestRecord``,
+rebuilt from each run's token times.
+
+Example::
+
+    lpenv-eval -m policy=fixed policy.groups=1,2,4,8 workload.rate=2,3,4,5
+    lpenv-sweep-report multirun/eval/<date>/<time>
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lpenv.metrics import RequestRecord, goodput
+
+TARGET = 0.9
+SCENARIO_KEYS = ("workload", "model", "engine", "latency", "ttft_slo_s", "tbt_slo_s")
+RUN_COLUMNS = ("policy", "rate", "workload", "model", "seed", "slo_attainment",
+               "ttft_attainment", "tbt_attainment", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
+               "tbt_p50_s", "tbt_p99_s", "e2e_mean_s", "throughput_tok_s",
+               "energy_per_token_j", "expert_bytes", "requests_finished", "requests_total",
+               "sim_time_s", "wall_time_s", "run_dir")
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def load_runs(folders: Iterable[Path]) -> list[dict]:
+    """Every summary.json under ``folders``, with ``run_dir`` added; sorted for stable output."""
+    runs = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("summary.json")):
+            run = json.loads(path.read_text())
+            if "slo_attainment" not in run or "policy" not in run:
+                continue  # some other summary.json (e.g. a training run's)
+            run["run_dir"] = str(path.parent)
+            runs.append(run)
+    return sorted(runs, key=lambda r: (scenario_of(r), str(r["policy"]), r["rate"]))
+
+
+def read_requests(run_dir: str | Path) -> list[RequestRecord]:
+    """A run's requests as ``RequestRecord`` (from lpenv-eval's requests.csv); [] if absent."""
+    path = Path(run_dir) / "requests.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [RequestRecord(row["request_id"], float(row["arrival_s"]),
+                              int(row["prompt_tokens"]), int(row["output_tokens"]),
+                              [float(t) for t in row["token_times_s"].split()],
+                              rejected=row["rejected"] == "1")
+                for row in csv.DictReader(f)]
+
+
+def scenario_of(run: dict) -> tuple:
+    return tuple(run.get(k) for k in SCENARIO_KEYS)
+
+
+def scenario_title(scenario: tuple) -> str:
+    s = dict(zip(SCENARIO_KEYS, scenario))
+    return (f"{s['workload']}, {s['model']} ({s['engine']}, {s['latency']}); "
+            f"SLO TTFT {s['ttft_slo_s']} s, TBT {_ms(s['tbt_slo_s'])} ms")
+
+
+def _ms(seconds) -> str:
+    return "?" if seconds is None else f"{seconds * 1e3:g}"
+
+
+# ---- aggregating -----------------------------------------------------------------------------
+def curves(runs: Sequence[dict]) -> dict[tuple, dict[str, dict[float, list[dict]]]]:
+    """scenario -> policy -> rate -> runs."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for run in runs:
+        out[scenario_of(run)][str(run["policy"])][float(run["rate"])].append(run)
+    return out
+
+
+def mean_of(runs: Sequence[dict], key: str) -> float:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def goodput_rows(runs: Sequence[dict], target: float = TARGET) -> list[dict]:
+    rows = []
+    for scenario, by_policy in curves(runs).items():
+        for policy, by_rate in sorted(by_policy.items()):
+            att = {rate: mean_of(rs, "slo_attainment") for rate, rs in sorted(by_rate.items())}
+            rows.append({**dict(zip(SCENARIO_KEYS, scenario)), "policy": policy,
+                         "goodput_rate": goodput(att, target), "target": target,
+                         "rates": " ".join(f"{r:g}" for r in att),
+                         "attainment": " ".join(f"{a:.3f}" for a in att.values())})
+    return rows
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attainment(runs: Sequence[dict], path: Path, target: float = TARGET) -> None:
+    plt = _pyplot()
+    groups = curves(runs)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, (scenario, by_policy) in zip(axes[0], groups.items()):
+        for policy, by_rate in sorted(by_policy.items()):
+            rates = sorted(by_rate)
+            ax.plot(rates, [100 * mean_of(by_rate[r], "slo_attainment") for r in rates],
+                    marker="o", label=policy)
+        ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{target:.0%} target")
+        ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(-3, 103),
+               title=scenario_title(scenario))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cdf(ax, values: np.ndarray, label: str) -> None:
+    xs = np.sort(values[np.isfinite(values)])
+    if xs.size:
+        ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+
+
+def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
+              max_rates: int = 4) -> None:
+    """TTFT and TBT-gap CDFs: rows are scenarios, columns rates (at most ``max_rates``)."""
+    plt = _pyplot()
+    groups = curves(runs)
+    panels = []
+    for scenario, by_policy in groups.items():
+        rates = sorted({rate for by_rate in by_policy.values() for rate in by_rate})
+        if len(rates) > max_rates:  # spread over the range, keeping both ends
+            picks = np.linspace(0, len(rates) - 1, max_rates).round().astype(int)
+            rates = [rates[i] for i in picks]
+        panels.append((scenario, by_policy, rates))
+    ncols = max(len(p[2]) for p in panels)
+    for what, path in (("ttft", ttft_path), ("tbt", tbt_path)):
+        fig, axes = plt.subplots(len(panels), ncols, figsize=(4.5 * ncols, 3.6 * len(panels)),
+                                 squeeze=False)
+        for row, (scenario, by_policy, rates) in enumerate(panels):
+            s = dict(zip(SCENARIO_KEYS, scenario))
+            for col in range(ncols):
+                ax = axes[row][col]
+                if col >= len(rates):
+                    ax.set_visible(False)
+                    continue
+                for policy, by_rate in sorted(by_policy.items()):
+                    recs = [rec for run in by_rate.get(rates[col], [])
+                            for rec in read_requests(run["run_dir"])]
+                    if what == "ttft":
+                        values = np.array([r.ttft for r in recs if r.ttft is not None])
+                    else:
+                        values = np.concatenate([r.tbt_gaps for r in recs] or [np.zeros(0)]) * 1e3
+                    _cdf(ax, values, policy)
+                slo = s["ttft_slo_s"] if what == "ttft" else (s["tbt_slo_s"] or 0) * 1e3
+                if slo:
+                    ax.axvline(slo, color="grey", ls="--", lw=1, label="SLO")
+                ax.set(xlabel="TTFT (s)" if what == "ttft" else "gap between tokens (ms)",
+                       ylabel="fraction of requests" if what == "ttft" else "fraction of gaps",
+                       title=f"{s['workload']}, {s['model']} @ {rates[col]:g} req/s")
+                if what == "ttft":
+                    ax.set_xscale("log")
+                ax.title.set_fontsize(9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# ---- tables ----------------------------------------------------------------------------------
+def _fmt(value, scale: float = 1.0, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value * scale, spec)
+
+
+def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TARGET) -> str:
+    lines = []
+    for scenario, by_policy in curves(runs).items():
+        lines.append(scenario_title(scenario))
+        head = (f"{'policy':<24}{'rate':>6}{'SLO att.':>10}{'TTFT att.':>10}{'TBT att.':>10}"
+                f"{'TTFT p90 s':>11}{'TBT p99 ms':>11}{'E2E s':>8}{'mJ/tok':>8}"
+                f"{'expert GB':>10}{'wall s':>8}")
+        lines += [head, "-" * len(head)]
+        for policy, by_rate in sorted(by_policy.items()):
+            for rate, rs in sorted(by_rate.items()):
+                m = {k: mean_of(rs, k) for k in ("slo_attainment", "ttft_attainment",
+                                                  "tbt_attainment", "ttft_p90_s", "tbt_p99_s",
+                                                  "e2e_mean_s", "energy_per_token_j",
+                                                  "expert_bytes", "wall_time_s")}
+                lines.append(
+                    f"{policy:<24}{rate:>6g}{_fmt(m['slo_attainment'], 100, '.0f'):>9}%"
+                    f"{_fmt(m['ttft_attainment'], 100, '.0f'):>9}%"
+                    f"{_fmt(m['tbt_attainment'], 100, '.0f'):>9}%"
+                    f"{_fmt(m['ttft_p90_s']):>11}{_fmt(m['tbt_p99_s'], 1e3):>11}"
+                    f"{_fmt(m['e2e_mean_s']):>8}{_fmt(m['energy_per_token_j'], 1e3):>8}"
+                    f"{_fmt(m['expert_bytes'], 1e-9):>10}{_fmt(m['wall_time_s'], 1, '.1f'):>8}")
+        lines.append("")
+    lines.append(f"goodput: highest request rate with SLO attainment >= {target:.0%}")
+    head = f"{'workload':<10}{'model':<16}{'policy':<24}{'goodput req/s':>14}  attainment by rate"
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        by_rate = ", ".join(f"{rate}: {float(a):.0%}"
+                            for rate, a in zip(r["rates"].split(), r["attainment"].split()))
+        gp = "none" if r["goodput_rate"] is None else f"{r['goodput_rate']:g}"
+        lines.append(f"{r['workload']!s:<10}{r['model']!s:<16}{r['policy']:<24}{gp:>14}  "
+                     f"{by_rate}")
+    return "\n".join(lines)
+
+
+def report(folders: Sequence[Path], out: Path, target: float = TARGET) -> dict:
+    runs = load_runs(folders)
+    if not runs:
+        raise SystemExit(f"lpenv-sweep-report: no lpenv-eval summary.json under "
+                         f"{', '.join(map(str, folders))}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = goodput_rows(runs, target)
+    write_csv(out / "runs.csv", runs, RUN_COLUMNS)
+    write_csv(out / "goodput.csv", rows, (*SCENARIO_KEYS, "policy", "goodput_rate", "target",
+                                          "rates", "attainment"))
+    plot_attainment(runs, out / "attainment_vs_rate.png", target)
+    plot_cdfs(runs, out / "ttft_cdf.png", out / "tbt_cdf.png")
+    files = [out / n for n in ("attainment_vs_rate.png", "ttft_cdf.png", "tbt_cdf.png",
+                               "goodput.csv", "runs.csv")]
+    return {"runs": runs, "goodput": rows, "files": files,
+            "table": format_tables(runs, rows, target)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lpenv-sweep-report", description=__doc__.split("\n")[0])
+    p.add_argument("folders", nargs="+", type=Path, help="multirun folder(s) of lpenv-eval")
+    p.add_argument("--out", type=Path, default=None, help="default: the first folder")
+    p.add_argument("--target", type=float, default=TARGET, help="attainment target (0-1)")
+    args = p.parse_args(argv)
+    if not 0 < args.target <= 1:
+        p.error("--target must be in (0, 1]")
+    result = report(args.folders, args.out or args.folders[0], args.target)
+    print(result["table"])
+    print("wrote " + ", ".join(str(f) for f in result["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Training with stable-baselines3: the env passes SB3's checker, a short MaskablePPO run
+beats the random policy, plain PPO refuses (never changes) masked actions."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.env_checker import check_env
+
+import lpenv
+from policies.export import env_kwargs, load_policy
+from policies.learned import LearnedPolicy
+from policies.random_policy import RandomPolicy
+from policies.sb3 import RefuseInvalid, ServingMask, evaluate, train_policy
+
+# A small workload where decisions matter (modeled latency: reproducible episodes). Prompts
+# of ~100-600 tokens at 150 requests/s against a 512-token prefill budget; 2-4 output tokens
+# keep episodes short. The TBT SLO (4.5 ms) is broken by a 512-token batch run through all
+# layers at once (G = 1) beside a decode batch; the TTFT SLO (20 ms, ~5 iterations) punishes
+# waiting and large G. Returns on seeds 100-105 (mean; measured 2026-11-28):
+#   fixed G=1/2/3/5 staggered 0.34/0.47/0.36/0.32, paper rule 0.35, SLO-aware 0.58,
+#   RandomPolicy 0.34 (0.30 on seeds 100-103).
+WORKLOAD = {
+    "engine": {"model": "qwen3-moe-tiny", "prefill_budget": 512, "kv_cache_tokens": 16384},
+    "workload": {"lengths": "arxiv4k", "scale": 0.15, "rate": 150.0, "num_requests": 24,
+                 "min_output": 2, "max_output": 4},
+    "slo": {"ttft_s": 0.02, "tbt_s": 0.0045},
+    "backend": {"latency": "modeled"},
+}
+EVAL_SEEDS = [100, 101, 102, 103, 104, 105]
+SMALL = {**WORKLOAD, "workload": {**WORKLOAD["workload"], "num_requests": 6}}
+
+
+def test_env_passes_sb3_env_checker():
+    # check_env steps with unmasked samples; the env raises on a masked action. While more
+    # requests are to arrive and KV blocks are plenty, nothing is masked: check_env's dozen
+    # steps stay in that phase of WORKLOAD's 24 arrivals.
+    env = gym.make(lpenv.ENV_ID, **WORKLOAD)
+    check_env(env, warn=True, skip_render_check=True)
+    check_env(env.unwrapped, warn=True, skip_render_check=True)
+
+
+def test_plain_ppo_view_passes_sb3_env_checker():
+    # Where masks do bite (6 requests: the engine idles with none to come), the env as plain
+    # PPO sees it refuses masked samples instead of raising.
+    env = RefuseInvalid(ServingMask(gym.make(lpenv.ENV_ID, **SMALL)))
+    for seed in range(3):
+        env.action_space.seed(seed)
+        check_env(env, warn=True, skip_render_check=True)
+
+
+def test_serving_mask_never_waits_on_an_idle_engine():
+    env = ServingMask(gym.make(lpenv.ENV_ID, **SMALL))
+    env.reset(seed=0)
+    u = env.unwrapped
+    assert not u.view.decode_context_lens and not u.view.in_flight  # the first request only
+    assert u.action_masks()[-2]  # the env allows waiting: more requests will arrive
+    mask = env.action_masks()
+    assert not mask[-2] and mask[-1]  # the view cannot tell, so the serving mask forbids it
+
+
+def test_plain_ppo_masked_action_is_refused_not_changed():
+    env = RefuseInvalid(ServingMask(gym.make(lpenv.ENV_ID, **SMALL)), penalty=0.25,
+                        max_refusals=3)
+    obs, _ = env.reset(seed=0)
+    now = env.unwrapped.episode.now
+    wait = np.array([0, 0, 0])  # masked: the engine is idle
+    for i in range(1, 4):
+        obs2, reward, terminated, truncated, info = env.step(wait)
+        assert reward == -0.25 and not terminated
+        assert np.array_equal(obs2, obs) and env.unwrapped.episode.now == now  # no engine step
+        assert info["invalid_actions"] == i and "masked out" in info["invalid_action"]
+        assert truncated == (i == 3)  # max_refusals in a row end the episode
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([0, 3, 1]))
+    assert "invalid_action" not in info and info["invalid_actions"] == 0
+
+
+@pytest.fixture
+def one_thread():
+    """Training and the engine on one thread: the run (and the figures below) reproduce
+    whatever OMP_NUM_THREADS the suite runs under."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_maskable_ppo_beats_random_policy(tmp_path, one_thread):
+    # 2,048 steps take ~20-30 s here (~80-110 steps/s on a shared 2-core machine). Measured
+    # on seeds 100-105: learned 0.44 (training seed 0), 0.40 (3), 0.51 (4); RandomPolicy 0.34,
+    # the paper rule 0.35. On seeds 100-103 with training seeds 0/1/2: 0.38/0.54/0.37 against
+    # random's 0.30. (With gamma 0.99 one of three seeds fell below random; see policies/sb3.)
+    result = train_policy(WORKLOAD, algo="maskable_ppo", total_timesteps=2048, seed=0,
+                          out_dir=tmp_path, eval_seeds=EVAL_SEEDS, progress_bar=False,
+                          tensorboard=True)
+    rand = evaluate(RandomPolicy(seed=0), env_kwargs(WORKLOAD), EVAL_SEEDS)
+    paper = result["paper_rule"]
+    learned = result["learned"]
+    print(f"learned {learned['return_mean']:.3f}, random {rand['return_mean']:.3f}, "
+          f"paper rule {paper['return_mean']:.3f}")
+    assert learned["seeds"] == rand["seeds"] == paper["seeds"] == EVAL_SEEDS
+    assert learned["return_mean"] > rand["return_mean"] + 0.02
+    assert result["total_timesteps"] >= 2048 and result["steps_per_s"] > 0
+
+    paths = result["paths"]
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "checkpoints").glob("*.zip"))
+    assert (tmp_path / "model.zip").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["algo"] == "maskable_ppo"
+    # The exported artifact is the policy that was evaluated.
+    policy = load_policy(paths["policy"])
+    assert isinstance(policy, LearnedPolicy)
+    again = evaluate(policy, env_kwargs(WORKLOAD), EVAL_SEEDS)
+    assert again["returns"] == pytest.approx(learned["returns"])
+
+
+def test_plain_ppo_trains_and_exports(tmp_path):
+    result = train_policy(SMALL, algo="ppo", total_timesteps=256, seed=0, out_dir=tmp_path,
+                          eval_episodes=1, progress_bar=False, tensorboard=False,
+                          hyperparams={"n_steps": 128})
+    assert isinstance(load_policy(result["paths"]["policy"]), LearnedPolicy)
+    assert 0.0 <= result["learned"]["attainment_mean"] <= 1.0
+
+
+def test_subproc_vec_env_trains(tmp_path):
+    result = train_policy(SMALL, total_timesteps=256, n_envs=2, out_dir=tmp_path,
+                          eval_episodes=1, progress_bar=False, tensorboard=False,
+                          hyperparams={"n_steps": 64})
+    assert result["n_envs"] == 2 and result["total_timesteps"] >= 256
