@@ -70,13 +70,8 @@ def env_config(env: Any) -> dict:
     if isinstance(env, Mapping):
         return normalize_config(env)
     if hasattr(env, "env_method"):  # a stable-baselines3 VecEnv
-        config = env.env_method("config_dict", indices=0)[0]
-        extra = {k: env.get_attr(k, indices=0)[0] for k in ("horizon_s", "max_decisions")}
-    else:
-        u = env.unwrapped
-        config, extra = u.config_dict(), {"horizon_s": u.horizon_s,
-                                          "max_decisions": u.max_decisions}
-    return _to_plain({**config, **extra})
+        return _to_plain(env.env_method("config_dict", indices=0)[0])
+    return _to_plain(env.unwrapped.config_dict())
 
 
 def _to_plain(value: Any) -> Any:
@@ -94,8 +89,6 @@ def normalize_config(config: Mapping) -> dict:
     """A ``config_dict()``-shaped configuration from either accepted form."""
     config = _to_plain(config)
     if "observation" in config and "actions" in config:
-        config.setdefault("horizon_s", None)
-        config.setdefault("max_decisions", None)
         return config
     from lpenv.env import LayeredPrefillEnv  # builds specs only; the model is built on reset
 
