@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # Jobs run one at a time (parallel jobs would share the cores and slow each other's measured
 # iterations); then the sweep report prints the table and writes the plots to $(RUN_DIR).
 RUN_DIR ?= results/main
-RUN_RATES ?= 2,4
+RUN_RATES ?= 1,2,3,4
 RUN_ARGS ?= workload=arxiv4k workload.num_requests=24 workload.max_output=32
 LEARNED ?= results/learned/policy
 EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \

@@ -10,8 +10,8 @@ the decode batch and any batch in flight alongside:
    priced iterations all fit, admit the most tokens; on a tie, the smallest G (first token
    sooner). If the queue's head is already past ``urgency`` of its TTFT SLO, prefer the
    candidate whose first token comes soonest among those that fit.
-3. If nothing fits, start the cheapest candidate only when the head's TTFT deadline is near
-   (a TTFT miss is as bad as a TBT miss); else wait for the decode batch to shrink.
+3. If nothing fits, wait: a batch now would make every decoding request miss its TBT SLO,
+   while waiting risks one late first token.
 
 Unlike the paper's rule, it may start a batch while another is in flight, when the cost model
 says both stages fit in the same iteration.
@@ -72,31 +72,26 @@ class SloAware:
         candidates = self._candidates(view)
         if not candidates:
             return Decision.wait()
-        if not view.decode_context_lens and not view.in_flight:
-            return Decision(1, candidates[-1])
+        if not view.decode_context_lens:
+            return Decision(1, candidates[-1])  # no decode to stall: fastest first token
         limit = self.headroom * self.context.tbt_slo_s
         head_wait = view.now - view.waiting[0].arrival_time
         urgent = head_wait > self.urgency * self.context.ttft_slo_s
-        fitting, cheapest = [], None
+        fitting = []
         for admit in candidates:
-            tokens = view.tokens_of(admit)
             for g in range(1, view.num_layers + 1):
                 times = self._price(view, admit, g)
-                worst, first_token = max(times), sum(times)
-                if cheapest is None or worst < cheapest[0]:
-                    cheapest = (worst, g, admit)
-                if worst <= limit:
-                    fitting.append((tokens, g, first_token, admit))
+                if max(times) <= limit:
+                    fitting.append((view.tokens_of(admit), g, sum(times), admit))
                     break  # a larger G only delays the first token further
-        if fitting:
-            if urgent:
-                _, g, _, admit = min(fitting, key=lambda f: (f[2], -f[0]))
-            else:
-                _, g, _, admit = max(fitting, key=lambda f: (f[0], -f[1]))
-            return Decision(g, admit)
-        if urgent or not view.decode_context_lens:
-            _, g, admit = cheapest
-            return Decision(g, admit)
-        return Decision.wait()
+        if not fitting:
+            # Any batch now would stall every decoding request past its TBT SLO: one late
+            # first token is cheaper than many late gaps. Wait for the decode batch to shrink.
+            return Decision.wait()
+        if urgent:
+            _, g, _, admit = min(fitting, key=lambda f: (f[2], -f[0]))
+        else:
+            _, g, _, admit = max(fitting, key=lambda f: (f[0], -f[1]))
+        return Decision(g, admit)
 
     __call__ = decide
