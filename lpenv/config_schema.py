@@ -18,8 +18,9 @@ the wrong type fails when the config is composed (``Key 'prefill_budgt' not in
 'EngineSchema'``, ``full_key: engine.prefill_budgt``); the dataclasses' own checks (a mode that
 does not exist, a negative rate) run when :func:`to_dataclass` builds the real object.
 
-``policy`` has one schema per registered policy (``FixedPolicy`` ...), whose fields are the
-policy's parameters; each ``conf/policy/*.yaml`` names its schema in its defaults list.
+``policy`` has one schema per registered policy (``FixedPolicySchema`` ...), generated from
+the policy's dataclass, whose fields are its parameters; each ``conf/policy/*.yaml`` names
+its schema in its defaults list.
 ``model`` and ``hardware`` are config groups that write into ``engine`` (and ``backend``).
 """
 
@@ -37,23 +38,32 @@ from engine_adapter.config import EngineConfig
 from lpenv.backends import BackendConfig
 from lpenv.reward import SLO, RewardConfig
 from lpenv.workload import WorkloadConfig
+from policies.chunked import ChunkedPrefill
+from policies.fixed import FixedGroups
+from policies.paper_rule import PaperRule
+from policies.random_policy import RandomPolicy
+from policies.slo_aware import SloAware
 
 
-def _schema_of(cls: type, name: str) -> type:
-    """A mutable dataclass with ``cls``'s init fields, types and defaults (no validation)."""
+def _schema_of(cls: type, name: str, skip: tuple[str, ...] = (), base: type | None = None,
+               defaults: dict[str, Any] | None = None) -> type:
+    """A mutable dataclass with ``cls``'s init fields, types and defaults (no validation),
+    less ``skip``, deriving from ``base``, with ``defaults`` overriding ``cls``'s."""
     hints = typing.get_type_hints(cls)
     spec = []
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in skip:
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults and f.name in defaults:
+            default = field(default=defaults[f.name])
+        elif f.default is not dataclasses.MISSING:
             default = field(default=f.default)
         elif f.default_factory is not dataclasses.MISSING:
             default = field(default_factory=f.default_factory)
         else:
             default = field(default=MISSING)  # required: the config must set it
         spec.append((f.name, hints[f.name], default))
-    schema = dataclasses.make_dataclass(name, spec)
+    schema = dataclasses.make_dataclass(name, spec, bases=(base,) if base else ())
     schema.__module__ = __name__  # picklable by reference (joblib and submitit launchers)
     schema.__doc__ = f"Schema of {cls.__module__}.{cls.__qualname__} (its fields, no checks)."
     schema.target = cls
@@ -83,52 +93,30 @@ class PolicyConfig:
     label: str | None = None
 
 
-@dataclass
-class FixedPolicy(PolicyConfig):
-    name: str = "fixed"
-    groups: int = 1
-    budget: int | None = None  # admission token budget; None: the engine's prefill budget
-    staggered: bool = False
+def _policy_schema(cls: type, name: str) -> type:
+    """A policy's parameters are its dataclass fields: one definition, here and there."""
+    schema_name = "".join(part.title() for part in name.split("_")) + "PolicySchema"
+    return _schema_of(cls, schema_name, skip=("mode", "context"), base=PolicyConfig,
+                      defaults={"name": name})
+
+
+# Module names equal the class names: the launchers pickle schemas by reference.
+FixedPolicySchema = _policy_schema(FixedGroups, "fixed")
+PaperPolicySchema = _policy_schema(PaperRule, "paper")
+SloAwarePolicySchema = _policy_schema(SloAware, "slo_aware")
+ChunkedPolicySchema = _policy_schema(ChunkedPrefill, "chunked")
+RandomPolicySchema = _policy_schema(RandomPolicy, "random")
 
 
 @dataclass
-class PaperPolicy(PolicyConfig):
-    name: str = "paper"
-    max_groups: int = 16
-    unit: int = 512  # the G thresholds are 1, 2, 4, 8 x unit prefill tokens
-
-
-@dataclass
-class SloAwarePolicy(PolicyConfig):
-    name: str = "slo_aware"
-    headroom: float = 0.9
-    urgency: float = 0.5
-    admission_levels: int = 4
-
-
-@dataclass
-class ChunkedPolicy(PolicyConfig):
-    name: str = "chunked"
-    chunk_tokens: int = 512
-
-
-@dataclass
-class RandomPolicyConfig(PolicyConfig):
-    name: str = "random"
-    seed: int = 0
-    admission_levels: int = 4
-    start_prob: float = 0.5
-
-
-@dataclass
-class LearnedPolicy(PolicyConfig):
+class LearnedPolicySchema(PolicyConfig):
     name: str = "learned"
     path: str = LEARNED_POLICY_PATH
 
 
-POLICY_SCHEMAS = {"fixed": FixedPolicy, "paper": PaperPolicy, "slo_aware": SloAwarePolicy,
-                  "chunked": ChunkedPolicy, "random": RandomPolicyConfig,
-                  "learned": LearnedPolicy}
+POLICY_SCHEMAS = {"fixed": FixedPolicySchema, "paper": PaperPolicySchema,
+                  "slo_aware": SloAwarePolicySchema, "chunked": ChunkedPolicySchema,
+                  "random": RandomPolicySchema, "learned": LearnedPolicySchema}
 
 
 # ---- the top-level configs -----------------------------------------------------------------

@@ -170,9 +170,9 @@ def test_train_config_makes_the_env(option):
     (["engine.prefill_budgt=1024"],
      ["Key 'prefill_budgt' not in 'EngineSchema'", "full_key: engine.prefill_budgt"]),
     (["policy=fixed", "policy.grups=2"],
-     ["Key 'grups' not in 'FixedPolicy'", "full_key: policy.grups"]),
+     ["Key 'grups' not in 'FixedPolicySchema'", "full_key: policy.grups"]),
     (["policy.groups=2"],  # the default policy (paper) has no G to fix
-     ["Key 'groups' not in 'PaperPolicy'"]),
+     ["Key 'groups' not in 'PaperPolicySchema'"]),
     (["workload.rate=fast"],
      ["Value 'fast' of type 'str' could not be converted to Float", "full_key: workload.rate"]),
     (["engine.prefill_budget=1.5"],
