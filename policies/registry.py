@@ -22,7 +22,7 @@ def make_policy(name: str, context: PolicyContext, **params: Any) -> Policy:
         "slo_aware": lambda: SloAware(context, **params),
         "chunked": lambda: ChunkedPrefill(**params),
         "random": lambda: RandomPolicy(**params),
-        "learned": lambda: _learned(**params),
+        "learned": lambda: _learned(context, **params),
     }
     if name not in builders:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
@@ -32,7 +32,10 @@ def make_policy(name: str, context: PolicyContext, **params: Any) -> Policy:
         raise ValueError(f"bad parameters for policy {name!r}: {exc}") from None
 
 
-def _learned(path: str) -> Policy:
+def _learned(context: PolicyContext, path: str) -> Policy:
+    from lpenv.observation import SPEC_VERSION
     from policies.export import load_policy  # the serving path: no training stack needed
 
-    return load_policy(path)
+    # An artifact made for another model or observation spec is refused, naming the fields.
+    return load_policy(path, expect={"num_layers": context.model.num_layers,
+                                     "spec_version": SPEC_VERSION})
