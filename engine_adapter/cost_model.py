@@ -113,7 +113,7 @@ class ModeledLatency:
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         result = self.inner.execute(plan)
-        distinct = [None if c is None else sum(1 for x in c if x > 0) for c in result.expert_tokens]
+        distinct = result.distinct_experts
         result.latency_s = self.cost.iteration_latency(plan, distinct)
         return result
 

@@ -85,7 +85,10 @@ class NvmlEnergy:
 
 
 def energy_meter(device_type: str, device_index: int = 0) -> EnergyMeter:
-    """NVML on a GPU where the counter is readable; the CPU model otherwise."""
+    """NVML on a GPU where the counter is readable; the CPU model otherwise; a simulated
+    device (``sim:<model>``) names its energy model."""
+    if device_type.startswith("sim:"):
+        return ModeledEnergy(ENERGY_MODELS[device_type[4:]])
     if device_type == "cuda":
         try:
             return NvmlEnergy(device_index)

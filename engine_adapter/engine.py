@@ -129,7 +129,7 @@ class Engine:
         self.clock.advance(result.latency_s)
         end = self.clock.now()
         outcome = self.scheduler.postprocess(plan, result.sampled)
-        distinct = [None if c is None else sum(1 for x in c if x > 0) for c in result.expert_tokens]
+        distinct = result.distinct_experts
         traffic = plan_traffic(self.model_config, plan, distinct, self.dtype_bytes)
         total_bytes = traffic.weight_bytes + traffic.kv_bytes
         joules = result.energy_j

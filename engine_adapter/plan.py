@@ -103,10 +103,19 @@ class ExecutionResult:
 
     latency_s: float
     sampled: dict[str, int]
-    # Tokens routed to each expert, per layer (None for dense layers and layers not run).
+    # Tokens routed to each expert, per layer (None for dense layers and layers not run);
+    # a simulator that models only how many experts were hit gives ``distinct`` instead.
     expert_tokens: list[list[int] | None]
     energy_j: float | None = None  # measured energy, where the device has a counter
     logits: dict[str, Any] | None = None  # last-row logits per sampled request, when captured
+    distinct: list[int | None] | None = None
+
+    @property
+    def distinct_experts(self) -> list[int | None]:
+        """Experts that received at least one token, per layer."""
+        if self.distinct is not None:
+            return self.distinct
+        return [None if c is None else sum(1 for x in c if x > 0) for c in self.expert_tokens]
 
 
 @dataclass

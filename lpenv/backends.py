@@ -2,7 +2,9 @@
 
 * ``torch``: the real MoE model (CPU or CUDA). Latency ``measured`` (host timer or CUDA events)
   or ``modeled`` (the cost model prices each plan the real model ran: reproducible episodes).
-* ``sim`` and ``vllm`` arrive with their own issues; asking for them now is a clear error.
+* ``sim``: the same engine core with each plan priced by the cost model (``hardware``
+  profile) and distinct experts from a routing model (``routing``): no weights, no tensors.
+* ``vllm`` arrives with its own issue; asking for it now is a clear error.
 
 Built models are cached per process, so env resets and several envs share one set of weights.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import PROFILES, CostModel, ModeledLatency
 from engine_adapter.engine import build_model
+from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
@@ -28,11 +31,12 @@ class BackendConfig:
     name: str = "torch"
     latency: str = "measured"
     hardware: str = "cpu-generic"  # cost-model profile for modeled latency and estimates
+    routing: str = "uniform"  # sim: uniform | zipf:S
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
-        if self.name != "torch":
+        if self.name == "vllm":
             raise NotImplementedError(
                 f"backend {self.name!r} is not available yet (it comes with its own issue); "
                 "use backend 'torch'")
@@ -43,7 +47,7 @@ class BackendConfig:
 
     @property
     def deterministic(self) -> bool:
-        return self.latency == "modeled"
+        return self.name == "sim" or self.latency == "modeled"
 
 
 def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransformer:
@@ -54,6 +58,9 @@ def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransfor
 
 
 def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
+    if backend.name == "sim":
+        cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
+        return SimExecutor(model_config, cost, backend.routing, backend.hardware)
     executor = TorchExecutor(shared_model(config, model_config), config.num_kv_blocks,
                              config.block_size)
     if backend.latency == "modeled":

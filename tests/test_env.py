@@ -169,7 +169,7 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown engine keys"):
         make(engine={"model": "qwen3-moe-tiny", "chunk": 5})
     with pytest.raises(NotImplementedError, match="not available yet"):
-        make(backend={"name": "sim"})
+        make(backend={"name": "vllm"})
     with pytest.raises(ValueError, match="layered"):
         make(engine={"model": "qwen3-moe-tiny", "mode": "chunked"})
 
