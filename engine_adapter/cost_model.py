@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, Segment, StageWork
 from engine_adapter.scheduler import layer_groups
-from engine_adapter.traffic import edge_traffic, layer_traffic, segments_in_layer
+from engine_adapter.traffic import edge_traffic, layer_row_stats, per_layer_traffic
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,16 @@ class CostModel:
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
         total = hw.iteration_overhead_s + hw.time(edge.flops, edge.total_bytes)
-        for layer in range(cfg.num_layers):
-            segs = segments_in_layer(plan, layer)
-            if not segs:
-                continue
-            if not cfg.moe_layers[layer]:
-                distinct = None
-            elif distinct_experts is not None:
-                distinct = distinct_experts[layer]
-            else:
-                distinct = round(expected_distinct_experts(cfg, sum(s.length for s in segs)))
-            t = layer_traffic(cfg, layer, segs, distinct, self.dtype_bytes)
-            total += hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
-            total += hw.time(t.flops, t.total_bytes)
+        stats = layer_row_stats(plan, cfg.sliding_window)
+        if distinct_experts is None:
+            distinct_experts = [
+                round(expected_distinct_experts(cfg, st.rows)) if moe and st.rows else None
+                for moe, st in zip(cfg.moe_layers, stats)]
+        layers = per_layer_traffic(cfg, plan, distinct_experts, self.dtype_bytes)
+        for st, t, distinct in zip(stats, layers, distinct_experts):
+            if st.rows:
+                total += hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
+                total += hw.time(t.flops, t.total_bytes)
         return total
 
     def predict(self, decode_context_lens: Sequence[int],

@@ -19,7 +19,6 @@ import numpy as np
 from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan
-from engine_adapter.traffic import segments_in_layer
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,15 @@ class RoutingModel:
         return self._cache[rows]
 
 
+def layer_rows(plan: IterationPlan) -> list[int]:
+    """Token rows passing each layer: the decode batch plus the stages covering it."""
+    rows = [len(plan.decode)] * plan.num_layers
+    for st in plan.stages:
+        for layer in range(st.layer_start, st.layer_end):
+            rows[layer] += st.num_tokens
+    return rows
+
+
 class SimExecutor:
     def __init__(self, config: ModelConfig, cost: CostModel, routing: str = "uniform",
                  energy_model: str = "cpu-generic") -> None:
@@ -68,8 +76,8 @@ class SimExecutor:
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         distinct: list[int | None] = []
-        for layer in range(plan.num_layers):
-            rows = sum(s.length for s in segments_in_layer(plan, layer))
+        rows_by_layer = layer_rows(plan)
+        for layer, rows in enumerate(rows_by_layer):
             moe = self.config.moe_layers[layer]
             distinct.append(self.routing.distinct(rows) if moe and rows else None)
         sampled = {s.request_id: 0 for s in plan.decode}

@@ -74,9 +74,6 @@ class IterationPlan:
     def num_prefill_tokens(self) -> int:
         return sum(s.num_tokens for s in self.stages)
 
-    def rows_in_layer(self, layer: int) -> int:
-        return len(self.decode) + sum(s.num_tokens for s in self.stages if s.covers(layer))
-
     def schedule_key(self) -> tuple:
         """Which tokens of which request ran through which layers: for comparing backends."""
         return (

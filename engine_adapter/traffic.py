@@ -33,6 +33,22 @@ class Traffic:
 ZERO = Traffic(0, 0, 0, 0)
 
 
+@dataclass(frozen=True)
+class RowStats:
+    """What a layer's attention and projections cost depends on, summed over its segments."""
+
+    rows: int = 0
+    scores: int = 0  # sum over queries of keys attended
+    keys_read: int = 0  # context keys read (once per segment)
+
+    def __add__(self, other: RowStats) -> RowStats:
+        return RowStats(self.rows + other.rows, self.scores + other.scores,
+                        self.keys_read + other.keys_read)
+
+
+NO_ROWS = RowStats()
+
+
 def _attended_keys(seg: Segment, window: int | None) -> tuple[int, int]:
     """(sum over the segment's queries of keys attended, keys read once for the segment)."""
     first, last = seg.start + 1, seg.end  # query at position p attends p + 1 keys
@@ -42,10 +58,36 @@ def _attended_keys(seg: Segment, window: int | None) -> tuple[int, int]:
     return total, min(seg.end, window + seg.length - 1)
 
 
-def layer_traffic(config: ModelConfig, layer: int, segments: Sequence[Segment],
+def row_stats(segments: Sequence[Segment], window: int | None) -> RowStats:
+    rows = scores = keys = 0
+    for seg in segments:
+        sc, kr = _attended_keys(seg, window)
+        rows, scores, keys = rows + seg.length, scores + sc, keys + kr
+    return RowStats(rows, scores, keys)
+
+
+def layer_row_stats(plan: IterationPlan, window: int | None) -> list[RowStats]:
+    """Per layer, the rows that pass it. Layers covered by the same stages share one sum, so
+    a plan costs one pass over its segments, not one per layer."""
+    decode = row_stats(plan.decode, window)
+    stages = [row_stats(st.segments, window) for st in plan.stages]
+    by_cover: dict[tuple[int, ...], RowStats] = {}
+    out = []
+    for layer in range(plan.num_layers):
+        cover = tuple(i for i, st in enumerate(plan.stages) if st.covers(layer))
+        if cover not in by_cover:
+            total = decode
+            for i in cover:
+                total = total + stages[i]
+            by_cover[cover] = total
+        out.append(by_cover[cover])
+    return out
+
+
+def layer_traffic(config: ModelConfig, layer: int, stats: RowStats,
                   distinct_experts: int | None, dtype_bytes: int) -> Traffic:
-    """One decoder layer run over ``segments`` (nothing if there are none)."""
-    rows = sum(s.length for s in segments)
+    """One decoder layer run over rows summed in ``stats`` (nothing if there are none)."""
+    rows = stats.rows
     if rows == 0:
         return ZERO
     h, d = config.hidden_size, config.head_dim
@@ -53,12 +95,9 @@ def layer_traffic(config: ModelConfig, layer: int, segments: Sequence[Segment],
     norm_params = 2 * h + (2 * d if config.qk_norm else 0)
     kv_row = 2 * config.num_kv_heads * d * dtype_bytes  # one token's K and V in one layer
     weight_bytes = (attn_params + norm_params) * dtype_bytes
-    flops = 2 * rows * attn_params
-    kv_bytes = expert_bytes = 0
-    for s in segments:
-        scores, keys_read = _attended_keys(s, config.sliding_window)
-        flops += 4 * config.num_heads * d * scores  # QK^T and PV
-        kv_bytes += (keys_read + s.length) * kv_row  # read the context, write the new rows
+    flops = 2 * rows * attn_params + 4 * config.num_heads * d * stats.scores  # QK^T and PV
+    kv_bytes = (stats.keys_read + rows) * kv_row  # read the context, write the new rows
+    expert_bytes = 0
     if config.moe_layers[layer]:
         expert_params = config.expert_params()
         expert_bytes = (distinct_experts or 0) * expert_params * dtype_bytes
@@ -69,10 +108,6 @@ def layer_traffic(config: ModelConfig, layer: int, segments: Sequence[Segment],
         weight_bytes += dense_params * dtype_bytes
         flops += 2 * rows * dense_params
     return Traffic(expert_bytes, weight_bytes, kv_bytes, flops)
-
-
-def segments_in_layer(plan: IterationPlan, layer: int) -> list[Segment]:
-    return list(plan.decode) + [s for st in plan.stages if st.covers(layer) for s in st.segments]
 
 
 def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> Traffic:
@@ -89,11 +124,24 @@ def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> 
     return Traffic(0, weight_bytes, 0, flops)
 
 
+def per_layer_traffic(config: ModelConfig, plan: IterationPlan,
+                      distinct_experts: Sequence[int | None], dtype_bytes: int) -> list[Traffic]:
+    """Traffic of each layer; layers alike (same rows, same kind, same experts hit) are
+    counted once."""
+    memo: dict[tuple, Traffic] = {}
+    out = []
+    for layer, stats in enumerate(layer_row_stats(plan, config.sliding_window)):
+        key = (config.moe_layers[layer], stats, distinct_experts[layer])
+        if key not in memo:
+            memo[key] = layer_traffic(config, layer, stats, distinct_experts[layer], dtype_bytes)
+        out.append(memo[key])
+    return out
+
+
 def plan_traffic(
     config: ModelConfig, plan: IterationPlan, distinct_experts: list[int | None], dtype_bytes: int
 ) -> Traffic:
     total = edge_traffic(config, plan, dtype_bytes)
-    for layer in range(config.num_layers):
-        total = total + layer_traffic(config, layer, segments_in_layer(plan, layer),
-                                      distinct_experts[layer], dtype_bytes)
+    for t in per_layer_traffic(config, plan, distinct_experts, dtype_bytes):
+        total = total + t
     return total

@@ -98,3 +98,15 @@ def test_env_on_the_sim_backend():
     s = info["summary"]
     assert s["requests_finished"] + s["requests_rejected"] == 20
     assert s["energy_source"] == "modeled:h100-sxm" and s["expert_bytes"] > 0
+
+
+def test_bench_sim_writes_its_fields(tmp_path):
+    import json
+
+    from scripts.bench_sim import main
+
+    out = tmp_path / "sim.json"
+    main(["--out", str(out), "--seconds", "10", "--env-steps", "30"])
+    result = json.loads(out.read_text())
+    for key in ("realtime_factor", "env_steps_per_s", "wall_s", "simulated_s"):
+        assert result[key] > 0, key

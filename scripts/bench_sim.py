@@ -1,0 +1,96 @@
+"""Benchmark the simulator backend's speed (issue: calibrated simulator, item 5).
+
+Writes JSON with ``realtime_factor`` (simulated seconds per wall second) for the paper's
+arXiv Qwen3-30B-A3B run (Poisson 1.5 req/s, 600 s after a 60 s warm-up: requests arriving in
+the first 660 s) under the paper's rule on the ``h100-sxm`` profile, ``env_steps_per_s`` for
+the env on the sim backend with a trivial policy, and ``wall_s``. One process, one core.
+
+    python -m scripts.bench_sim --out results/bench_sim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import lpenv
+from engine_adapter.clock import VirtualClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.engine import Engine
+from engine_adapter.model_config import ModelConfig
+from lpenv.backends import BackendConfig, build_executor
+from lpenv.episode import Episode
+from lpenv.reward import SLO, RewardConfig
+from lpenv.workload import WorkloadConfig, generate
+from policies.paper_rule import PaperRule
+
+PAPER_ENGINE = dict(model="qwen3-30b-a3b", prefill_budget=8192, chunk_tokens=512,
+                    kv_cache_tokens=1 << 20, max_num_seqs=256, max_model_len=32768)
+
+
+def realtime_factor(seconds: float, rate: float, seed: int) -> dict:
+    mcfg = ModelConfig.load("qwen3-30b-a3b")
+    cfg = EngineConfig(**PAPER_ENGINE)
+    backend = BackendConfig(name="sim", hardware="h100-sxm")
+    engine = Engine(cfg, executor=build_executor(backend, cfg, mcfg), clock=VirtualClock(),
+                    model_config=mcfg)
+    rng = np.random.default_rng(seed)
+    n = int(round(rate * seconds))
+    workload = WorkloadConfig(lengths="arxiv", rate=rate, num_requests=n, max_prompt=32768)
+    episode = Episode(engine, generate(workload, rng), SLO(10.0, 0.125), RewardConfig(), rng)
+    start = time.perf_counter()
+    summary = episode.run(PaperRule(max_groups=16))
+    wall = time.perf_counter() - start
+    return {"simulated_s": summary["sim_time_s"], "wall_s": wall,
+            "realtime_factor": summary["sim_time_s"] / wall, "requests": n,
+            "iterations": summary["iterations"], "slo_attainment": summary["slo_attainment"]}
+
+
+def env_steps(steps: int, seed: int) -> dict:
+    env = gym.make(lpenv.ENV_ID, engine=PAPER_ENGINE,
+                   workload={"lengths": "arxiv", "rate": 1.5, "num_requests": 200,
+                             "max_prompt": 32768},
+                   slo={"ttft_s": 10.0, "tbt_s": 0.125},
+                   backend={"name": "sim", "hardware": "h100-sxm"})
+    env.reset(seed=seed)
+    levels = env.unwrapped.codec.admission_levels
+    done_steps, start = 0, time.perf_counter()
+    while done_steps < steps:
+        mask = env.unwrapped.action_masks()
+        _, _, term, trunc, _ = env.step([0, levels - 1, int(mask[-1])])
+        done_steps += 1
+        if term or trunc:
+            env.reset()
+    wall = time.perf_counter() - start
+    return {"env_steps": done_steps, "env_wall_s": wall, "env_steps_per_s": done_steps / wall}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seconds", type=float, default=660.0, help="arrival window (s)")
+    p.add_argument("--rate", type=float, default=1.5)
+    p.add_argument("--env-steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = {"model": "qwen3-30b-a3b", "hardware": "h100-sxm", "workload": "arxiv",
+              "rate": args.rate, "policy": "paper", **realtime_factor(args.seconds, args.rate,
+                                                                      args.seed),
+              **env_steps(args.env_steps, args.seed)}
+    result["total_wall_s"] = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for key, value in result.items():
+        print(f"{key:18s} {value}")
+
+
+if __name__ == "__main__":
+    main()
