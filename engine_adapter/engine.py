@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
+
 from engine_adapter.block_manager import BlockManager
 from engine_adapter.clock import VirtualClock, WallClock
 from engine_adapter.config import EngineConfig
@@ -83,15 +85,19 @@ class Engine:
         arrival_time: float | None = None,
     ) -> str:
         """Queue a request; bad input raises RequestError and changes nothing."""
-        prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
+        ids = np.asarray(prompt_token_ids)
+        if ids.size == 0:
             raise RequestError("empty prompt: a request needs at least one prompt token")
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise RequestError("the prompt must be a flat sequence of integer token ids")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise RequestError(
+                f"token ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
+        prompt = ids.tolist()
         if len(prompt) + max_tokens > self.max_model_len:
             raise RequestError(
                 f"prompt of {len(prompt)} tokens plus max_tokens {max_tokens} exceeds the model "

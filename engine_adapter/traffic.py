@@ -71,10 +71,13 @@ def layer_row_stats(plan: IterationPlan, window: int | None) -> list[RowStats]:
     a plan costs one pass over its segments, not one per layer."""
     decode = row_stats(plan.decode, window)
     stages = [row_stats(st.segments, window) for st in plan.stages]
+    covers: list[tuple[int, ...]] = [()] * plan.num_layers
+    for i, st in enumerate(plan.stages):
+        for layer in range(st.layer_start, st.layer_end):
+            covers[layer] = (*covers[layer], i)
     by_cover: dict[tuple[int, ...], RowStats] = {}
     out = []
-    for layer in range(plan.num_layers):
-        cover = tuple(i for i, st in enumerate(plan.stages) if st.covers(layer))
+    for cover in covers:
         if cover not in by_cover:
             total = decode
             for i in cover:
