@@ -31,10 +31,24 @@ class HardwareProfile:
     layer_overhead_s: float
     expert_overhead_s: float  # per distinct expert per MoE layer invocation
     overlap: bool = True  # compute and memory overlap (roofline max) or not (sum)
+    # Tensor parallelism: each of ``tensor_parallel`` devices does 1/tp of a layer's FLOPs and
+    # bytes, then two all-reduces per layer (after attention and after the MLP) move the rows'
+    # hidden states over the link (ring all-reduce: 2 (tp - 1) / tp of the data each).
+    tensor_parallel: int = 1
+    link_bandwidth: float = 0.0  # bytes/s per device
+    allreduce_latency_s: float = 0.0
 
     def time(self, flops: float, num_bytes: float) -> float:
-        compute, memory = flops / self.peak_flops, num_bytes / self.bandwidth
+        tp = self.tensor_parallel
+        compute, memory = flops / (self.peak_flops * tp), num_bytes / (self.bandwidth * tp)
         return max(compute, memory) if self.overlap else compute + memory
+
+    def allreduce_time(self, rows: int, hidden: int, dtype_bytes: int) -> float:
+        tp = self.tensor_parallel
+        if tp == 1 or rows == 0:
+            return 0.0
+        moved = 2 * (tp - 1) / tp * rows * hidden * dtype_bytes
+        return 2 * (self.allreduce_latency_s + moved / self.link_bandwidth)
 
 
 PROFILES = {
@@ -45,6 +59,11 @@ PROFILES = {
                                    overlap=False),
     # H100 SXM: 989 TFLOP/s dense BF16 and 3.35 TB/s HBM3 (NVIDIA datasheet), at 60% / 80%.
     "h100-sxm": HardwareProfile("h100-sxm", 0.6 * 989e12, 0.8 * 3.35e12, 2e-4, 1e-5, 2e-6),
+    # The paper's machine: 2 x H100 SXM, tensor parallel 2 over NVLink 4 (450 GB/s per
+    # direction per GPU, datasheet), ~60% reached by all-reduce, ~10 us per all-reduce.
+    "h100-sxm-tp2": HardwareProfile("h100-sxm-tp2", 0.6 * 989e12, 0.8 * 3.35e12, 2e-4, 1e-5,
+                                    2e-6, tensor_parallel=2, link_bandwidth=0.6 * 450e9,
+                                    allreduce_latency_s=10e-6),
 }
 
 
@@ -78,6 +97,7 @@ class CostModel:
             if st.rows:
                 total += hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
                 total += hw.time(t.flops, t.total_bytes)
+                total += hw.allreduce_time(st.rows, cfg.hidden_size, self.dtype_bytes)
         return total
 
     def predict(self, decode_context_lens: Sequence[int],

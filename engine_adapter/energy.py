@@ -36,6 +36,9 @@ class EnergyModel:
 ENERGY_MODELS = {
     "cpu-generic": EnergyModel("cpu-generic", static_w=10.0, j_per_byte=160e-12, j_per_flop=10e-12),
     "h100-sxm": EnergyModel("h100-sxm", static_w=100.0, j_per_byte=60e-12, j_per_flop=0.5e-12),
+    # Two of them: twice the static power; bytes and FLOPs cost the same wherever they run.
+    "h100-sxm-tp2": EnergyModel("h100-sxm-tp2", static_w=200.0, j_per_byte=60e-12,
+                                j_per_flop=0.5e-12),
 }
 
 

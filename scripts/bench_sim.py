@@ -2,8 +2,9 @@
 
 Writes JSON with ``realtime_factor`` (simulated seconds per wall second) for the paper's
 arXiv Qwen3-30B-A3B run (Poisson 1.5 req/s, 600 s after a 60 s warm-up: requests arriving in
-the first 660 s) under the paper's rule on the ``h100-sxm`` profile, ``env_steps_per_s`` for
-the env on the sim backend with a trivial policy, and ``wall_s``. One process, one core.
+the first 660 s) under the paper's rule on the ``h100-sxm-tp2`` profile (the paper's
+2 x H100, tensor parallel 2, BF16), ``env_steps_per_s`` for the env on the sim backend
+with a trivial policy, and ``wall_s``. One process, one core.
 
     python -m scripts.bench_sim --out results/bench_sim.json
 """
@@ -31,13 +32,14 @@ from lpenv.workload import WorkloadConfig, generate
 from policies.paper_rule import PaperRule
 
 PAPER_ENGINE = dict(model="qwen3-30b-a3b", prefill_budget=8192, chunk_tokens=512,
-                    kv_cache_tokens=1 << 20, max_num_seqs=256, max_model_len=32768)
+                    kv_cache_tokens=1 << 20, max_num_seqs=256, max_model_len=32768,
+                    dtype="bfloat16")
 
 
 def realtime_factor(seconds: float, rate: float, seed: int) -> dict:
     mcfg = ModelConfig.load("qwen3-30b-a3b")
     cfg = EngineConfig(**PAPER_ENGINE)
-    backend = BackendConfig(name="sim", hardware="h100-sxm")
+    backend = BackendConfig(name="sim", hardware="h100-sxm-tp2")
     engine = Engine(cfg, executor=build_executor(backend, cfg, mcfg), clock=VirtualClock(),
                     model_config=mcfg)
     rng = np.random.default_rng(seed)
@@ -57,7 +59,7 @@ def env_steps(steps: int, seed: int) -> dict:
                    workload={"lengths": "arxiv", "rate": 1.5, "num_requests": 200,
                              "max_prompt": 32768},
                    slo={"ttft_s": 10.0, "tbt_s": 0.125},
-                   backend={"name": "sim", "hardware": "h100-sxm"})
+                   backend={"name": "sim", "hardware": "h100-sxm-tp2"})
     env.reset(seed=seed)
     levels = env.unwrapped.codec.admission_levels
     done_steps, start = 0, time.perf_counter()
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = {"model": "qwen3-30b-a3b", "hardware": "h100-sxm", "workload": "arxiv",
+    result = {"model": "qwen3-30b-a3b", "hardware": "h100-sxm-tp2", "workload": "arxiv",
               "rate": args.rate, "policy": "paper", **realtime_factor(args.seconds, args.rate,
                                                                       args.seed),
               **env_steps(args.env_steps, args.seed)}
