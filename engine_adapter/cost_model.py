@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, Segment, StageWork
 from engine_adapter.scheduler import layer_groups
-from engine_adapter.traffic import edge_traffic, layer_row_stats, per_layer_traffic
+from engine_adapter.traffic import (
+    Traffic,
+    edge_traffic,
+    layer_row_stats,
+    per_layer_traffic,
+    total_traffic,
+)
 
 
 @dataclass(frozen=True)
@@ -84,21 +90,33 @@ class CostModel:
     def iteration_latency(self, plan: IterationPlan,
                           distinct_experts: Sequence[int | None] | None = None) -> float:
         """Latency of ``plan``; distinct experts per layer from the routers if given."""
+        return self.price(plan, distinct_experts)[0]
+
+    def price(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
+              ) -> tuple[float, Traffic]:
+        """Latency and traffic of ``plan`` (the engine reports the traffic as it is, so it is
+        counted once)."""
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
-        total = hw.iteration_overhead_s + hw.time(edge.flops, edge.total_bytes)
+        latency = hw.iteration_overhead_s + hw.time(edge.flops, edge.total_bytes)
         stats = layer_row_stats(plan, cfg.sliding_window)
         if distinct_experts is None:
             distinct_experts = [
                 round(expected_distinct_experts(cfg, st.rows)) if moe and st.rows else None
                 for moe, st in zip(cfg.moe_layers, stats)]
-        layers = per_layer_traffic(cfg, plan, distinct_experts, self.dtype_bytes)
+        layers = per_layer_traffic(cfg, stats, distinct_experts, self.dtype_bytes)
+        layer_time: dict[tuple, float] = {}  # alike layers share a Traffic object
         for st, t, distinct in zip(stats, layers, distinct_experts):
-            if st.rows:
-                total += hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
-                total += hw.time(t.flops, t.total_bytes)
-                total += hw.allreduce_time(st.rows, cfg.hidden_size, self.dtype_bytes)
-        return total
+            if not st.rows:
+                continue
+            key = (id(t), distinct)
+            if key not in layer_time:
+                layer_time[key] = (hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
+                                   + hw.time(t.flops, t.total_bytes)
+                                   + hw.allreduce_time(st.rows, cfg.hidden_size,
+                                                       self.dtype_bytes))
+            latency += layer_time[key]
+        return latency, total_traffic(edge, layers)
 
     def predict(self, decode_context_lens: Sequence[int],
                 stages: Sequence[tuple[int, int, Sequence[tuple[int, int]]]] = ()) -> float:
@@ -130,8 +148,7 @@ class ModeledLatency:
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         result = self.inner.execute(plan)
-        distinct = result.distinct_experts
-        result.latency_s = self.cost.iteration_latency(plan, distinct)
+        result.latency_s, result.traffic = self.cost.price(plan, result.distinct_experts)
         return result
 
     def __getattr__(self, name: str):

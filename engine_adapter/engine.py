@@ -136,7 +136,8 @@ class Engine:
         end = self.clock.now()
         outcome = self.scheduler.postprocess(plan, result.sampled)
         distinct = result.distinct_experts
-        traffic = plan_traffic(self.model_config, plan, distinct, self.dtype_bytes)
+        traffic = result.traffic or plan_traffic(self.model_config, plan, distinct,
+                                                 self.dtype_bytes)
         total_bytes = traffic.weight_bytes + traffic.kv_bytes
         joules = result.energy_j
         if joules is None:

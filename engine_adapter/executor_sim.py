@@ -84,5 +84,6 @@ class SimExecutor:
         for st in plan.stages:
             if st.is_last:
                 sampled.update((s.request_id, 0) for s in st.segments if s.sample)
-        latency = self.cost.iteration_latency(plan, distinct)
-        return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct)
+        latency, traffic = self.cost.price(plan, distinct)
+        return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
+                               traffic=traffic)

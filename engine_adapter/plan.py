@@ -106,6 +106,7 @@ class ExecutionResult:
     energy_j: float | None = None  # measured energy, where the device has a counter
     logits: dict[str, Any] | None = None  # last-row logits per sampled request, when captured
     distinct: list[int | None] | None = None
+    traffic: Any = None  # a Traffic, where the executor already counted it (cost model)
 
     @property
     def distinct_experts(self) -> list[int | None]:

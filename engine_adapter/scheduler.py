@@ -89,6 +89,7 @@ class Scheduler:
         self._admit_counter = 0
         self.preempted_last: list[str] = []
         self._prepared = False
+        self._view: SchedulerView | None = None
         self._cancelled: list[int] = []
         self.stats = EngineStats()
 
@@ -98,6 +99,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._view = None
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed as soon as no stage still writes them."""
@@ -106,6 +108,7 @@ class Scheduler:
             raise KeyError(f"unknown or finished request {request_id!r}")
         if req.status == RequestStatus.ABORTED:
             return  # already aborting: its batch frees it
+        self._view = None
         if req.status == RequestStatus.PREFILLING:
             req.status = RequestStatus.ABORTED  # its batch frees it when the batch ends
         else:
@@ -150,7 +153,9 @@ class Scheduler:
         self.prepare(now)
         if self.mode == "chunked" or not self.waiting:
             return None
-        return self.view(now)
+        if self._view is None or self._view.now != now:
+            self._view = self.view(now)  # kept for schedule(): nothing changes in between
+        return self._view
 
     def schedule(self, now: float, decision: Decision | None = None) -> IterationPlan | None:
         """The next iteration's plan. In layered mode ``decision`` (or, if None, the policy's)
@@ -158,8 +163,9 @@ class Scheduler:
         self.prepare(now)
         self._prepared = False
         cancelled = self._cancelled
+        cached, self._view = self._view, None
         if self.waiting:
-            view = self.view(now)
+            view = cached if cached is not None and cached.now == now else self.view(now)
             if self.mode == "chunked":
                 decision = Decision(1, view.fcfs_admission())
             elif decision is None:

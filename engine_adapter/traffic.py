@@ -127,24 +127,32 @@ def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> 
     return Traffic(0, weight_bytes, 0, flops)
 
 
-def per_layer_traffic(config: ModelConfig, plan: IterationPlan,
+def per_layer_traffic(config: ModelConfig, stats: Sequence[RowStats],
                       distinct_experts: Sequence[int | None], dtype_bytes: int) -> list[Traffic]:
-    """Traffic of each layer; layers alike (same rows, same kind, same experts hit) are
-    counted once."""
+    """Traffic of each layer from ``layer_row_stats``; alike layers (the same row sums,
+    kind and experts hit) are counted once."""
     memo: dict[tuple, Traffic] = {}
     out = []
-    for layer, stats in enumerate(layer_row_stats(plan, config.sliding_window)):
-        key = (config.moe_layers[layer], stats, distinct_experts[layer])
+    for layer, st in enumerate(stats):
+        # Layers covered by the same stages share one RowStats object: key by identity.
+        key = (config.moe_layers[layer], id(st), distinct_experts[layer])
         if key not in memo:
-            memo[key] = layer_traffic(config, layer, stats, distinct_experts[layer], dtype_bytes)
+            memo[key] = layer_traffic(config, layer, st, distinct_experts[layer], dtype_bytes)
         out.append(memo[key])
     return out
 
 
-def plan_traffic(
-    config: ModelConfig, plan: IterationPlan, distinct_experts: list[int | None], dtype_bytes: int
-) -> Traffic:
-    total = edge_traffic(config, plan, dtype_bytes)
-    for t in per_layer_traffic(config, plan, distinct_experts, dtype_bytes):
+def total_traffic(edge: Traffic, layers: Sequence[Traffic]) -> Traffic:
+    total = edge
+    for t in layers:
         total = total + t
     return total
+
+
+def plan_traffic(
+    config: ModelConfig, plan: IterationPlan, distinct_experts: Sequence[int | None],
+    dtype_bytes: int
+) -> Traffic:
+    stats = layer_row_stats(plan, config.sliding_window)
+    layers = per_layer_traffic(config, stats, distinct_experts, dtype_bytes)
+    return total_traffic(edge_traffic(config, plan, dtype_bytes), layers)

@@ -37,6 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from engine_adapter.config import EngineConfig
 from lpenv.backends import BackendConfig
 from lpenv.reward import SLO, RewardConfig
+from lpenv.sections import build_section
 from lpenv.workload import WorkloadConfig
 from policies.chunked import ChunkedPrefill
 from policies.fixed import FixedGroups
@@ -121,14 +122,20 @@ POLICY_SCHEMAS = {"fixed": FixedPolicySchema, "paper": PaperPolicySchema,
 
 # ---- the top-level configs -----------------------------------------------------------------
 @dataclass
-class EvalConfig:
-    """``lpenv-eval``: one policy on one workload."""
+class Sections:
+    """The sections every command shares (see ``SECTIONS``)."""
 
     engine: EngineSchema = field(default_factory=EngineSchema)
     workload: WorkloadSchema = field(default_factory=WorkloadSchema)
     slo: SLOSchema = field(default_factory=SLOSchema)
     reward: RewardSchema = field(default_factory=RewardSchema)
     backend: BackendSchema = field(default_factory=BackendSchema)
+
+
+@dataclass
+class EvalConfig(Sections):
+    """``lpenv-eval``: one policy on one workload."""
+
     policy: PolicyConfig = MISSING
     seed: int = 0  # the workload's arrivals, lengths and token ids
     horizon_s: float | None = None  # stop the virtual clock here (unfinished requests miss)
@@ -172,14 +179,9 @@ class TrainSection:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Sections):
     """``lpenv-train``: PPO or MaskablePPO on the env."""
 
-    engine: EngineSchema = field(default_factory=EngineSchema)
-    workload: WorkloadSchema = field(default_factory=WorkloadSchema)
-    slo: SLOSchema = field(default_factory=SLOSchema)
-    reward: RewardSchema = field(default_factory=RewardSchema)
-    backend: BackendSchema = field(default_factory=BackendSchema)
     env: EnvOptions = field(default_factory=EnvOptions)
     train: TrainSection = field(default_factory=TrainSection)
     seed: int = 0
@@ -198,16 +200,11 @@ def register_configs() -> None:
 # ---- from a composed config to the consumers' objects --------------------------------------
 def to_dataclass(section: str, node: DictConfig | dict) -> Any:
     """The real dataclass of ``section`` (its ``__post_init__`` checks run here)."""
-    target = SECTIONS[section].target
     values = node
     if isinstance(node, DictConfig):
         values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    known = {f.name for f in dataclasses.fields(target) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:  # only reachable by adding keys (`+engine.x=1`): the schema stops the rest
-        raise ValueError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                         f"{section} takes: {', '.join(sorted(known))}")
-    return target(**values)
+    # Unknown keys are only reachable by adding them (`+engine.x=1`): the schema stops the rest.
+    return build_section(SECTIONS[section].target, values, section)
 
 
 def policy_params(node: DictConfig) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import gymnasium as gym
@@ -19,22 +19,8 @@ from lpenv.backends import BackendConfig, build_executor
 from lpenv.episode import Episode
 from lpenv.observation import CLIP, ObservationSpec
 from lpenv.reward import SLO, RewardConfig
+from lpenv.sections import build_section
 from lpenv.workload import WorkloadConfig, generate
-
-
-def _build(cls, value, what: str):
-    """A config dataclass from itself, a mapping (e.g. Hydra's), or None (defaults)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if hasattr(value, "items"):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(value))
-    raise TypeError(f"{what} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
 
 
 class LayeredPrefillEnv(gym.Env):
@@ -98,17 +84,17 @@ class LayeredPrefillEnv(gym.Env):
                  horizon_s: float | None = None, max_decisions: int | None = None,
                  rate_scale: float | None = None, energy_scale: float = 0.01,
                  render_mode: str | None = None) -> None:
-        self.engine_config = _build(EngineConfig, engine or {"model": "qwen3-moe-tiny",
+        self.engine_config = build_section(EngineConfig, engine or {"model": "qwen3-moe-tiny",
                                                              "kv_cache_tokens": 8192,
                                                              "prefill_budget": 512}, "engine")
         if self.engine_config.mode != "layered":
             raise ValueError("the env drives layered mode; the chunked baseline is evaluated "
                              "with lpenv-eval policy=chunked")
-        self.workload_config = _build(WorkloadConfig, workload or {
+        self.workload_config = build_section(WorkloadConfig, workload or {
             "lengths": "arxiv4k", "scale": 0.05, "rate": 4.0, "num_requests": 16}, "workload")
-        self.slo = _build(SLO, slo or {"ttft_s": 2.0, "tbt_s": 0.1}, "slo")
-        self.reward_config = _build(RewardConfig, reward, "reward")
-        self.backend = _build(BackendConfig, backend, "backend")
+        self.slo = build_section(SLO, slo or {"ttft_s": 2.0, "tbt_s": 0.1}, "slo")
+        self.reward_config = build_section(RewardConfig, reward, "reward")
+        self.backend = build_section(BackendConfig, backend, "backend")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
         self.render_mode = render_mode

@@ -16,10 +16,11 @@ So the return is ``attained / N - energy_weight x energy / tokens``, the summary
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from engine_adapter.plan import IterationReport
-from lpenv.metrics import MetricsRecorder
+from lpenv.metrics import MetricsRecorder, RequestRecord
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class RewardAccountant:
         self.missed: set[str] = set()
         self.total = 0.0
         self._pending = 1.0  # the constant of the objective, paid with the first step
+        self._open: dict[str, RequestRecord] = {}  # arrived, not finished, not yet missed
+        self._seen = 0
 
     def _miss(self, request_id: str) -> None:
         if request_id not in self.missed:
@@ -72,8 +75,14 @@ class RewardAccountant:
 
     def deadlines(self, now: float) -> None:
         """Misses that are certain already: a TTFT deadline or a TBT gap that has run out."""
-        for rec in self.recorder.requests.values():
-            if rec.request_id in self.missed or rec.finished or rec.rejected:
+        records = self.recorder.requests
+        if len(records) > self._seen:  # arrivals since the last look (dicts keep order)
+            self._open.update(itertools.islice(records.items(), self._seen, None))
+            self._seen = len(records)
+        for rid, rec in list(self._open.items()):
+            # Only requests still able to attain are checked, not the whole history.
+            if rid in self.missed or rec.finished or rec.rejected:
+                del self._open[rid]
                 continue
             if not rec.token_times:
                 late = now - rec.arrival_time > self.slo.ttft_s

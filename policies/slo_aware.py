@@ -53,9 +53,7 @@ class SloAware:
 
     def _price(self, view: SchedulerView, admit: tuple[str, ...], g: int) -> list[float]:
         """Latency of each of the G iterations the batch takes, with in-flight stages."""
-        by_id = {w.request_id: w for w in view.waiting}
-        pieces = [(by_id[r].num_computed, t)
-                  for r, t in ((w.request_id, t) for w, t in view.allot(Decision(g, admit)))]
+        pieces = [(w.num_computed, t) for w, t in view.allot(Decision(g, admit))]
         flights = [(layer_groups(view.num_layers, b.num_groups), b.stage, b.num_tokens)
                    for b in view.in_flight]
         times = []

@@ -141,9 +141,17 @@ def plot_attainment(runs: Sequence[dict], path: Path, target: float = TARGET) ->
         ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{target:.0%} target")
         ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(-3, 103),
                title=scenario_title(scenario))
-        ax.title.set_fontsize(9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish_panel(ax, legend_size=8)
+    _save(plt, fig, path)
+
+
+def _finish_panel(ax, legend_size: int) -> None:
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -194,12 +202,8 @@ def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
                        title=f"{s['workload']}, {s['model']} @ {rates[col]:g} req/s")
                 if what == "ttft":
                     ax.set_xscale("log")
-                ax.title.set_fontsize(9)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+                _finish_panel(ax, legend_size=7)
+        _save(plt, fig, path)
 
 
 # ---- tables ----------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def test_render_text_shows_queue_batches_and_decodes():
 
 
 def test_bad_config_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown engine keys"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) engine.chunk; engine takes"):
         make(engine={"model": "qwen3-moe-tiny", "chunk": 5})
     with pytest.raises(NotImplementedError, match="not available yet"):
         make(backend={"name": "vllm"})

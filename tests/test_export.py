@@ -29,14 +29,9 @@ from policies.paper_rule import PaperRule
 from policies.random_policy import RandomPolicy
 from policies.sb3 import make_env
 from policies.slo_aware import SloAware
+from tests.test_training import WORKLOAD
 
-KWARGS = {
-    "engine": {"model": "qwen3-moe-tiny", "prefill_budget": 512, "kv_cache_tokens": 16384},
-    "workload": {"lengths": "arxiv4k", "scale": 0.15, "rate": 150.0, "num_requests": 12,
-                 "min_output": 2, "max_output": 4},
-    "slo": {"ttft_s": 0.02, "tbt_s": 0.0045},
-    "backend": {"latency": "modeled"},
-}
+KWARGS = {**WORKLOAD, "workload": {**WORKLOAD["workload"], "num_requests": 12}}
 SEEDS = [7, 8, 9]
 SAMPLE_SEEDS = list(range(7, 14))
 

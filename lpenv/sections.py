@@ -1,0 +1,28 @@
+"""Config sections (engine, workload, slo, reward, backend) into their dataclasses: one rule
+for the env's keyword arguments and for Hydra configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def build_section(cls: type[T], value: Any, name: str) -> T:
+    """``cls`` from itself, a mapping, or None (its defaults); an unknown key is an error that
+    names it and lists the keys ``cls`` takes. The dataclass's own checks run as it is built."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a {cls.__name__} or a mapping, "
+                        f"got {type(value).__name__}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                         f"{name} takes: {', '.join(sorted(known))}")
+    return cls(**dict(value))
