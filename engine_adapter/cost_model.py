@@ -1,21 +1,24 @@
 """A roofline cost model: an iteration's latency from its plan, without running it.
 
-Each layer costs ``max(FLOPs / peak FLOP/s, bytes / bandwidth)`` (the sum where compute and memory
-traffic do not overlap, as measured on the CPU) plus a fixed overhead per layer
-and per distinct expert (kernel launches, or the CPU's Python expert loop), and each iteration a
-fixed overhead. Distinct experts come from the executor (the real routers) or, for plans not
-run, from uniform routing: ``E (1 - (1 - k/E)^rows)``.
+Each layer costs ``max(compute, memory)`` (their sum where they do not overlap, as on the CPU)
+plus a fixed overhead per layer and per distinct expert (kernel launches, or the CPU's Python
+expert loop), and each iteration a fixed overhead. Compute prices dense projections, expert
+FFNs and attention FLOPs each at its own share of the peak; memory prices weight and KV bytes
+each at its own share of the bandwidth (``engine_adapter.hardware``). Per-call overheads on
+top of a per-FLOP cost make each operator's effective efficiency a saturating curve in the
+rows it runs over (few rows: overhead-bound; many: peak-bound), which is the shape
+``lpenv-calibrate`` fits. Distinct experts come from the executor (the real routers) or, for
+plans not run, from uniform routing: ``E (1 - (1 - k/E)^rows)``.
 
 Used by the ``modeled`` latency option (deterministic episodes on the real engine), by
-policies that estimate what a decision will cost, and as the seed of the simulator backend.
-The profiles' constants are rough until calibrated against the real engine.
+policies that estimate what a decision will cost, and by the simulator backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from engine_adapter.hardware import HardwareProfile, resolve_profile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, Segment, StageWork
 from engine_adapter.scheduler import layer_groups
@@ -26,51 +29,6 @@ from engine_adapter.traffic import (
     per_layer_traffic,
     total_traffic,
 )
-
-
-@dataclass(frozen=True)
-class HardwareProfile:
-    name: str
-    peak_flops: float  # FLOP/s the matmuls reach
-    bandwidth: float  # bytes/s from memory
-    iteration_overhead_s: float
-    layer_overhead_s: float
-    expert_overhead_s: float  # per distinct expert per MoE layer invocation
-    overlap: bool = True  # compute and memory overlap (roofline max) or not (sum)
-    # Tensor parallelism: each of ``tensor_parallel`` devices does 1/tp of a layer's FLOPs and
-    # bytes, then two all-reduces per layer (after attention and after the MLP) move the rows'
-    # hidden states over the link (ring all-reduce: 2 (tp - 1) / tp of the data each).
-    tensor_parallel: int = 1
-    link_bandwidth: float = 0.0  # bytes/s per device
-    allreduce_latency_s: float = 0.0
-
-    def time(self, flops: float, num_bytes: float) -> float:
-        tp = self.tensor_parallel
-        compute, memory = flops / (self.peak_flops * tp), num_bytes / (self.bandwidth * tp)
-        return max(compute, memory) if self.overlap else compute + memory
-
-    def allreduce_time(self, rows: int, hidden: int, dtype_bytes: int) -> float:
-        tp = self.tensor_parallel
-        if tp == 1 or rows == 0:
-            return 0.0
-        moved = 2 * (tp - 1) / tp * rows * hidden * dtype_bytes
-        return 2 * (self.allreduce_latency_s + moved / self.link_bandwidth)
-
-
-PROFILES = {
-    # Two cores of a recent Xeon in float32, read off qwen3-moe-cpu runs here: a 2,048-token
-    # layer-wide prefill reaches ~170 GFLOP/s; 128-token chunks re-reading all experts add
-    # ~15 GB/s worth of time on top (no overlap). Overheads are estimates until calibrated.
-    "cpu-generic": HardwareProfile("cpu-generic", 170e9, 15e9, 1e-3, 2e-4, 3e-5,
-                                   overlap=False),
-    # H100 SXM: 989 TFLOP/s dense BF16 and 3.35 TB/s HBM3 (NVIDIA datasheet), at 60% / 80%.
-    "h100-sxm": HardwareProfile("h100-sxm", 0.6 * 989e12, 0.8 * 3.35e12, 2e-4, 1e-5, 2e-6),
-    # The paper's machine: 2 x H100 SXM, tensor parallel 2 over NVLink 4 (450 GB/s per
-    # direction per GPU, datasheet), ~60% reached by all-reduce, ~10 us per all-reduce.
-    "h100-sxm-tp2": HardwareProfile("h100-sxm-tp2", 0.6 * 989e12, 0.8 * 3.35e12, 2e-4, 1e-5,
-                                    2e-6, tensor_parallel=2, link_bandwidth=0.6 * 450e9,
-                                    allreduce_latency_s=10e-6),
-}
 
 
 def expected_distinct_experts(config: ModelConfig, rows: int) -> float:
@@ -84,7 +42,7 @@ class CostModel:
     def __init__(self, config: ModelConfig, profile: HardwareProfile | str = "cpu-generic",
                  dtype_bytes: int = 4) -> None:
         self.config = config
-        self.profile = PROFILES[profile] if isinstance(profile, str) else profile
+        self.profile = resolve_profile(profile)
         self.dtype_bytes = dtype_bytes
 
     def iteration_latency(self, plan: IterationPlan,
@@ -98,7 +56,7 @@ class CostModel:
         counted once)."""
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
-        latency = hw.iteration_overhead_s + hw.time(edge.flops, edge.total_bytes)
+        latency = hw.iteration_overhead_s + self._time(edge)
         stats = layer_row_stats(plan, cfg.sliding_window)
         if distinct_experts is None:
             distinct_experts = [
@@ -112,11 +70,17 @@ class CostModel:
             key = (id(t), distinct)
             if key not in layer_time:
                 layer_time[key] = (hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
-                                   + hw.time(t.flops, t.total_bytes)
+                                   + self._time(t)
                                    + hw.allreduce_time(st.rows, cfg.hidden_size,
                                                        self.dtype_bytes))
             latency += layer_time[key]
         return latency, total_traffic(edge, layers)
+
+    def _time(self, t: Traffic) -> float:
+        hw = self.profile
+        compute = hw.compute_time(t.dense_flops, t.expert_flops, t.attention_flops)
+        memory = hw.memory_time(t.weight_bytes, t.kv_bytes)
+        return max(compute, memory) if hw.overlap else compute + memory
 
     def predict(self, decode_context_lens: Sequence[int],
                 stages: Sequence[tuple[int, int, Sequence[tuple[int, int]]]] = ()) -> float:

@@ -14,10 +14,18 @@ Constants and their sources:
   nvidia-smi is 70-120 W), 60 pJ/byte for HBM3 (about 7 pJ/bit, 2023 HBM3 vendor figures),
   0.5 pJ/FLOP for BF16 tensor cores (700 W TDP over ~990 dense TFLOP/s is 0.7 pJ/FLOP at full
   load, static included).
+* ``h200``: the H100's compute die (0.5 pJ/FLOP) and idle draw; HBM3e at about 6 pJ/bit
+  (50 pJ/byte; vendors quote HBM3e as more efficient per bit than HBM3).
+* ``a100-80g``: static 60 W (idle draw of an A100 SXM reported by nvidia-smi is 50-65 W),
+  60 pJ/byte for HBM2e, 1.0 pJ/FLOP (400 W TDP over 312 dense BF16 TFLOP/s is 1.3 pJ/FLOP at
+  full load, static included).
+* Tensor parallel over N devices (``-tpN`` profiles): N times the static power; bytes and FLOPs
+  cost the same wherever they run.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,9 +44,8 @@ class EnergyModel:
 ENERGY_MODELS = {
     "cpu-generic": EnergyModel("cpu-generic", static_w=10.0, j_per_byte=160e-12, j_per_flop=10e-12),
     "h100-sxm": EnergyModel("h100-sxm", static_w=100.0, j_per_byte=60e-12, j_per_flop=0.5e-12),
-    # Two of them: twice the static power; bytes and FLOPs cost the same wherever they run.
-    "h100-sxm-tp2": EnergyModel("h100-sxm-tp2", static_w=200.0, j_per_byte=60e-12,
-                                j_per_flop=0.5e-12),
+    "h200": EnergyModel("h200", static_w=100.0, j_per_byte=50e-12, j_per_flop=0.5e-12),
+    "a100-80g": EnergyModel("a100-80g", static_w=60.0, j_per_byte=60e-12, j_per_flop=1.0e-12),
 }
 
 
@@ -65,7 +72,13 @@ class ModeledEnergy:
 
 
 class NvmlEnergy:
-    """GPU energy from NVML's total-energy counter (millijoules since driver load)."""
+    """GPU energy from NVML's total-energy counter (millijoules since driver load).
+
+    The counter advances in steps (about every 20-100 ms, by driver and GPU), so reading it
+    around an iteration shorter than a step gives zero or a whole step. Each iteration is
+    charged instead the mean power over the latest span in which the counter advanced, times
+    its own duration: exact on average over a run, never zero for work done. Before the first
+    step, NVML's power reading stands in."""
 
     source = "measured:nvml"
 
@@ -75,23 +88,31 @@ class NvmlEnergy:
         pynvml.nvmlInit()
         self._nvml = pynvml
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        self._start = 0
+        self._last_mj = self._read_mj()
+        self._last_t = time.perf_counter()
+        self._power_w = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3  # milliwatts
 
     def _read_mj(self) -> int:
         return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
 
     def start(self) -> None:
-        self._start = self._read_mj()
+        pass
 
     def stop(self, seconds: float, num_bytes: int, flops: int) -> float:
-        return (self._read_mj() - self._start) / 1e3
+        now, mj = time.perf_counter(), self._read_mj()
+        if mj != self._last_mj and now > self._last_t:
+            self._power_w = (mj - self._last_mj) / 1e3 / (now - self._last_t)
+            self._last_mj, self._last_t = mj, now
+        return self._power_w * seconds
 
 
 def energy_meter(device_type: str, device_index: int = 0) -> EnergyMeter:
     """NVML on a GPU where the counter is readable; the CPU model otherwise; a simulated
     device (``sim:<model>``) names its energy model."""
     if device_type.startswith("sim:"):
-        return ModeledEnergy(ENERGY_MODELS[device_type[4:]])
+        from engine_adapter.hardware import resolve_profile  # the profile holds its energy
+
+        return ModeledEnergy(resolve_profile(device_type[4:]).energy)
     if device_type == "cuda":
         try:
             return NvmlEnergy(device_index)

@@ -18,7 +18,13 @@ class Traffic:
     expert_bytes: int  # the paper's expert-load traffic: distinct experts x bytes of one expert
     weight_bytes: int  # all weights read, experts included
     kv_bytes: int  # KV cache read and written
-    flops: int
+    flops: int  # all of them; the two kinds below are parts of it, priced apart
+    expert_flops: int = 0  # expert FFNs
+    attention_flops: int = 0  # QK^T and PV
+
+    @property
+    def dense_flops(self) -> int:
+        return self.flops - self.expert_flops - self.attention_flops
 
     @property
     def total_bytes(self) -> int:
@@ -27,7 +33,9 @@ class Traffic:
     def __add__(self, other: Traffic) -> Traffic:
         return Traffic(self.expert_bytes + other.expert_bytes,
                        self.weight_bytes + other.weight_bytes,
-                       self.kv_bytes + other.kv_bytes, self.flops + other.flops)
+                       self.kv_bytes + other.kv_bytes, self.flops + other.flops,
+                       self.expert_flops + other.expert_flops,
+                       self.attention_flops + other.attention_flops)
 
 
 ZERO = Traffic(0, 0, 0, 0)
@@ -98,19 +106,22 @@ def layer_traffic(config: ModelConfig, layer: int, stats: RowStats,
     norm_params = 2 * h + (2 * d if config.qk_norm else 0)
     kv_row = 2 * config.num_kv_heads * d * dtype_bytes  # one token's K and V in one layer
     weight_bytes = (attn_params + norm_params) * dtype_bytes
-    flops = 2 * rows * attn_params + 4 * config.num_heads * d * stats.scores  # QK^T and PV
+    attention_flops = 4 * config.num_heads * d * stats.scores  # QK^T and PV
+    flops = 2 * rows * attn_params + attention_flops
+    expert_flops = 0
     kv_bytes = (stats.keys_read + rows) * kv_row  # read the context, write the new rows
     expert_bytes = 0
     if config.moe_layers[layer]:
         expert_params = config.expert_params()
         expert_bytes = (distinct_experts or 0) * expert_params * dtype_bytes
         weight_bytes += config.num_experts * h * dtype_bytes + expert_bytes  # router, experts
-        flops += 2 * rows * h * config.num_experts + 2 * rows * config.top_k * expert_params
+        expert_flops = 2 * rows * config.top_k * expert_params
+        flops += 2 * rows * h * config.num_experts + expert_flops
     else:
         dense_params = 3 * h * config.dense_intermediate_size
         weight_bytes += dense_params * dtype_bytes
         flops += 2 * rows * dense_params
-    return Traffic(expert_bytes, weight_bytes, kv_bytes, flops)
+    return Traffic(expert_bytes, weight_bytes, kv_bytes, flops, expert_flops, attention_flops)
 
 
 def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> Traffic:

@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_adapter.config import EngineConfig
-from engine_adapter.cost_model import PROFILES, CostModel, ModeledLatency
+from engine_adapter.cost_model import CostModel, ModeledLatency
 from engine_adapter.engine import build_model
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
+from engine_adapter.hardware import resolve_profile
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
 
@@ -30,7 +31,7 @@ _MODELS: dict[tuple, MoETransformer] = {}
 class BackendConfig:
     name: str = "torch"
     latency: str = "measured"
-    hardware: str = "cpu-generic"  # cost-model profile for modeled latency and estimates
+    hardware: str = "cpu-generic"  # profile (engine_adapter.hardware) for the cost model
     routing: str = "uniform"  # sim: uniform | zipf:S
 
     def __post_init__(self) -> None:
@@ -42,8 +43,7 @@ class BackendConfig:
                 "use backend 'torch'")
         if self.latency not in LATENCIES:
             raise ValueError(f"latency must be one of {LATENCIES}, got {self.latency!r}")
-        if self.hardware not in PROFILES:
-            raise ValueError(f"hardware must be one of {sorted(PROFILES)}, got {self.hardware!r}")
+        resolve_profile(self.hardware)  # an unknown or missing profile fails here, clearly
 
     @property
     def deterministic(self) -> bool:

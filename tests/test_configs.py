@@ -9,6 +9,7 @@ import inspect
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -18,6 +19,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 import lpenv
+from engine_adapter.hardware import DATASHEET_PROFILES, write_profile
 from lpenv.config_schema import (
     POLICY_SCHEMAS,
     SECTIONS,
@@ -74,7 +76,10 @@ def test_groups_exist():
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes_and_builds(group, option, trace_csv):
+def test_every_option_composes_and_builds(group, option, trace_csv, tmp_path, monkeypatch):
+    # cpu-auto names this machine's calibrated profile: stand one in.
+    monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path))
+    write_profile(replace(DATASHEET_PROFILES["cpu-generic"], name="cpu-auto"))
     overrides = [f"{group}={option}"]
     if option == "trace":
         overrides.append(f"workload.trace={trace_csv}")
@@ -84,9 +89,10 @@ def test_every_option_composes_and_builds(group, option, trace_csv):
     if group == "model":
         assert cfg.engine.model == option
     if group == "hardware":
-        assert to_dataclass("backend", cfg.backend).hardware == {
-            "cpu": "cpu-generic", "h100": "h100-sxm"}[option]
-        assert cfg.engine.device == {"cpu": "cpu", "h100": "cuda"}[option]
+        profiles = {"cpu": "cpu-generic", "cpu-auto": "cpu-auto", "h100": "h100-sxm",
+                    "h200": "h200", "a100": "a100-80g"}
+        assert to_dataclass("backend", cfg.backend).hardware == profiles[option]
+        assert cfg.engine.device == ("cpu" if option.startswith("cpu") else "cuda")
     if group == "policy":
         assert cfg.policy.name == option
         if option == "learned":  # needs an exported policy: built in test_evaluate
