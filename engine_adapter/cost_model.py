@@ -17,12 +17,17 @@ policies that estimate what a decision will cost, and by the simulator backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
 
 from engine_adapter.hardware import HardwareProfile, resolve_profile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, Segment, StageWork
+from engine_adapter.routing import RoutingModel
 from engine_adapter.scheduler import layer_groups
 from engine_adapter.traffic import (
+    RowStats,
     Traffic,
     edge_traffic,
     layer_row_stats,
@@ -30,12 +35,43 @@ from engine_adapter.traffic import (
     total_traffic,
 )
 
+# What an iteration's latency is linear in when compute and memory do not overlap: fixed
+# costs per iteration, per row (host-side work per token), per layer run, per attention call
+# and per distinct expert loaded; FLOPs of each kind; weight and KV bytes.
+TERMS = ("iteration", "row", "layer", "attention_call", "distinct_expert", "dense_flop",
+         "expert_flop", "attention_flop", "weight_byte", "kv_byte")
 
-def expected_distinct_experts(config: ModelConfig, rows: int) -> float:
-    if rows <= 0:
-        return 0.0
-    e, k = config.num_experts, config.top_k
-    return e * (1.0 - (1.0 - k / e) ** rows)
+
+def term_names(hw: HardwareProfile) -> tuple[str, ...]:
+    """``TERMS`` and one term per knot of the profile's expert efficiency curve."""
+    return TERMS + tuple(f"expert_rows_to_{k:g}" for k in hw.expert_curve_knots)
+
+
+def coefficients(hw: HardwareProfile) -> np.ndarray:
+    """Seconds per unit of each of ``term_names(hw)`` (one device)."""
+    return np.array([hw.iteration_overhead_s, hw.row_overhead_s, hw.layer_overhead_s,
+                     hw.attention_call_overhead_s, hw.expert_overhead_s,
+                     1 / (hw.peak_flops * hw.matmul_efficiency),
+                     1 / (hw.peak_flops * hw.expert_efficiency),
+                     1 / (hw.peak_flops * hw.attention_efficiency),
+                     1 / (hw.bandwidth * hw.weight_efficiency),
+                     1 / (hw.bandwidth * hw.kv_efficiency), *hw.expert_curve_s])
+
+
+def from_coefficients(base: HardwareProfile, coef: Sequence[float], **changes) -> HardwareProfile:
+    """``base`` with the sum form's seconds per unit set to ``coef`` (a zero coefficient, work
+    the fit found free, becomes an efficiency of 1e6)."""
+    def eff(c: float, unit: float) -> float:
+        return 1e6 if c <= 0 else 1.0 / (c * unit)
+
+    c = [float(x) for x in coef]
+    return replace(
+        base, iteration_overhead_s=c[0], row_overhead_s=c[1], layer_overhead_s=c[2],
+        attention_call_overhead_s=c[3], expert_overhead_s=c[4],
+        matmul_efficiency=eff(c[5], base.peak_flops), expert_efficiency=eff(c[6], base.peak_flops),
+        attention_efficiency=eff(c[7], base.peak_flops),
+        weight_efficiency=eff(c[8], base.bandwidth), kv_efficiency=eff(c[9], base.bandwidth),
+        expert_curve_s=tuple(c[len(TERMS):]), overlap=False, **changes)
 
 
 class CostModel:
@@ -44,6 +80,7 @@ class CostModel:
         self.config = config
         self.profile = resolve_profile(profile)
         self.dtype_bytes = dtype_bytes
+        self.routing = RoutingModel(config, "uniform")  # for plans priced without routers
 
     def iteration_latency(self, plan: IterationPlan,
                           distinct_experts: Sequence[int | None] | None = None) -> float:
@@ -56,12 +93,13 @@ class CostModel:
         counted once)."""
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
-        latency = hw.iteration_overhead_s + self._time(edge)
-        stats = layer_row_stats(plan, cfg.sliding_window)
+        rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
+        latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
+                   + self._time(edge, edge.attention_flops, edge.kv_bytes))
+        stats = layer_row_stats(plan, cfg)
         if distinct_experts is None:
-            distinct_experts = [
-                round(expected_distinct_experts(cfg, st.rows)) if moe and st.rows else None
-                for moe, st in zip(cfg.moe_layers, stats)]
+            distinct_experts = [self.routing.distinct(st.rows) if moe and st.rows else None
+                                for moe, st in zip(cfg.moe_layers, stats)]
         layers = per_layer_traffic(cfg, stats, distinct_experts, self.dtype_bytes)
         layer_time: dict[tuple, float] = {}  # alike layers share a Traffic object
         for st, t, distinct in zip(stats, layers, distinct_experts):
@@ -69,17 +107,53 @@ class CostModel:
                 continue
             key = (id(t), distinct)
             if key not in layer_time:
-                layer_time[key] = (hw.layer_overhead_s + (distinct or 0) * hw.expert_overhead_s
-                                   + self._time(t)
+                attention, kv = self._attention_work(st, t)
+                layer_time[key] = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
+                                   + (distinct or 0) * hw.expert_overhead_s
+                                   + (hw.expert_curve_time(distinct, st.rows * cfg.top_k
+                                                           / distinct) if distinct else 0.0)
+                                   + self._time(t, attention, kv)
                                    + hw.allreduce_time(st.rows, cfg.hidden_size,
                                                        self.dtype_bytes))
             latency += layer_time[key]
         return latency, total_traffic(edge, layers)
 
-    def _time(self, t: Traffic) -> float:
+    def terms(self, plan: IterationPlan, distinct_experts: Sequence[int | None]) -> np.ndarray:
+        """The quantities the sum form (no overlap, no tensor parallel) is linear in, in
+        ``TERMS`` order: ``price`` = ``terms @ coefficients(profile)``. What calibration fits."""
+        cfg = self.config
+        stats = layer_row_stats(plan, cfg)
+        layers = per_layer_traffic(cfg, stats, distinct_experts, self.dtype_bytes)
+        edge = edge_traffic(cfg, plan, self.dtype_bytes)
+        knots = self.profile.expert_curve_knots
+        out = np.zeros(len(TERMS) + len(knots))
+        out[0] = 1.0
+        out[1] = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
+        out[5], out[8] = edge.dense_flops, edge.weight_bytes
+        for st, t, distinct in zip(stats, layers, distinct_experts):
+            if st.rows:
+                attention, kv = self._attention_work(st, t)
+                out[2:len(TERMS)] += (1, st.groups, distinct or 0, t.dense_flops,
+                                      t.expert_flops, attention, t.weight_bytes, kv)
+                if distinct:
+                    m = st.rows * cfg.top_k / distinct
+                    out[len(TERMS):] += [distinct * min(m, k) for k in knots]
+        return out
+
+    def _attention_work(self, st: RowStats, t: Traffic) -> tuple[float, float]:
+        """Attention FLOPs and KV bytes as the profile's kernels do them: exact for fused
+        paged attention, padded for the torch engine's plain attention."""
+        if not self.profile.padded_attention:
+            return t.attention_flops, t.kv_bytes
+        cfg = self.config
+        kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * self.dtype_bytes
+        return (4 * cfg.num_heads * cfg.head_dim * st.padded_scores,
+                (st.padded_keys + st.rows) * kv_row)
+
+    def _time(self, t: Traffic, attention_flops: float, kv_bytes: float) -> float:
         hw = self.profile
-        compute = hw.compute_time(t.dense_flops, t.expert_flops, t.attention_flops)
-        memory = hw.memory_time(t.weight_bytes, t.kv_bytes)
+        compute = hw.compute_time(t.dense_flops, t.expert_flops, attention_flops)
+        memory = hw.memory_time(t.weight_bytes, kv_bytes)
         return max(compute, memory) if hw.overlap else compute + memory
 
     def predict(self, decode_context_lens: Sequence[int],

@@ -26,6 +26,10 @@ STATS_SMOOTHING = 0.2
 
 
 def build_model(config: EngineConfig, model_config: ModelConfig) -> MoETransformer:
+    if not model_config.executable:
+        raise ConfigError(
+            f"{model_config.name} ({model_config.architecture}) runs on the sim backend only: "
+            "the torch model implements Qwen3-MoE and Mixtral")
     device, dtype = config.torch_device, config.torch_dtype
     if config.weights == "dummy":
         weights = dummy_weights(model_config, dtype, device, seed=config.seed)
@@ -72,7 +76,8 @@ class Engine:
         self.dtype_bytes = cfg.torch_dtype.itemsize
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg.mode, mcfg.num_layers, self.blocks, cfg.prefill_budget,
-                                   cfg.chunk_tokens, cfg.max_num_seqs, decide)
+                                   cfg.chunk_tokens, cfg.max_num_seqs, decide,
+                                   with_data=getattr(executor, "needs_data", True))
         self._ids = itertools.count()
         self._last_arrival: float | None = None
 

@@ -3,22 +3,17 @@
 Everything else (requests, KV blocks, the one scheduler, decisions, reports) is the engine's
 own, so a schedule is the same on both backends for the same decisions. Output tokens are
 placeholders (token 0): schedules do not depend on token values. Distinct experts per MoE
-layer come from a routing model:
-
-* ``uniform``: every token picks its top-k experts uniformly: E (1 - (1 - k/E)^rows);
-* ``zipf:S``: expert popularity follows a Zipf law with exponent S (skewed routers): the
-  expected count of experts hit by rows x k independent draws, sum_e 1 - (1 - p_e)^(rows k).
+layer come from a routing model (``engine_adapter.routing``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan
+from engine_adapter.routing import RoutingModel
 
 
 @dataclass(frozen=True)
@@ -26,32 +21,6 @@ class SimDevice:
     """Stands in for a torch device: ``type`` ("sim:<energy model>") picks the energy model."""
 
     type: str
-
-
-class RoutingModel:
-    def __init__(self, config: ModelConfig, kind: str = "uniform") -> None:
-        self.config = config
-        self.kind = kind
-        e = config.num_experts
-        if kind == "uniform":
-            self.popularity = None
-        elif kind.startswith("zipf:"):
-            s = float(kind.split(":", 1)[1])
-            weights = 1.0 / np.arange(1, e + 1) ** s
-            self.popularity = weights / weights.sum()
-        else:
-            raise ValueError(f"routing model must be 'uniform' or 'zipf:S', got {kind!r}")
-        self._cache: dict[int, int] = {}
-
-    def distinct(self, rows: int) -> int:
-        if rows not in self._cache:
-            e, k = self.config.num_experts, self.config.top_k
-            if self.popularity is None:
-                expected = e * (1.0 - (1.0 - k / e) ** rows)
-            else:
-                expected = float(np.sum(1.0 - (1.0 - self.popularity) ** (rows * k)))
-            self._cache[rows] = min(e, max(1, round(expected)))  # rows > 0 hit at least one
-        return self._cache[rows]
 
 
 def layer_rows(plan: IterationPlan) -> list[int]:
@@ -64,6 +33,8 @@ def layer_rows(plan: IterationPlan) -> list[int]:
 
 
 class SimExecutor:
+    needs_data = False  # plans need no block tables or token ids here
+
     def __init__(self, config: ModelConfig, cost: CostModel, routing: str = "uniform",
                  energy_model: str = "cpu-generic") -> None:
         self.config = config

@@ -43,12 +43,22 @@ class HardwareProfile:
     iteration_overhead_s: float
     layer_overhead_s: float  # per layer run in an iteration
     expert_overhead_s: float  # per distinct expert per MoE layer invocation
+    row_overhead_s: float = 0.0  # per row (token) per iteration: host-side bookkeeping
+    attention_call_overhead_s: float = 0.0  # per attention call per layer
     matmul_efficiency: float = 1.0  # projections, router, dense MLPs, LM head
     expert_efficiency: float = 1.0  # expert FFNs
     attention_efficiency: float = 1.0  # QK^T and PV
     weight_efficiency: float = 1.0  # streaming weights
     kv_efficiency: float = 1.0  # reading and writing the KV cache
     overlap: bool = True  # compute and memory overlap (roofline max) or not (their sum)
+    # Plain attention (the torch engine): decode batches padded to the longest context, masked
+    # segments computed in full. False: fused paged kernels doing exactly the attended keys.
+    padded_attention: bool = False
+    # A fitted efficiency curve for expert FFNs, on top of their per-FLOP cost: with m rows
+    # per distinct expert, each expert adds sum_j expert_curve_s[j] * min(m, knot_j) seconds.
+    # Concave and piecewise linear in m: small per-expert matmuls run below the peak rate.
+    expert_curve_knots: tuple[float, ...] = ()
+    expert_curve_s: tuple[float, ...] = ()
     # Tensor parallelism: each of ``tensor_parallel`` devices does 1/tp of a layer's FLOPs and
     # bytes, then two all-reduces per layer (after attention and after the MLP) move the rows'
     # hidden states over the link (ring all-reduce: 2 (tp - 1) / tp of the data each).
@@ -57,6 +67,15 @@ class HardwareProfile:
     allreduce_latency_s: float = 0.0
     energy: EnergyModel = field(default_factory=lambda: ENERGY_MODELS["cpu-generic"])
     source: str = "datasheet"
+
+    def __post_init__(self) -> None:
+        if len(self.expert_curve_knots) != len(self.expert_curve_s):
+            raise ConfigError("hardware profile: expert_curve_knots and expert_curve_s must have "
+                              "the same length")
+
+    def expert_curve_time(self, distinct: int, rows_per_expert: float) -> float:
+        return distinct * sum(s * min(rows_per_expert, k)
+                              for k, s in zip(self.expert_curve_knots, self.expert_curve_s))
 
     def compute_time(self, dense_flops: float, expert_flops: float, attention_flops: float
                      ) -> float:
@@ -96,6 +115,8 @@ class HardwareProfile:
         if unknown:
             raise ConfigError(f"hardware profile: unknown fields {unknown}")
         data["energy"] = EnergyModel(**data.get("energy", asdict(ENERGY_MODELS["cpu-generic"])))
+        for key in ("expert_curve_knots", "expert_curve_s"):
+            data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
 
@@ -113,7 +134,7 @@ DATASHEET_PROFILES = {
     # chunks re-reading all experts add ~15 GB/s worth of time on top (no overlap).
     # ``lpenv-calibrate`` measures and fits this machine instead (``cpu-auto``).
     "cpu-generic": HardwareProfile("cpu-generic", 170e9, 15e9, 1e-3, 2e-4, 3e-5,
-                                   overlap=False),
+                                   overlap=False, padded_attention=True),
     # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
     # both directions together (450 GB/s each way).
     "h100-sxm": _gpu("h100-sxm", 989e12, 3.35e12, 450e9, "h100-sxm"),

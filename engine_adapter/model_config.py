@@ -13,8 +13,12 @@ from engine_adapter.errors import ConfigError
 SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "GptOssForCausalLM": "gpt_oss",
 }
-EMBEDDED_MODELS = ("qwen3-moe-cpu", "qwen3-moe-tiny", "mixtral-tiny", "qwen3-30b-a3b")
+# Architectures the torch model runs; the others are priced by the simulator only.
+EXECUTABLE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+EMBEDDED_MODELS = ("qwen3-moe-cpu", "qwen3-moe-tiny", "mixtral-tiny", "qwen3-30b-a3b",
+                   "gpt-oss-20b")
 DEFAULT_MODEL = "qwen3-moe-cpu"
 
 
@@ -42,6 +46,10 @@ class ModelConfig:
     sliding_window: int | None
     moe_layers: tuple[bool, ...]
     name: str = "custom"
+    # Per-layer attention window where layers differ (GPT-OSS: 128 on even layers, none on odd);
+    # empty: every layer uses ``sliding_window``.
+    attention_windows: tuple[int | None, ...] = ()
+    attention_sinks: bool = False  # one learned extra logit per head (GPT-OSS)
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +72,17 @@ class ModelConfig:
             raise ConfigError("model config: dense layers need a positive intermediate_size")
         if len(self.moe_layers) != self.num_layers:
             raise ConfigError("model config: moe_layers must have one entry per layer")
+        if self.attention_windows and len(self.attention_windows) != self.num_layers:
+            raise ConfigError("model config: layer_types must have one entry per layer")
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: full attention)."""
+        return self.attention_windows[layer] if self.attention_windows else self.sliding_window
+
+    @property
+    def executable(self) -> bool:
+        """Whether the torch model runs this architecture (else: the sim backend only)."""
+        return self.architecture in EXECUTABLE_ARCHITECTURES
 
     @property
     def arch(self) -> str:
@@ -175,4 +194,37 @@ def _mixtral(cfg: dict[str, Any], name: str) -> ModelConfig:
         sliding_window=int(window) if window else None, moe_layers=(True,) * n_layers)
 
 
-_PARSERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral}
+def _gpt_oss(cfg: dict[str, Any], name: str) -> ModelConfig:
+    """GPT-OSS: alternating sliding-window (``layer_types``) and full attention, attention
+    sinks, 32 experts top-4. Priced by the simulator; its YaRN RoPE and clamped SwiGLU are not
+    in the torch model, so RoPE scaling is read past, not checked."""
+    n_layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    window = int(cfg.get("sliding_window") or 0) or None
+    kinds = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                       for i in range(n_layers)]
+    unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ConfigError(f"GPT-OSS layer_types {unknown} are not known")
+    params = cfg.get("rope_parameters") or {}
+    return ModelConfig(
+        architecture="GptOssForCausalLM", name=name, hf_config=dict(cfg),
+        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+        num_layers=n_layers, num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        num_experts=int(cfg["num_local_experts"]),
+        top_k=int(cfg.get("num_experts_per_tok", cfg.get("experts_per_token", 4))),
+        expert_intermediate_size=int(cfg["intermediate_size"]), dense_intermediate_size=0,
+        norm_topk_prob=True, qk_norm=False,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(cfg.get("rope_theta", params.get("rope_theta", 150000.0))),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=None, moe_layers=(True,) * n_layers,
+        attention_windows=tuple(window if k == "sliding_attention" else None for k in kinds),
+        attention_sinks=True)
+
+
+_PARSERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral,
+            "GptOssForCausalLM": _gpt_oss}

@@ -69,6 +69,7 @@ class Scheduler:
         chunk_tokens: int,
         max_num_seqs: int,
         decide: DecisionFunction | None = None,
+        with_data: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduling mode must be one of {MODES}, got {mode!r}")
@@ -79,6 +80,9 @@ class Scheduler:
         self.chunk_tokens = chunk_tokens
         self.max_num_seqs = max_num_seqs
         self.decide = decide
+        # Plans carry block tables and token ids for executors that touch tensors; the
+        # simulator needs neither, and copying them each iteration is most of its time.
+        self.with_data = with_data
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.decoding: list[Request] = []
@@ -179,10 +183,14 @@ class Scheduler:
                 self._start_batch(view, decision)
         if not self.decoding and not self.batches:
             return None
-        decode = tuple(
-            Segment(r.request_id, r.num_computed, 1, tuple(r.block_table), True,
-                    (r.token_at(r.num_computed),))
-            for r in self.decoding)
+        if self.with_data:
+            decode = tuple(
+                Segment(r.request_id, r.num_computed, 1, tuple(r.block_table), True,
+                        (r.token_at(r.num_computed),))
+                for r in self.decoding)
+        else:
+            decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True)
+                           for r in self.decoding)
         stages = []
         for b in self.batches:
             lo, hi = b.bounds[b.stage]
@@ -335,10 +343,11 @@ class Scheduler:
                 self._admit_counter += 1
             req.status = RequestStatus.PREFILLING
             req.batch_id = batch_id
+            data = self.with_data
             segments.append(Segment(
-                req.request_id, start, tokens, tuple(req.block_table),
+                req.request_id, start, tokens, tuple(req.block_table) if data else (),
                 sample=start + tokens == req.num_tokens,
-                token_ids=tuple(req.tokens(start, start + tokens))))
+                token_ids=tuple(req.tokens(start, start + tokens)) if data else ()))
         g = decision.num_groups
         self.batches.append(
             PrefillBatch(batch_id, g, layer_groups(self.num_layers, g), tuple(segments)))

@@ -48,50 +48,82 @@ class RowStats:
     rows: int = 0
     scores: int = 0  # sum over queries of keys attended
     keys_read: int = 0  # context keys read (once per segment)
+    # What plain (unfused) attention does instead, as the torch engine runs it: the decode batch
+    # padded to its longest context, a segment not starting at 0 with a full mask; and its
+    # calls (one per segment, one for the decode batch). Fused paged kernels do neither.
+    padded_scores: int = 0
+    padded_keys: int = 0
+    groups: int = 0
 
     def __add__(self, other: RowStats) -> RowStats:
         return RowStats(self.rows + other.rows, self.scores + other.scores,
-                        self.keys_read + other.keys_read)
+                        self.keys_read + other.keys_read, self.padded_scores + other.padded_scores,
+                        self.padded_keys + other.padded_keys, self.groups + other.groups)
 
 
 NO_ROWS = RowStats()
 
 
-def _attended_keys(seg: Segment, window: int | None) -> tuple[int, int]:
-    """(sum over the segment's queries of keys attended, keys read once for the segment)."""
+def _attended_keys(seg: Segment, window: int | None, sinks: bool) -> tuple[int, int]:
+    """(sum over the segment's queries of keys attended, keys read once for the segment).
+    A sink is one more logit per query (GPT-OSS), read from the weights, not the cache."""
     first, last = seg.start + 1, seg.end  # query at position p attends p + 1 keys
     if window is None:
-        return (first + last) * seg.length // 2, seg.end
-    total = sum(min(p, window) for p in range(first, last + 1))
-    return total, min(seg.end, window + seg.length - 1)
+        scores, keys = (first + last) * seg.length // 2, seg.end
+    else:
+        # min(p, w) summed over p in [first, last]: a ramp up to w, then flat
+        ramp_end = min(last, window)
+        ramp = (first + ramp_end) * (ramp_end - first + 1) // 2 if first <= ramp_end else 0
+        scores = ramp + window * (last - max(first - 1, ramp_end))
+        keys = min(seg.end, window + seg.length - 1)
+    return scores + (seg.length if sinks else 0), keys
 
 
-def row_stats(segments: Sequence[Segment], window: int | None) -> RowStats:
-    rows = scores = keys = 0
+def row_stats(segments: Sequence[Segment], window: int | None, sinks: bool = False,
+              decode: bool = False) -> RowStats:
+    rows = scores = keys = padded_scores = padded_keys = 0
     for seg in segments:
-        sc, kr = _attended_keys(seg, window)
+        sc, kr = _attended_keys(seg, window, sinks)
         rows, scores, keys = rows + seg.length, scores + sc, keys + kr
-    return RowStats(rows, scores, keys)
+        if not decode:
+            causal = seg.start == 0 and window is None  # SDPA's causal path skips the rest
+            padded_scores += sc if causal else seg.length * seg.end
+            padded_keys += seg.end
+    groups = len(segments)
+    if decode and len(segments) > 1:  # one padded call for the whole decode batch
+        width = max(seg.end for seg in segments)
+        padded_scores, padded_keys, groups = rows * width, rows * width, 1
+    elif decode:
+        padded_scores, padded_keys = scores, keys
+    return RowStats(rows, scores, keys, padded_scores, padded_keys, groups)
 
 
-def layer_row_stats(plan: IterationPlan, window: int | None) -> list[RowStats]:
-    """Per layer, the rows that pass it. Layers covered by the same stages share one sum, so
-    a plan costs one pass over its segments, not one per layer."""
-    decode = row_stats(plan.decode, window)
-    stages = [row_stats(st.segments, window) for st in plan.stages]
+def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
+    """Per layer, the rows that pass it. Layers with the same window covered by the same
+    stages share one sum, so a plan costs one pass over its segments per window, not one per
+    layer."""
+    windows = [config.window(layer) for layer in range(plan.num_layers)]
+    sinks = config.attention_sinks
     covers: list[tuple[int, ...]] = [()] * plan.num_layers
     for i, st in enumerate(plan.stages):
         for layer in range(st.layer_start, st.layer_end):
             covers[layer] = (*covers[layer], i)
-    by_cover: dict[tuple[int, ...], RowStats] = {}
+    per_window: dict[int | None, tuple[RowStats, list[RowStats]]] = {}
+    by_cover: dict[tuple, RowStats] = {}
     out = []
-    for cover in covers:
-        if cover not in by_cover:
+    for window, cover in zip(windows, covers):
+        key = (window, cover)
+        if key not in by_cover:
+            if window not in per_window:
+                per_window[window] = (row_stats(plan.decode, window, sinks, decode=True),
+                                      [row_stats(st.segments, window, sinks)
+                                       for st in plan.stages])
+            decode, stages = per_window[window]
             total = decode
             for i in cover:
                 total = total + stages[i]
-            by_cover[cover] = total
-        out.append(by_cover[cover])
+            by_cover[key] = total
+        out.append(by_cover[key])
     return out
 
 
@@ -164,6 +196,6 @@ def plan_traffic(
     config: ModelConfig, plan: IterationPlan, distinct_experts: Sequence[int | None],
     dtype_bytes: int
 ) -> Traffic:
-    stats = layer_row_stats(plan, config.sliding_window)
+    stats = layer_row_stats(plan, config)
     layers = per_layer_traffic(config, stats, distinct_experts, dtype_bytes)
     return total_traffic(edge_traffic(config, plan, dtype_bytes), layers)

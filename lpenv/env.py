@@ -128,7 +128,8 @@ class LayeredPrefillEnv(gym.Env):
                         model_config=self.model_config)
         requests = generate(self.workload_config, self.np_random)
         self.episode = Episode(engine, requests, self.slo, self.reward_config, self.np_random,
-                               self.horizon_s)
+                               self.horizon_s,
+                               measure_from_s=self.workload_config.warmup_s)
         self.view = self.episode.next_decision(self.codec.is_decision_point)
         if self.view is None:
             self.episode.close()

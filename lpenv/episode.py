@@ -26,13 +26,14 @@ class Episode:
     def __init__(self, engine: Engine, requests: list[RequestSpec], slo: SLO,
                  reward: RewardConfig, rng: np.random.Generator,
                  horizon_s: float | None = None,
-                 on_iteration: Callable[[IterationReport], None] | None = None) -> None:
+                 on_iteration: Callable[[IterationReport], None] | None = None,
+                 measure_from_s: float = 0.0) -> None:
         self.engine = engine
         self.slo = slo
         self.horizon_s = horizon_s
         self.rng = rng
         self.pending: deque[RequestSpec] = deque(requests)
-        self.recorder = MetricsRecorder()
+        self.recorder = MetricsRecorder(measure_from_s)  # requests after the warm-up
         planned_tokens = sum(r.prompt_tokens + r.output_tokens for r in requests)
         self.rewards = RewardAccountant(reward, slo, self.recorder, len(requests), planned_tokens)
         self.decisions = 0

@@ -42,9 +42,13 @@ class RequestRecord:
 
 
 class MetricsRecorder:
-    """Collects arrivals and iteration reports; summarizes them on demand."""
+    """Collects arrivals and iteration reports; summarizes them on demand.
 
-    def __init__(self) -> None:
+    Request metrics count the requests arriving at or after ``measure_from_s`` (the end of a
+    warm-up); energy, bytes and iteration latencies are the whole run's."""
+
+    def __init__(self, measure_from_s: float = 0.0) -> None:
+        self.measure_from_s = measure_from_s
         self.requests: dict[str, RequestRecord] = {}
         self.iteration_latencies: list[float] = []
         self.energy_j = 0.0
@@ -83,7 +87,7 @@ class MetricsRecorder:
                    if not r.rejected)
 
     def summary(self, ttft_slo: float = float("inf"), tbt_slo: float = float("inf")) -> dict:
-        recs = list(self.requests.values())
+        recs = [r for r in self.requests.values() if r.arrival_time >= self.measure_from_s]
         done = [r for r in recs if r.finished]
         ttfts = np.array([r.ttft for r in recs if r.ttft is not None], dtype=float)
         gaps = np.concatenate([r.tbt_gaps for r in recs] or [np.zeros(0)])
@@ -98,6 +102,7 @@ class MetricsRecorder:
         n = max(len(recs), 1)
         return {
             "requests_total": len(recs),
+            "requests_warmup": len(self.requests) - len(recs),
             "requests_finished": len(done),
             "requests_rejected": sum(r.rejected for r in recs),
             "slo_attainment": sum(r.attains(ttft_slo, tbt_slo) for r in recs) / n,

@@ -30,7 +30,13 @@ class RequestSpec:
 
 @dataclass
 class WorkloadConfig:
-    """``lengths``: a shipped table name; ``trace``: a CSV path (overrides ``lengths``)."""
+    """``lengths``: a shipped table name; ``trace``: a CSV path (overrides ``lengths``).
+
+    Arrivals: ``num_requests`` of them, or, with ``duration_s`` (generated lengths), as many as
+    arrive in
+    ``warmup_s + duration_s`` seconds (the paper: 600 s after a 60 s warm-up). Requests that
+    arrive in the first ``warmup_s`` are served but left out of the request metrics.
+    """
 
     name: str = "arxiv4k"
     arrival: str = "poisson"  # poisson | gamma
@@ -44,12 +50,18 @@ class WorkloadConfig:
     max_prompt: int = 32768
     min_output: int = 1
     max_output: int = 4096
+    duration_s: float | None = None
+    warmup_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arrival not in ("poisson", "gamma"):
             raise ValueError(f"workload.arrival must be poisson or gamma, got {self.arrival!r}")
         if self.rate <= 0 or self.cv <= 0 or self.scale <= 0:
             raise ValueError("workload rate, cv and scale must be positive")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError(f"workload.duration_s must be positive, got {self.duration_s}")
+        if self.warmup_s < 0:
+            raise ValueError(f"workload.warmup_s must be non-negative, got {self.warmup_s}")
         if self.num_requests <= 0:
             raise ValueError(f"workload.num_requests must be positive, got {self.num_requests}")
         if self.trace is None and self.lengths not in LENGTH_TABLES:
@@ -84,10 +96,26 @@ def _read_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return prompts, outputs, arrivals
 
 
+def _gaps(config: WorkloadConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    if config.arrival == "poisson":
+        return rng.exponential(1.0 / config.rate, n)
+    shape = 1.0 / config.cv**2
+    return rng.gamma(shape, 1.0 / (config.rate * shape), n)
+
+
 def generate(config: WorkloadConfig, rng: np.random.Generator) -> list[RequestSpec]:
     """The requests of one episode, sorted by arrival time."""
     n = config.num_requests
     arrivals = None
+    if config.duration_s is not None and config.trace is None:
+        # Draw gaps until the span is covered (in blocks: the count is not known ahead).
+        span = config.warmup_s + config.duration_s
+        times = np.cumsum(_gaps(config, rng, int(span * config.rate * 1.2) + 16))
+        while times[-1] < span:
+            more = np.cumsum(_gaps(config, rng, times.size)) + times[-1]
+            times = np.concatenate([times, more])
+        arrivals = times[times < span]
+        n = arrivals.size
     if config.trace is not None:
         prompts, outputs, trace_arrivals = _read_trace(config.trace)
         idx = rng.integers(0, len(prompts), n) if trace_arrivals is None else np.arange(
@@ -101,12 +129,7 @@ def generate(config: WorkloadConfig, rng: np.random.Generator) -> list[RequestSp
         prompts = _from_table(table, "prompt_tokens", rng.random(n))
         outputs = _from_table(table, "output_tokens", rng.random(n))
     if arrivals is None:
-        if config.arrival == "poisson":
-            gaps = rng.exponential(1.0 / config.rate, n)
-        else:
-            shape = 1.0 / config.cv**2
-            gaps = rng.gamma(shape, 1.0 / (config.rate * shape), n)
-        arrivals = np.cumsum(gaps)
+        arrivals = np.cumsum(_gaps(config, rng, n))
     prompts = np.clip(np.rint(prompts * config.scale), config.min_prompt, config.max_prompt)
     outputs = np.clip(np.rint(outputs * config.scale), config.min_output, config.max_output)
     order = np.argsort(arrivals, kind="stable")

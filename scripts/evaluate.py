@@ -135,7 +135,7 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         bar.update(len(report.finished))
 
     episode = Episode(engine, requests, setup.slo, setup.reward, rng, cfg.horizon_s,
-                      on_iteration=on_iteration)
+                      on_iteration=on_iteration, measure_from_s=setup.workload.warmup_s)
     start = time.perf_counter()
     metrics = episode.run(setup.policy)
     wall = time.perf_counter() - start
@@ -153,7 +153,9 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         "workload": setup.workload.name,
         "rate": setup.workload.rate,
         "arrival": setup.workload.arrival,
-        "num_requests": setup.workload.num_requests,
+        "num_requests": len(requests),
+        "duration_s": setup.workload.duration_s,
+        "warmup_s": setup.workload.warmup_s,
         "seed": int(cfg.seed),
         "ttft_slo_s": setup.slo.ttft_s,
         "tbt_slo_s": setup.slo.tbt_s,

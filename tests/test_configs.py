@@ -69,7 +69,7 @@ def trace_csv(tmp_path_factory):
 def test_groups_exist():
     for group in GROUPS + ("train",):
         assert options(group), group
-    assert options("model") == ["mixtral-tiny", "qwen3-30b-a3b", "qwen3-moe-cpu",
+    assert options("model") == ["gpt-oss-20b", "mixtral-tiny", "qwen3-30b-a3b", "qwen3-moe-cpu",
                                 "qwen3-moe-tiny"]
     assert options("workload") == ["arxiv", "arxiv4k", "sharegpt", "trace"]
     assert set(options("policy")) == set(POLICY_SCHEMAS)

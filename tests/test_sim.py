@@ -11,8 +11,9 @@ from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel
 from engine_adapter.decision import Decision
 from engine_adapter.engine import Engine
-from engine_adapter.executor_sim import RoutingModel, SimExecutor
+from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.model_config import ModelConfig
+from engine_adapter.routing import RoutingModel
 from policies.fixed import FixedGroups
 
 TINY = ModelConfig.load("qwen3-moe-tiny")
@@ -110,3 +111,29 @@ def test_bench_sim_writes_its_fields(tmp_path):
     result = json.loads(out.read_text())
     for key in ("realtime_factor", "env_steps_per_s", "wall_s", "simulated_s"):
         assert result[key] > 0, key
+
+
+def test_gpt_oss_windows_sinks_and_sim_only():
+    """GPT-OSS-20B: sliding window 128 on even layers, sinks, priced by the simulator only."""
+    from engine_adapter.engine import build_model
+    from engine_adapter.errors import ConfigError
+    from engine_adapter.plan import IterationPlan, Segment, StageWork
+    from engine_adapter.traffic import _attended_keys, layer_row_stats
+
+    cfg = ModelConfig.load("gpt-oss-20b")
+    assert (cfg.num_layers, cfg.num_experts, cfg.top_k) == (24, 32, 4)
+    assert [cfg.window(i) for i in range(4)] == [128, None, 128, None]
+    with pytest.raises(ConfigError, match="sim backend only"):
+        build_model(EngineConfig(model="gpt-oss-20b"), cfg)
+    for start, length, window in [(0, 300, 128), (100, 50, 128), (500, 1, 128), (0, 5, 7)]:
+        seg = Segment("r", start, length, (), False)
+        brute = sum(min(p, window) for p in range(start + 1, start + length + 1))
+        assert _attended_keys(seg, window, sinks=False)[0] == brute
+        assert _attended_keys(seg, window, sinks=True)[0] == brute + length
+    plan = IterationPlan(0, "layered", 24, (Segment("d", 4000, 1, (), True),),
+                         (StageWork(0, 0, 1, 0, 24, (Segment("p", 0, 2048, (), True),)),))
+    stats = layer_row_stats(plan, cfg)
+    assert stats[0].scores < stats[1].scores  # windowed layers attend to far fewer keys
+    assert stats[0].scores == 128 + 1 + sum(min(p, 128) for p in range(1, 2049)) + 2048
+    cost = CostModel(cfg, "h100-sxm-tp2", 2)
+    assert 0 < cost.iteration_latency(plan) < 1.0

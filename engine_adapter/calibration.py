@@ -1,0 +1,232 @@
+"""Calibration: run the real engine over a grid of batch shapes and fit the cost model to it.
+
+Each grid point is a decode batch (size, context) with, beside it, one prefill batch of a given
+size split into G layer groups (layered mode) or cut into chunks of a given budget (chunked
+mode). Every iteration the engine runs is a sample: the plan, the distinct experts its routers
+really loaded, and its measured latency.
+
+The fit is a non-negative least squares of the cost model's sum form
+(``cost_model.TERMS``: iteration, layer and distinct-expert overheads, seconds per dense,
+expert and attention FLOP, per weight and KV byte) on relative error, so a 10 ms and a 1 s
+iteration weigh alike. The device's peak FLOP/s and bandwidth are measured first (a large
+matmul, a large copy); the fitted seconds per FLOP and per byte become efficiencies against
+those peaks, so a profile reads like the datasheet ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel, from_coefficients
+from engine_adapter.decision import Decision
+from engine_adapter.engine import Engine
+from engine_adapter.hardware import HardwareProfile
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.plan import ExecutionResult, IterationPlan
+
+
+@dataclass(frozen=True)
+class Sample:
+    plan: IterationPlan
+    distinct_experts: tuple[int | None, ...]
+    measured_s: float
+
+
+class RecordingExecutor:
+    """Wraps an executor and keeps every plan it ran with the routers' distinct experts and
+    the measured latency."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.device = getattr(inner, "device", None)
+        self.samples: list[Sample] = []
+
+    def execute(self, plan: IterationPlan) -> ExecutionResult:
+        result = self.inner.execute(plan)
+        self.samples.append(Sample(plan, tuple(result.distinct_experts), result.latency_s))
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@dataclass(frozen=True)
+class CalibrationGrid:
+    """Batch shapes to profile. Sizes are for the CPU default model; ``quick`` is a smoke test."""
+
+    decode: tuple[tuple[int, int], ...] = ((0, 0), (4, 256), (16, 256), (4, 2048), (16, 1024))
+    prefill: tuple[int, ...] = (16, 128, 512, 2048)
+    groups: tuple[int, ...] = (1, 2, 4, 8)
+    chunks: tuple[int, ...] = (64, 256)
+    repeats: int = 2
+
+    @classmethod
+    def quick(cls) -> CalibrationGrid:
+        return cls(decode=((0, 0), (4, 64)), prefill=(16, 96), groups=(1, 2), chunks=(32,),
+                   repeats=1)
+
+    def size(self, num_layers: int) -> int:
+        """Probes to run (for a progress bar)."""
+        layered = len(self.prefill) * len([g for g in self.groups if g <= num_layers])
+        return len(self.decode) * (layered + len(self.chunks) * len(self.prefill)) * self.repeats
+
+
+def _prompt(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
+    return rng.integers(0, vocab, n).tolist()
+
+
+def _run_until(engine: Engine, done: Callable[[], bool], decision: Callable[[], Decision | None]
+               ) -> None:
+    while not done():
+        if engine.step(decision()) is None:
+            raise RuntimeError("calibration probe stalled: nothing to run")
+
+
+def _setup(engine: Engine, batch: int, context: int, rng: np.random.Generator) -> None:
+    """``batch`` requests of ``context`` prompt tokens, prefilled and decoding."""
+    mc = engine.model_config
+    long = engine.max_model_len - context
+    for _ in range(batch):
+        engine.add_request(_prompt(rng, context, mc.vocab_size), long)
+    s = engine.scheduler
+
+    def fcfs() -> Decision | None:
+        view = engine.decision_view()
+        return Decision(1, view.fcfs_admission()) if view is not None else None
+
+    _run_until(engine, lambda: len(s.decoding) == batch, fcfs)
+
+
+def _probe(engine: Engine, prompt: list[int], num_groups: int | None) -> None:
+    """One prefill of ``prompt`` (first token only) beside the running decode batch: as one
+    batch of ``num_groups`` stages (layered) or in the engine's chunks (chunked: None)."""
+    rid = engine.add_request(prompt, 1)
+    first = [Decision(num_groups, (rid,))] if num_groups else []
+    _run_until(engine, lambda: rid not in engine.scheduler.requests,
+               lambda: first.pop() if first else None)
+
+
+def profile_grid(base: EngineConfig, model_config: ModelConfig, executor, grid: CalibrationGrid,
+                 seed: int = 0, on_probe: Callable[[], None] | None = None) -> list[Sample]:
+    """Run every grid point on ``executor`` (the real engine) and return its samples."""
+    rng = np.random.default_rng(seed)
+    recorder = RecordingExecutor(executor)
+    mc = model_config
+    groups = [g for g in grid.groups if g <= mc.num_layers]
+    for _ in range(grid.repeats):
+        for batch, context in grid.decode:
+            # layered: each probe is one prefill batch of P tokens over G stages
+            executor.reset()
+            engine = Engine(replace(base, mode="layered"), executor=recorder, model_config=mc,
+                            decide=lambda view: Decision.wait())
+            _setup(engine, batch, context, rng)
+            for tokens in grid.prefill:
+                for g in groups:
+                    _probe(engine, _prompt(rng, tokens, mc.vocab_size), g)
+                    if on_probe:
+                        on_probe()
+            # chunked: each probe is one prompt cut into chunks beside the decode batch
+            for chunk in grid.chunks:
+                executor.reset()
+                # The decode batch is prefilled in large chunks (quicker, and its shapes are
+                # not the point); the probes then run at the grid's chunk budget.
+                engine = Engine(replace(base, mode="chunked", chunk_tokens=base.prefill_budget),
+                                executor=recorder, model_config=mc)
+                _setup(engine, batch, context, rng)
+                engine.scheduler.chunk_tokens = chunk
+                for tokens in grid.prefill:
+                    _probe(engine, _prompt(rng, tokens, mc.vocab_size), None)
+                    if on_probe:
+                        on_probe()
+    return recorder.samples
+
+
+def design_matrix(cost: CostModel, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    terms = np.array([cost.terms(s.plan, s.distinct_experts) for s in samples])
+    return terms, np.array([s.measured_s for s in samples])
+
+
+def fit_coefficients(terms: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Non-negative seconds per unit of each term, minimising squared relative error."""
+    a = terms / measured[:, None]
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0  # a term no sample exercised stays at zero
+    coef, _ = nnls(a / scale, np.ones(len(measured)), maxiter=50 * a.shape[1])
+    return coef / scale
+
+
+def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample], name: str,
+                source: str) -> HardwareProfile:
+    terms, measured = design_matrix(cost, samples)
+    return from_coefficients(base, fit_coefficients(terms, measured), name=name, source=source)
+
+
+def percentage_errors(cost: CostModel, samples: Sequence[Sample],
+                      distinct: Callable[[Sample], Sequence[int | None]] | None = None
+                      ) -> np.ndarray:
+    """|predicted - measured| / measured per sample; distinct experts from the routers unless
+    ``distinct`` supplies others (a routing model's)."""
+    pred = np.array([cost.iteration_latency(s.plan, distinct(s) if distinct else
+                                            s.distinct_experts) for s in samples])
+    measured = np.array([s.measured_s for s in samples])
+    return np.abs(pred - measured) / measured
+
+
+def routing_observations(samples: Iterable[Sample], model_config: ModelConfig
+                         ) -> list[tuple[int, int]]:
+    """(rows, distinct experts) at every MoE layer invocation the samples saw."""
+    from engine_adapter.executor_sim import layer_rows
+
+    out = []
+    for s in samples:
+        for layer, (rows, d) in enumerate(zip(layer_rows(s.plan), s.distinct_experts)):
+            if model_config.moe_layers[layer] and rows and d is not None:
+                out.append((rows, d))
+    return out
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int = 3
+                  ) -> tuple[float, float]:
+    """(dense matmul FLOP/s, memory bandwidth in bytes/s) of ``device``, best of ``repeats``."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    flops = 2 * n**3 / _timed(lambda: a @ b, device, repeats)
+    numel = (1 << 28 if device.type == "cuda" else 1 << 25) // a.element_size() * 4
+    x = torch.empty(numel, dtype=dtype, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.numel() * x.element_size() / _timed(lambda: y.copy_(x), device, repeats)
+    return flops, bandwidth
+
+
+# Rows per distinct expert where the expert efficiency curve may bend (``HardwareProfile``).
+EXPERT_CURVE_KNOTS = (2.0, 8.0, 32.0, 128.0)
+
+
+def base_profile(name: str, flops: float, bandwidth: float, like: HardwareProfile
+                 ) -> HardwareProfile:
+    """The measured peaks, on one device, with ``like``'s energy model: the fit's template."""
+    return replace(like, name=name, peak_flops=flops, bandwidth=bandwidth, tensor_parallel=1,
+                   link_bandwidth=0.0, allreduce_latency_s=0.0, padded_attention=True,
+                   expert_curve_knots=EXPERT_CURVE_KNOTS,
+                   expert_curve_s=(0.0,) * len(EXPERT_CURVE_KNOTS))

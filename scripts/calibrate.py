@@ -1,0 +1,245 @@
+"""lpenv-calibrate: fit the cost model to the real engine on this device, and say how well.
+
+1. Measures the device's peak matmul FLOP/s and copy bandwidth.
+2. Runs the real engine over a grid of batch shapes (``engine_adapter.calibration``) and fits
+   the cost model's overheads and efficiencies to every iteration's measured latency.
+3. Records the routers' distinct experts against rows (an empirical routing model).
+4. Writes the profile (``hardware=cpu-auto``, or ``backend.hardware=NAME`` for ``--name``) and
+   the routing table into ``$LPENV_PROFILE_DIR`` (default ``~/.cache/lpenv/profiles``).
+5. Fidelity on a workload it did not fit on: a CPU-scaled arXiv workload served by the paper
+   rule (layered) and by chunked prefill, on the real engine (measured) and on the simulator
+   with the new profile and routing table. Reports the median and p90 absolute percentage
+   error of iteration latency (with the routers' own distinct experts, and with the routing
+   model's), and the episode-level error of TTFT, end-to-end time and SLO attainment.
+
+Writes ``<out>/<name>.json`` (the report) and ``<out>/<name>_fidelity.png``.
+Run it on an otherwise idle machine: another process on the same cores changes the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine_adapter.calibration import (
+    CalibrationGrid,
+    RecordingExecutor,
+    base_profile,
+    fit_profile,
+    measure_peaks,
+    percentage_errors,
+    profile_grid,
+    routing_observations,
+)
+from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel, coefficients, term_names
+from engine_adapter.engine import Engine, build_model, warm_up
+from engine_adapter.executor_sim import SimExecutor
+from engine_adapter.executor_torch import TorchExecutor
+from engine_adapter.hardware import DATASHEET_PROFILES, profile_dir, write_profile
+from engine_adapter.model_config import DEFAULT_MODEL, ModelConfig
+from engine_adapter.routing import RoutingModel, record_routing
+from lpenv.episode import Episode
+from lpenv.reward import SLO, RewardConfig
+from lpenv.workload import WorkloadConfig, generate
+from policies.chunked import ChunkedPrefill
+from policies.paper_rule import PaperRule
+
+# The held-out workload: conf/workload/arxiv4k.yaml with conf/engine/cpu.yaml's budgets and
+# conf/slo/cpu.yaml's SLOs, at a rate both modes serve without collapsing.
+HELD_OUT = WorkloadConfig(name="arxiv4k", rate=3.0, num_requests=24, lengths="arxiv4k",
+                          scale=0.125, min_prompt=16, max_prompt=2048, min_output=4,
+                          max_output=64)
+HELD_OUT_SLO = SLO(ttft_s=2.0, tbt_s=0.125)
+
+
+def _percentiles(errors: np.ndarray) -> dict:
+    return {"median": float(np.median(errors)), "p90": float(np.percentile(errors, 90)),
+            "mean": float(errors.mean()), "samples": int(errors.size)}
+
+
+def held_out_episodes(engine_cfg: EngineConfig, mc: ModelConfig, executor, profile_path: Path,
+                      routing_path: Path, seed: int) -> dict:
+    """Each policy on the held-out workload: real engine (measured) and simulator."""
+    policies = {"layered (paper rule)": PaperRule(max_groups=mc.num_layers, unit=64),
+                "chunked (64)": ChunkedPrefill(chunk_tokens=64)}
+    out = {}
+    for label, policy in tqdm(policies.items(), desc="held-out episodes", unit="policy"):
+        cfg = replace(engine_cfg, mode=policy.mode,
+                      chunk_tokens=getattr(policy, "chunk_tokens", engine_cfg.chunk_tokens))
+        runs = {}
+        for side in ("measured", "simulated"):
+            if side == "measured":
+                executor.reset()
+                backend = RecordingExecutor(executor)
+            else:
+                cost = CostModel(mc, str(profile_path), cfg.torch_dtype.itemsize)
+                backend = SimExecutor(mc, cost, f"empirical:{routing_path}", str(profile_path))
+            engine = Engine(cfg, executor=backend, model_config=mc)
+            rng = np.random.default_rng(seed)
+            episode = Episode(engine, generate(HELD_OUT, rng), HELD_OUT_SLO, RewardConfig(), rng)
+            runs[side] = (episode.run(policy), backend)
+        out[label] = runs
+    return out
+
+
+def _episode_errors(runs: dict) -> dict:
+    measured, simulated = runs["measured"][0], runs["simulated"][0]
+    keys = ("ttft_mean_s", "ttft_p90_s", "e2e_mean_s", "iteration_p50_s", "slo_attainment")
+    row = {f"{k}_{side}": s[k] for k in keys for side, s in
+           (("measured", measured), ("simulated", simulated))}
+    for k in ("ttft_mean_s", "e2e_mean_s", "iteration_p50_s"):
+        row[f"{k}_error"] = abs(simulated[k] - measured[k]) / measured[k]
+    row["slo_attainment_error_points"] = abs(simulated["slo_attainment"]
+                                             - measured["slo_attainment"]) * 100
+    return row
+
+
+def plot_fidelity(samples, cost: CostModel, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = np.array([s.measured_s for s in samples]) * 1e3
+    predicted = np.array([cost.iteration_latency(s.plan, s.distinct_experts)
+                          for s in samples]) * 1e3
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(measured, predicted, s=6, alpha=0.5)
+    lo, hi = min(measured.min(), predicted.min()), max(measured.max(), predicted.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="exact")
+    ax.fill_between([lo, hi], [0.95 * lo, 0.95 * hi], [1.05 * lo, 1.05 * hi], alpha=0.15,
+                    color="k", label="±5%")
+    ax.set(xscale="log", yscale="log", xlabel="measured iteration latency (ms)",
+           ylabel="predicted (ms)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibrate(args: argparse.Namespace) -> dict:
+    grid = CalibrationGrid.quick() if args.quick else CalibrationGrid()
+    engine_cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                              prefill_budget=max(grid.prefill), kv_cache_tokens=65536)
+    mc = ModelConfig.load(args.model)
+    device = engine_cfg.torch_device
+    name = args.name or f"{device.type}-auto"
+    started = time.perf_counter()
+    executor = TorchExecutor(build_model(engine_cfg, mc), engine_cfg.num_kv_blocks,
+                             engine_cfg.block_size)
+    warm_up(executor, engine_cfg, mc)
+
+    flops, bandwidth = measure_peaks(device, engine_cfg.torch_dtype)
+    like = DATASHEET_PROFILES["cpu-generic" if device.type == "cpu" else "h100-sxm"]
+    base = base_profile(name, flops, bandwidth, like)
+    cost_base = CostModel(mc, base, engine_cfg.torch_dtype.itemsize)
+
+    bar = tqdm(total=grid.size(mc.num_layers), desc="grid", unit="probe")
+    samples = profile_grid(engine_cfg, mc, executor, grid, seed=args.seed, on_probe=bar.update)
+    bar.close()
+
+    source = (f"lpenv-calibrate on {platform.node() or 'this machine'} ({device.type}, "
+              f"{os.cpu_count()} CPUs visible), {time.strftime('%Y-%m-%d')}, model {mc.name}, "
+              f"{len(samples)} iterations")
+    profile = fit_profile(base, cost_base, samples, name, source)
+    out_dir = Path(args.profile_dir) if args.profile_dir else profile_dir()
+    profile_path = write_profile(profile, out_dir / f"{name}.json")
+    routing = record_routing(routing_observations(samples, mc), mc)
+    routing_path = out_dir / f"routing-{mc.name}.json"
+    routing_path.write_text(json.dumps(routing, indent=1) + "\n")
+
+    fitted = CostModel(mc, profile, engine_cfg.torch_dtype.itemsize)
+    fit_err = percentage_errors(fitted, samples)
+    held_cfg = replace(engine_cfg, prefill_budget=1024, chunk_tokens=64, kv_cache_tokens=32768,
+                       max_num_seqs=64)
+    episodes = held_out_episodes(held_cfg, mc, executor, profile_path, routing_path, args.seed + 1)
+    held = [s for runs in episodes.values() for s in runs["measured"][1].samples]
+    routing_model = RoutingModel(mc, f"empirical:{routing_path}")
+
+    def modeled_distinct(s):
+        from engine_adapter.executor_sim import layer_rows
+
+        return [routing_model.distinct(r) if moe and r else None
+                for moe, r in zip(mc.moe_layers, layer_rows(s.plan))]
+
+    report = {
+        "name": name, "profile_path": str(profile_path), "routing_path": str(routing_path),
+        "model": mc.name, "device": str(device), "dtype": args.dtype, "quick": args.quick,
+        "measured_peak_flops": flops, "measured_bandwidth": bandwidth,
+        "grid": asdict(grid), "grid_iterations": len(samples),
+        "coefficients": dict(zip(term_names(profile), coefficients(profile).tolist())),
+        "profile": profile.to_json(),
+        "fit_error": _percentiles(fit_err),
+        "held_out_workload": {**asdict(HELD_OUT), "seed": args.seed + 1,
+                              "ttft_slo_s": HELD_OUT_SLO.ttft_s, "tbt_slo_s": HELD_OUT_SLO.tbt_s},
+        "held_out_iteration_error": _percentiles(percentage_errors(fitted, held)),
+        "held_out_iteration_error_routing_model": _percentiles(
+            percentage_errors(fitted, held, modeled_distinct)),
+        "held_out_episodes": {label: _episode_errors(runs) for label, runs in episodes.items()},
+        "wall_s": time.perf_counter() - started,
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    plot_fidelity(held, fitted, Path(args.out) / f"{name}_fidelity.png",
+                  f"{name}: held-out iterations ({mc.name})")
+    return report
+
+
+def format_report(r: dict) -> str:
+    e, h, m = r["fit_error"], r["held_out_iteration_error"], r[
+        "held_out_iteration_error_routing_model"]
+    lines = [
+        f"profile {r['name']} -> {r['profile_path']}",
+        f"measured peaks: {r['measured_peak_flops'] / 1e9:.1f} GFLOP/s, "
+        f"{r['measured_bandwidth'] / 1e9:.1f} GB/s; grid of {r['grid_iterations']} iterations",
+        "iteration latency error (|predicted - measured| / measured):",
+        f"  fit grid (in sample)          median {e['median']:.1%}  p90 {e['p90']:.1%}",
+        f"  held-out, routers' experts    median {h['median']:.1%}  p90 {h['p90']:.1%}"
+        f"  ({h['samples']} iterations)",
+        f"  held-out, routing model       median {m['median']:.1%}  p90 {m['p90']:.1%}",
+        "held-out episodes (real engine vs simulator):",
+        f"  {'policy':22s} {'TTFT mean (s)':>16s} {'e2e mean (s)':>16s} {'attainment':>14s}",
+    ]
+    for label, x in r["held_out_episodes"].items():
+        lines.append(
+            f"  {label:22s} {x['ttft_mean_s_measured']:6.3f} vs {x['ttft_mean_s_simulated']:6.3f}"
+            f" {x['e2e_mean_s_measured']:6.3f} vs {x['e2e_mean_s_simulated']:6.3f}"
+            f" {x['slo_attainment_measured']:5.0%} vs {x['slo_attainment_simulated']:4.0%}")
+        lines.append(f"  {'':22s} error {x['ttft_mean_s_error']:9.1%} error "
+                     f"{x['e2e_mean_s_error']:9.1%} {x['slo_attainment_error_points']:8.1f} pts")
+    lines.append(f"use it: hardware=cpu-auto (or backend.hardware={r['name']}); "
+                 f"routing: backend.routing=empirical:{r['routing_path']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--name", default=None, help="profile name (default: cpu-auto or cuda-auto)")
+    p.add_argument("--profile-dir", default=None,
+                   help="where profiles go (default: $LPENV_PROFILE_DIR or "
+                        "~/.cache/lpenv/profiles)")
+    p.add_argument("--out", default="results/calibration", help="report and plot folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+    args = p.parse_args(argv)
+    report = calibrate(args)
+    path = Path(args.out) / f"{report['name']}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"wrote {path} in {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""lpenv-paper: one panel of the paper's SLO-attainment-against-rate experiment, on the simulator.
+
+    lpenv-paper arxiv-qwen        # or arxiv-gptoss, sharegpt-qwen, sharegpt-gptoss, all
+
+Each panel is the paper's setup (``../shared/PAPER.md``): its model (Qwen3-30B-A3B or
+GPT-OSS-20B), 2 x H100 SXM in tensor parallel 2 (``hardware=h100-sxm-tp2``), BF16, 256 running
+requests, model length 32,768; its workload (arXiv or ShareGPT lengths at full scale, Poisson
+arrivals, 600 s after a 60 s warm-up); its SLOs; and its rate range. Two policies: chunked
+prefill with a 512-token budget, and layered prefill with the paper's rule (prefill budget
+8,192, G from the batch's tokens in units of 512, at most 16 groups for Qwen and 12 for
+GPT-OSS). Every run is an ``lpenv-eval`` run (the same config tree, ``backend.name=sim``);
+the runs go in parallel, then ``lpenv-sweep-report`` draws the figure and the goodput table.
+
+arXiv prompts longer than the model length allows (about 2% of the trace) are clipped to
+32,256 tokens so that prompt plus output fit in 32,768.
+
+Writes ``<out>/<panel>/`` (default ``results/paper``): one folder per run with its
+``summary.json`` and ``requests.csv``, ``attainment_vs_rate.png``, the TTFT/TBT CDFs,
+``goodput.csv``, ``runs.csv`` and ``panel.json`` (the figures quoted per policy and rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Panel:
+    workload: str
+    model: str
+    ttft_s: float
+    tbt_s: float
+    rates: tuple[float, ...]
+    max_groups: int
+
+    @property
+    def max_prompt(self) -> int:
+        return 32256 if self.workload == "arxiv" else 32768 - 1024
+
+
+PANELS = {
+    "arxiv-qwen": Panel("arxiv", "qwen3-30b-a3b", 10.0, 0.125, (1.3, 1.4, 1.5, 1.6, 1.7, 1.8), 16),
+    "arxiv-gptoss": Panel("arxiv", "gpt-oss-20b", 10.0, 0.100, (2.1, 2.3, 2.5, 2.7, 2.9, 3.1), 12),
+    "sharegpt-qwen": Panel("sharegpt", "qwen3-30b-a3b", 5.0, 0.125, (4.0, 4.2, 4.4, 4.6, 4.8, 5.0),
+                           16),
+    "sharegpt-gptoss": Panel("sharegpt", "gpt-oss-20b", 5.0, 0.100,
+                             (5.8, 6.0, 6.2, 6.4, 6.6, 6.8), 12),
+}
+POLICIES = ("chunked", "paper")
+
+
+def overrides(panel: Panel, policy: str, rate: float, duration_s: float, warmup_s: float,
+              hardware: str) -> list[str]:
+    common = [
+        "engine=paper", f"model={panel.model}", f"workload={panel.workload}",
+        "workload.scale=1.0", "workload.min_prompt=1", f"workload.max_prompt={panel.max_prompt}",
+        "workload.min_output=1", "workload.max_output=1024", f"workload.rate={rate}",
+        f"workload.duration_s={duration_s}", f"workload.warmup_s={warmup_s}",
+        f"slo.ttft_s={panel.ttft_s}", f"slo.tbt_s={panel.tbt_s}",
+        "backend.name=sim", f"backend.hardware={hardware}", "progress=false", "warmup=false",
+        f"policy={policy}",
+    ]
+    if policy == "paper":
+        common += [f"policy.max_groups={panel.max_groups}", "policy.unit=512"]
+    return common
+
+
+def run_one(args: tuple[list[str], str]) -> dict:
+    """One lpenv-eval run (in a worker process)."""
+    from hydra import compose, initialize_config_dir
+
+    from scripts.evaluate import CONFIG_DIR, evaluate
+
+    overrides_, out_dir = args
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("evaluate", overrides=overrides_)
+    return evaluate(cfg, Path(out_dir), overrides_)
+
+
+def run_panel(name: str, out: Path, jobs: int, duration_s: float, warmup_s: float,
+              hardware: str, rates: tuple[float, ...] | None = None) -> dict:
+    from scripts.sweep_report import report
+
+    panel = PANELS[name]
+    folder = out / name
+    work = [(overrides(panel, policy, rate, duration_s, warmup_s, hardware),
+             str(folder / f"{policy}-{rate:g}"))
+            for policy in POLICIES for rate in (rates or panel.rates)]
+    summaries = []
+    ctx = multiprocessing.get_context("spawn")  # fork hangs with torch's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_one, w) for w in work]
+        for f in tqdm(as_completed(futures), total=len(futures), desc=name, unit="run"):
+            summaries.append(f.result())
+    result = report([folder], folder)
+    print(result["table"])
+    keys = ("policy", "rate", "slo_attainment", "ttft_mean_s", "e2e_mean_s", "expert_bytes",
+            "energy_per_token_j", "energy_source", "requests_total", "requests_warmup",
+            "wall_time_s", "sim_time_s")
+    rows = sorted(({k: s.get(k) for k in keys} for s in summaries),
+                  key=lambda r: (r["policy"], r["rate"]))
+    panel_json = {"panel": name, **panel.__dict__, "hardware": hardware,
+                  "duration_s": duration_s, "warmup_s": warmup_s, "runs": rows,
+                  "goodput": result.get("goodput")}
+    (folder / "panel.json").write_text(json.dumps(panel_json, indent=2) + "\n")
+    return panel_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("panel", choices=[*PANELS, "all"])
+    p.add_argument("--out", default="results/paper")
+    p.add_argument("--jobs", type=int, default=max(1, multiprocessing.cpu_count()),
+                   help="runs in parallel (the simulator's results do not depend on it)")
+    p.add_argument("--duration", type=float, default=600.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=60.0, help="warm-up seconds per run")
+    p.add_argument("--hardware", default="h100-sxm-tp2")
+    p.add_argument("--rates", type=float, nargs="*", default=None,
+                   help="override the panel's rates")
+    args = p.parse_args(argv)
+    names = list(PANELS) if args.panel == "all" else [args.panel]
+    for name in names:
+        run_panel(name, Path(args.out), args.jobs, args.duration, args.warmup, args.hardware,
+                  tuple(args.rates) if args.rates else None)
+
+
+if __name__ == "__main__":
+    main()

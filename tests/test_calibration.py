@@ -1,0 +1,133 @@
+"""Calibration: the cost model's linear form, the fit, the empirical routing model and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from engine_adapter.calibration import (
+    CalibrationGrid,
+    design_matrix,
+    fit_coefficients,
+    percentage_errors,
+    profile_grid,
+    routing_observations,
+)
+from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel, coefficients, from_coefficients
+from engine_adapter.errors import ConfigError
+from engine_adapter.executor_sim import SimExecutor
+from engine_adapter.hardware import DATASHEET_PROFILES, resolve_profile
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.routing import RoutingModel, record_routing
+
+# A sum-form profile with every term in play, none of them round numbers.
+TRUE = replace(DATASHEET_PROFILES["cpu-generic"], name="truth", iteration_overhead_s=7e-4,
+               row_overhead_s=3e-6, layer_overhead_s=3e-4, attention_call_overhead_s=6e-5,
+               expert_overhead_s=4e-5, matmul_efficiency=0.7,
+               expert_efficiency=0.45, attention_efficiency=0.3, weight_efficiency=0.9,
+               kv_efficiency=0.25, expert_curve_knots=(2.0, 8.0), expert_curve_s=(3e-6, 1e-6))
+
+
+def _sim_samples(profile, grid=None, model="qwen3-moe-tiny"):
+    mc = ModelConfig.load(model)
+    cost = CostModel(mc, profile, 4)
+    executor = SimExecutor(mc, cost, "zipf:0.8")
+    base = EngineConfig(model=model, prefill_budget=512, kv_cache_tokens=16384)
+    grid = grid or CalibrationGrid(decode=((0, 0), (3, 40), (9, 200)), prefill=(8, 60, 300),
+                                   groups=(1, 2, 5), chunks=(16, 64), repeats=1)
+    return mc, cost, profile_grid(base, mc, executor, grid)
+
+
+def test_terms_are_what_price_is_linear_in():
+    mc, cost, samples = _sim_samples(TRUE)
+    terms, measured = design_matrix(cost, samples)
+    np.testing.assert_allclose(terms @ coefficients(TRUE), measured, rtol=1e-9)
+    assert len(samples) > 50
+
+
+def test_fit_recovers_the_profile_that_made_the_latencies():
+    """Latencies priced by a known profile: the fit finds its coefficients, up to noise."""
+    mc, cost, samples = _sim_samples(TRUE)
+    terms, measured = design_matrix(cost, samples)
+    coef = fit_coefficients(terms, measured)
+    np.testing.assert_allclose(coef, coefficients(TRUE), rtol=1e-6)
+    noisy = measured * np.random.default_rng(0).lognormal(0, 0.03, measured.size)
+    fitted = from_coefficients(TRUE, fit_coefficients(terms, noisy))
+    errors = percentage_errors(CostModel(mc, fitted, 4), samples)
+    assert np.median(errors) < 0.03
+
+
+def test_grid_covers_layered_stages_chunks_and_decode():
+    _, _, samples = _sim_samples(TRUE)
+    stages = {(st.layer_start, st.layer_end) for s in samples for st in s.plan.stages}
+    assert {(0, 5), (0, 3), (3, 5), (0, 1), (4, 5)} <= stages  # G = 1, 2, 5 of 5 layers
+    assert {s.plan.mode for s in samples} == {"layered", "chunked"}
+    assert max(len(s.plan.decode) for s in samples) >= 9
+
+
+def test_empirical_routing_interpolates_what_was_recorded(tmp_path):
+    mc = ModelConfig.load("qwen3-moe-cpu")  # 64 experts, top-8
+    skewed = RoutingModel(mc, "zipf:1.0")
+    observations = [(r, skewed.distinct(r)) for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) * 3]
+    table = record_routing(observations, mc)
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(table))
+    empirical = RoutingModel(mc, f"empirical:{path}")
+    for rows in (1, 8, 64, 256):
+        assert empirical.distinct(rows) == skewed.distinct(rows)
+    assert skewed.distinct(16) <= empirical.distinct(24) <= skewed.distinct(32)
+    assert empirical.distinct(10_000) <= mc.num_experts
+    with pytest.raises(ConfigError, match="recorded for 64 experts"):
+        RoutingModel(ModelConfig.load("mixtral-tiny"), f"empirical:{path}")
+    with pytest.raises(ConfigError, match="does not exist"):
+        RoutingModel(mc, f"empirical:{tmp_path / 'none.json'}")
+
+
+def test_routing_observations_come_from_moe_layers_only():
+    mc, _, samples = _sim_samples(TRUE)
+    obs = routing_observations(samples, mc)
+    assert obs and all(1 <= d <= mc.num_experts for _, d in obs)
+    per_sample = sum(mc.moe_layers)  # layer 2 of qwen3-moe-tiny is dense
+    assert len(obs) <= len(samples) * per_sample
+
+
+def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch):
+    """The real engine (tiny model, quick grid): profile and routing table written, the
+    report has the fidelity figures, and the env runs on the sim backend with the profile."""
+    from scripts.calibrate import main
+
+    monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path / "profiles"))
+    main(["--quick", "--model", "qwen3-moe-tiny", "--device", "cpu", "--out",
+          str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "cpu-auto.json").read_text())
+    profile = resolve_profile("cpu-auto")
+    assert profile.source.startswith("lpenv-calibrate") and not profile.overlap
+    assert report["profile"]["name"] == "cpu-auto"
+    for key in ("fit_error", "held_out_iteration_error", "held_out_iteration_error_routing_model"):
+        assert 0 <= report[key]["median"] <= report[key]["p90"]
+        assert report[key]["samples"] > 0
+    assert set(report["held_out_episodes"]) == {"layered (paper rule)", "chunked (64)"}
+    assert (tmp_path / "out" / "cpu-auto_fidelity.png").stat().st_size > 0
+
+    import gymnasium as gym
+
+    import lpenv
+
+    env = gym.make(lpenv.ENV_ID, engine={"model": "qwen3-moe-tiny", "prefill_budget": 512,
+                                         "kv_cache_tokens": 8192},
+                   workload={"num_requests": 6, "scale": 0.05},
+                   backend={"name": "sim", "hardware": "cpu-auto",
+                            "routing": f"empirical:{report['routing_path']}"})
+    env.reset(seed=0)
+    done = False
+    while not done:
+        mask = env.unwrapped.action_masks()
+        action = [0, env.unwrapped.codec.admission_levels - 1, int(mask[-1])]
+        _, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+    assert info["summary"]["requests_finished"] == 6
+    assert info["summary"]["energy_source"] == "modeled:cpu-generic"
