@@ -164,8 +164,11 @@ def fit_coefficients(terms: np.ndarray, measured: np.ndarray) -> np.ndarray:
 
 def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample], name: str,
                 source: str) -> HardwareProfile:
+    """The fitted profile, with the spread of the measurements around it."""
     terms, measured = design_matrix(cost, samples)
-    return from_coefficients(base, fit_coefficients(terms, measured), name=name, source=source)
+    coef = fit_coefficients(terms, measured)
+    spread = float(np.std(np.log(measured / np.maximum(terms @ coef, 1e-12))))
+    return from_coefficients(base, coef, name=name, source=source, latency_noise_sd=spread)
 
 
 def percentage_errors(cost: CostModel, samples: Sequence[Sample],

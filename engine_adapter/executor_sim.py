@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan
@@ -36,14 +38,23 @@ class SimExecutor:
     needs_data = False  # plans need no block tables or token ids here
 
     def __init__(self, config: ModelConfig, cost: CostModel, routing: str = "uniform",
-                 energy_model: str = "cpu-generic") -> None:
+                 energy_model: str = "cpu-generic", noise: bool = True, seed: int = 0) -> None:
         self.config = config
         self.cost = cost
         self.routing = RoutingModel(config, routing)
         self.device = SimDevice(f"sim:{energy_model}")  # energy is always modeled here
+        # A calibrated profile knows how much measured iterations scatter around its
+        # prediction; drawing that scatter gives the simulator the real engine's latency tails
+        # (a TBT SLO is broken by one slow iteration). Mean-preserving, seeded per episode.
+        self.noise_sd = cost.profile.latency_noise_sd if noise else 0.0
+        self._rng = np.random.default_rng(seed)
 
     def reset(self) -> None:
         pass  # no state between iterations: carried activations are not simulated
+
+    def reseed(self, seed: int) -> None:
+        """Restart the latency noise's random stream (episodes are reproducible by seed)."""
+        self._rng = np.random.default_rng(seed)
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         distinct: list[int | None] = []
@@ -56,5 +67,8 @@ class SimExecutor:
             if st.is_last:
                 sampled.update((s.request_id, 0) for s in st.segments if s.sample)
         latency, traffic = self.cost.price(plan, distinct)
+        if self.noise_sd:
+            sd = self.noise_sd
+            latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
         return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
                                traffic=traffic)

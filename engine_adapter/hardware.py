@@ -59,6 +59,9 @@ class HardwareProfile:
     # Concave and piecewise linear in m: small per-expert matmuls run below the peak rate.
     expert_curve_knots: tuple[float, ...] = ()
     expert_curve_s: tuple[float, ...] = ()
+    # Spread of measured iteration latency around the prediction (sd of log(measured /
+    # predicted) on the calibration grid); the simulator can draw it. Datasheet profiles: 0.
+    latency_noise_sd: float = 0.0
     # Tensor parallelism: each of ``tensor_parallel`` devices does 1/tp of a layer's FLOPs and
     # bytes, then two all-reduces per layer (after attention and after the MLP) move the rows'
     # hidden states over the link (ring all-reduce: 2 (tp - 1) / tp of the data each).

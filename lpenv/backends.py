@@ -32,7 +32,8 @@ class BackendConfig:
     name: str = "torch"
     latency: str = "measured"
     hardware: str = "cpu-generic"  # profile (engine_adapter.hardware) for the cost model
-    routing: str = "uniform"  # sim: uniform | zipf:S
+    routing: str = "uniform"  # sim: uniform | zipf:S | empirical:PATH
+    latency_noise: bool = True  # sim: draw the profile's calibrated latency scatter
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
@@ -60,7 +61,8 @@ def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransfor
 def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
     if backend.name == "sim":
         cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
-        return SimExecutor(model_config, cost, backend.routing, backend.hardware)
+        return SimExecutor(model_config, cost, backend.routing, backend.hardware,
+                           noise=backend.latency_noise, seed=config.seed)
     executor = TorchExecutor(shared_model(config, model_config), config.num_kv_blocks,
                              config.block_size)
     if backend.latency == "modeled":

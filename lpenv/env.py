@@ -124,6 +124,8 @@ class LayeredPrefillEnv(gym.Env):
         if self._executor is None:
             self._executor = build_executor(self.backend, self.engine_config, self.model_config)
         self._executor.reset()
+        if hasattr(self._executor, "reseed"):  # the simulator's latency noise, by this seed
+            self._executor.reseed(int(self.np_random.integers(2**31)))
         engine = Engine(self.engine_config, executor=self._executor, clock=VirtualClock(),
                         model_config=self.model_config)
         requests = generate(self.workload_config, self.np_random)

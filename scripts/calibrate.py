@@ -128,6 +128,8 @@ def plot_fidelity(samples, cost: CostModel, path: Path, title: str) -> None:
 
 def calibrate(args: argparse.Namespace) -> dict:
     grid = CalibrationGrid.quick() if args.quick else CalibrationGrid()
+    if args.repeats:
+        grid = replace(grid, repeats=args.repeats)
     engine_cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                               prefill_budget=max(grid.prefill), kv_cache_tokens=65536)
     mc = ModelConfig.load(args.model)
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results/calibration", help="report and plot folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="passes over the grid (default 2; 1 halves the time)")
     args = p.parse_args(argv)
     report = calibrate(args)
     path = Path(args.out) / f"{report['name']}.json"

@@ -122,6 +122,8 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
 
 def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
     executor = build_executor(setup.backend, setup.engine, setup.model)
+    if hasattr(executor, "reseed"):  # the simulator's latency noise follows the run's seed
+        executor.reseed(int(cfg.seed))
     if cfg.warmup and not setup.backend.deterministic:
         warm_up(executor, setup.engine, setup.model)
     engine = Engine(setup.engine, executor=executor, clock=VirtualClock(),
