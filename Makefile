@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Both cores for the engine's matmuls.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test test-slow lint bench clean
+.PHONY: run test test-slow lint bench bench-sim calibrate paper clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,21 @@ run: $(STAMP)
 # The engine benchmark: chunked against layered prefill on the CPU model.
 bench: $(STAMP)
 	$(BIN)/python -m scripts.bench_engine --out results/bench_engine.json --plots results
+
+# The simulator's speed (realtime factor, env steps per second) on the paper's arXiv run.
+bench-sim: $(STAMP)
+	$(BIN)/python -m scripts.bench_sim --out results/bench_sim.json
+
+# Fit the cost model to the real engine on this machine: writes the cpu-auto profile (about
+# five minutes; run it on an otherwise idle machine).
+calibrate: $(STAMP)
+	$(BIN)/lpenv-calibrate --out results/calibration
+
+# The paper's SLO-attainment-against-rate experiment on the simulator, all four panels
+# (about five minutes); one panel: make paper PANEL=arxiv-qwen.
+PANEL ?= all
+paper: $(STAMP)
+	$(BIN)/lpenv-paper $(PANEL) --out results/paper
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

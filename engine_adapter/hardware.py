@@ -14,11 +14,13 @@ Names ``hardware=`` accepts:
   ``--name``, read from ``$LPENV_PROFILE_DIR`` (default ``~/.cache/lpenv/profiles``);
 * a path to such a ``.json`` file.
 
-Datasheet efficiencies are assumptions, not measurements: 60% of dense BF16 peak for GEMMs
-(cuBLAS on large shapes reaches 70-80%; serving shapes are smaller), 50% for attention
-(FlashAttention-3 reports 75% of H100 peak in BF16 forward at long sequences; decode and short
-prefills reach less), 80% of HBM bandwidth for weight and KV streaming (STREAM-like copies
-reach 85-90%). All-reduce: 60% of the per-direction NVLink bandwidth, 10 us per call.
+GPU efficiencies: the MoE layers' two (expert FLOPs at 20% of the BF16 peak, expert weights
+streamed at 45% of HBM bandwidth) are read off the paper's measured MoE kernel time (see
+``EXPERT_EFFICIENCY``); the rest are assumptions, not measurements: 60% of dense BF16 peak for
+the other GEMMs (cuBLAS on large shapes reaches 70-80%; serving shapes are smaller), 50% for
+attention (FlashAttention-3 reports 75% of H100 peak in BF16 forward at long sequences; decode
+and short prefills reach less), 80% of HBM bandwidth for KV streaming (STREAM-like copies reach
+85-90%). All-reduce: 60% of the per-direction NVLink bandwidth, 10 us per call.
 Overheads are guesses of kernel-launch cost (about 5 us per launch, a few per layer).
 """
 
@@ -126,10 +128,18 @@ class HardwareProfile:
 def _gpu(name: str, peak: float, bandwidth: float, link: float, energy: str) -> HardwareProfile:
     return HardwareProfile(
         name, peak, bandwidth, iteration_overhead_s=2e-4, layer_overhead_s=1e-5,
-        expert_overhead_s=2e-6, matmul_efficiency=0.6, expert_efficiency=0.6,
-        attention_efficiency=0.5, weight_efficiency=0.8, kv_efficiency=0.8,
+        expert_overhead_s=2e-6, matmul_efficiency=0.6, expert_efficiency=EXPERT_EFFICIENCY,
+        attention_efficiency=0.5, weight_efficiency=EXPERT_WEIGHT_EFFICIENCY, kv_efficiency=0.8,
         link_bandwidth=0.6 * link, allreduce_latency_s=10e-6, energy=ENERGY_MODELS[energy])
 
+
+# The MoE layers' efficiencies come from the paper's own kernel timing (PAPER.md: Qwen3-30B-A3B
+# on 2 x H100, one 8,192-token prompt, MoE kernel time 312 ms in 512-token chunks and 76 ms in
+# one pass). Per layer and device: 16 chunks x 48 layers -> 0.41 ms to stream 604 MB of experts
+# (45% of 3.35 TB/s), and 1.58 ms for 310 GFLOP in one pass (20% of 989 TFLOP/s). The same
+# fused-MoE kernels run on the other GPUs, so the same shares are assumed there.
+EXPERT_EFFICIENCY = 0.20
+EXPERT_WEIGHT_EFFICIENCY = 0.45
 
 DATASHEET_PROFILES = {
     # Two cores of a recent Xeon in float32, read off qwen3-moe-cpu runs here before
@@ -137,7 +147,7 @@ DATASHEET_PROFILES = {
     # chunks re-reading all experts add ~15 GB/s worth of time on top (no overlap).
     # ``lpenv-calibrate`` measures and fits this machine instead (``cpu-auto``).
     "cpu-generic": HardwareProfile("cpu-generic", 170e9, 15e9, 1e-3, 2e-4, 3e-5,
-                                   overlap=False, padded_attention=True),
+                                   overlap=False),
     # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
     # both directions together (450 GB/s each way).
     "h100-sxm": _gpu("h100-sxm", 989e12, 3.35e12, 450e9, "h100-sxm"),

@@ -148,7 +148,8 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         "policy_params": policy_params(cfg.policy),
         "engine": setup.backend.name,
         "mode": setup.engine.mode,
-        "latency": setup.backend.latency,
+        "latency": (f"simulated:{setup.backend.hardware}" if setup.backend.name == "sim"
+                    else setup.backend.latency),
         "hardware": setup.backend.hardware,
         "device": str(setup.engine.torch_device),
         "model": setup.engine.model,

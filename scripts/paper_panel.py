@@ -54,6 +54,7 @@ PANELS = {
                              (5.8, 6.0, 6.2, 6.4, 6.6, 6.8), 12),
 }
 POLICIES = ("chunked", "paper")
+LABELS = {"chunked": "chunked-512", "paper": "layered-paper-rule"}
 
 
 def overrides(panel: Panel, policy: str, rate: float, duration_s: float, warmup_s: float,
@@ -65,7 +66,7 @@ def overrides(panel: Panel, policy: str, rate: float, duration_s: float, warmup_
         f"workload.duration_s={duration_s}", f"workload.warmup_s={warmup_s}",
         f"slo.ttft_s={panel.ttft_s}", f"slo.tbt_s={panel.tbt_s}",
         "backend.name=sim", f"backend.hardware={hardware}", "progress=false", "warmup=false",
-        f"policy={policy}",
+        f"policy={policy}", f"policy.label={LABELS[policy]}",
     ]
     if policy == "paper":
         common += [f"policy.max_groups={panel.max_groups}", "policy.unit=512"]
@@ -109,8 +110,37 @@ def run_panel(name: str, out: Path, jobs: int, duration_s: float, warmup_s: floa
     panel_json = {"panel": name, **panel.__dict__, "hardware": hardware,
                   "duration_s": duration_s, "warmup_s": warmup_s, "runs": rows,
                   "goodput": result.get("goodput")}
+    panel_json["policies"] = policy_figures(rows)
     (folder / "panel.json").write_text(json.dumps(panel_json, indent=2) + "\n")
+    print(format_figures(name, panel_json["policies"]))
     return panel_json
+
+
+def policy_figures(rows: list[dict], target: float = 0.9) -> dict:
+    """Per policy: the first rate whose attainment falls below the target, and the means at
+    the panel's lowest rate (where queueing has not yet taken over)."""
+    out = {}
+    for policy in sorted({r["policy"] for r in rows}):
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["rate"])
+        below = next((r["rate"] for r in mine if r["slo_attainment"] < target), None)
+        low = mine[0]
+        out[policy] = {"falls_below_90_at": below, "at_rate": low["rate"],
+                       "ttft_mean_s": low["ttft_mean_s"], "e2e_mean_s": low["e2e_mean_s"],
+                       "expert_bytes": low["expert_bytes"],
+                       "energy_per_token_j": low["energy_per_token_j"],
+                       "energy_source": low["energy_source"]}
+    return out
+
+
+def format_figures(name: str, figures: dict) -> str:
+    lines = [f"{name}: {'policy':20s} {'< 90% at':>9s} {'TTFT mean':>10s} {'e2e mean':>9s} "
+             f"{'expert TB':>10s} {'mJ/token':>9s}  (means at the lowest rate)"]
+    for policy, f in figures.items():
+        below = f"{f['falls_below_90_at']:g}" if f["falls_below_90_at"] else "never"
+        lines.append(f"{'':{len(name) + 1}s} {policy:20s} {below:>9s} {f['ttft_mean_s']:9.2f}s "
+                     f"{f['e2e_mean_s']:8.2f}s {f['expert_bytes'] / 1e12:10.1f} "
+                     f"{f['energy_per_token_j'] * 1e3:9.1f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,9 +157,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="override the panel's rates")
     args = p.parse_args(argv)
     names = list(PANELS) if args.panel == "all" else [args.panel]
-    for name in names:
-        run_panel(name, Path(args.out), args.jobs, args.duration, args.warmup, args.hardware,
-                  tuple(args.rates) if args.rates else None)
+    panels = [run_panel(name, Path(args.out), args.jobs, args.duration, args.warmup,
+                        args.hardware, tuple(args.rates) if args.rates else None)
+              for name in names]
+    print(f"predicted on the simulator ({args.hardware}); energy modeled")
+    for panel in panels:
+        print(format_figures(panel["panel"], panel["policies"]))
 
 
 if __name__ == "__main__":

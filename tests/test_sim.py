@@ -137,3 +137,41 @@ def test_gpt_oss_windows_sinks_and_sim_only():
     assert stats[0].scores == 128 + 1 + sum(min(p, 128) for p in range(1, 2049)) + 2048
     cost = CostModel(cfg, "h100-sxm-tp2", 2)
     assert 0 < cost.iteration_latency(plan) < 1.0
+
+
+def test_workload_duration_and_warmup():
+    import numpy as np
+
+    from lpenv.metrics import MetricsRecorder
+    from lpenv.workload import WorkloadConfig, generate
+
+    cfg = WorkloadConfig(lengths="sharegpt", rate=5.0, duration_s=600, warmup_s=60)
+    requests = generate(cfg, np.random.default_rng(0))
+    assert requests[-1].arrival_time < 660 <= requests[-1].arrival_time + 5
+    assert abs(len(requests) - 5.0 * 660) < 4 * (5.0 * 660) ** 0.5  # Poisson count
+    recorder = MetricsRecorder(measure_from_s=60)
+    for r in requests:
+        recorder.arrival(r.request_id, r.arrival_time, r.prompt_tokens, r.output_tokens)
+    s = recorder.summary()
+    assert s["requests_warmup"] == sum(r.arrival_time < 60 for r in requests) > 0
+    assert s["requests_total"] + s["requests_warmup"] == len(requests)
+    with pytest.raises(ValueError, match="duration_s"):
+        WorkloadConfig(duration_s=0)
+
+
+def test_paper_panel_runs_both_policies_and_draws_the_figure(tmp_path):
+    """lpenv-paper on a short window: both policies, the figure, the quoted figures."""
+    import json
+
+    from scripts.paper_panel import run_panel
+
+    result = run_panel("arxiv-gptoss", tmp_path, jobs=1, duration_s=30, warmup_s=10,
+                       hardware="h100-sxm-tp2", rates=(2.5,))
+    folder = tmp_path / "arxiv-gptoss"
+    assert (folder / "attainment_vs_rate.png").stat().st_size > 0
+    saved = json.loads((folder / "panel.json").read_text())
+    assert set(saved["policies"]) == {"chunked-512", "layered-paper-rule"} == set(
+        result["policies"])
+    for run in saved["runs"]:
+        assert run["requests_warmup"] > 0 and run["energy_source"] == "modeled:h100-sxm-tp2"
+        assert run["expert_bytes"] > 0
