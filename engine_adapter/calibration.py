@@ -61,16 +61,19 @@ class RecordingExecutor:
 class CalibrationGrid:
     """Batch shapes to profile. Sizes are for the CPU default model; ``quick`` is a smoke test."""
 
-    decode: tuple[tuple[int, int], ...] = ((0, 0), (4, 256), (16, 256), (4, 2048), (16, 1024))
+    decode: tuple[tuple[int, int], ...] = ((0, 0), (1, 64), (2, 512), (4, 2048), (8, 256),
+                                           (16, 1024))
     prefill: tuple[int, ...] = (16, 128, 512, 2048)
     groups: tuple[int, ...] = (1, 2, 4, 8)
-    chunks: tuple[int, ...] = (64, 256)
+    chunks: tuple[int, ...] = (64,)
     repeats: int = 2
+    # Prefill batches above this go in pieces (later pieces attend to earlier ones).
+    prefill_budget: int = 1024
 
     @classmethod
     def quick(cls) -> CalibrationGrid:
         return cls(decode=((0, 0), (4, 64)), prefill=(16, 96), groups=(1, 2), chunks=(32,),
-                   repeats=1)
+                   repeats=1, prefill_budget=64)
 
     def size(self, num_layers: int) -> int:
         """Probes to run (for a progress bar)."""
@@ -108,9 +111,16 @@ def _probe(engine: Engine, prompt: list[int], num_groups: int | None) -> None:
     """One prefill of ``prompt`` (first token only) beside the running decode batch: as one
     batch of ``num_groups`` stages (layered) or in the engine's chunks (chunked: None)."""
     rid = engine.add_request(prompt, 1)
-    first = [Decision(num_groups, (rid,))] if num_groups else []
-    _run_until(engine, lambda: rid not in engine.scheduler.requests,
-               lambda: first.pop() if first else None)
+
+    def decide() -> Decision | None:
+        # Start the probe's next piece whenever it waits and nothing else is in flight.
+        view = engine.decision_view()
+        if num_groups and view is not None and not view.in_flight and any(
+                w.request_id == rid for w in view.waiting):
+            return Decision(num_groups, (rid,))
+        return None
+
+    _run_until(engine, lambda: rid not in engine.scheduler.requests, decide)
 
 
 def profile_grid(base: EngineConfig, model_config: ModelConfig, executor, grid: CalibrationGrid,

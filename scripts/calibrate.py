@@ -7,7 +7,8 @@
 4. Writes the profile (``hardware=cpu-auto``, or ``backend.hardware=NAME`` for ``--name``) and
    the routing table into ``$LPENV_PROFILE_DIR`` (default ``~/.cache/lpenv/profiles``).
 5. Fidelity on a workload it did not fit on: a CPU-scaled arXiv workload served by the paper
-   rule (layered) and by chunked prefill, on the real engine (measured) and on the simulator
+   rule (layered) and by chunked prefill, on the real engine (measured, between the grid's
+   two passes so that the machine's drift reaches fit and test alike) and on the simulator
    with the new profile and routing table. Reports the median and p90 absolute percentage
    error of iteration latency (with the routers' own distinct experts, and with the routing
    model's), and the episode-level error of TTFT, end-to-end time and SLO attainment.
@@ -66,29 +67,25 @@ def _percentiles(errors: np.ndarray) -> dict:
             "mean": float(errors.mean()), "samples": int(errors.size)}
 
 
-def held_out_episodes(engine_cfg: EngineConfig, mc: ModelConfig, executor, profile_path: Path,
-                      routing_path: Path, seed: int) -> dict:
-    """Each policy on the held-out workload: real engine (measured) and simulator."""
-    policies = {"layered (paper rule)": PaperRule(max_groups=mc.num_layers, unit=64),
-                "chunked (64)": ChunkedPrefill(chunk_tokens=64)}
-    out = {}
-    for label, policy in tqdm(policies.items(), desc="held-out episodes", unit="policy"):
-        cfg = replace(engine_cfg, mode=policy.mode,
-                      chunk_tokens=getattr(policy, "chunk_tokens", engine_cfg.chunk_tokens))
-        runs = {}
-        for side in ("measured", "simulated"):
-            if side == "measured":
-                executor.reset()
-                backend = RecordingExecutor(executor)
-            else:
-                cost = CostModel(mc, str(profile_path), cfg.torch_dtype.itemsize)
-                backend = SimExecutor(mc, cost, f"empirical:{routing_path}", str(profile_path))
-            engine = Engine(cfg, executor=backend, model_config=mc)
-            rng = np.random.default_rng(seed)
-            episode = Episode(engine, generate(HELD_OUT, rng), HELD_OUT_SLO, RewardConfig(), rng)
-            runs[side] = (episode.run(policy), backend)
-        out[label] = runs
-    return out
+HELD_OUT_POLICIES = ("layered (paper rule)", "chunked (64)")
+
+
+def _held_out_policy(label: str, mc: ModelConfig):
+    if label.startswith("layered"):
+        return PaperRule(max_groups=mc.num_layers, unit=64)
+    return ChunkedPrefill(chunk_tokens=64)
+
+
+def held_out_episode(engine_cfg: EngineConfig, mc: ModelConfig, label: str, executor,
+                     seed: int) -> tuple[dict, object]:
+    """One policy on the held-out workload, on ``executor``: its summary and the executor."""
+    policy = _held_out_policy(label, mc)
+    cfg = replace(engine_cfg, mode=policy.mode,
+                  chunk_tokens=getattr(policy, "chunk_tokens", engine_cfg.chunk_tokens))
+    engine = Engine(cfg, executor=executor, model_config=mc)
+    rng = np.random.default_rng(seed)
+    episode = Episode(engine, generate(HELD_OUT, rng), HELD_OUT_SLO, RewardConfig(), rng)
+    return episode.run(policy), executor
 
 
 def _episode_errors(runs: dict) -> dict:
@@ -131,7 +128,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     if args.repeats:
         grid = replace(grid, repeats=args.repeats)
     engine_cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                              prefill_budget=max(grid.prefill), kv_cache_tokens=65536)
+                              prefill_budget=grid.prefill_budget, kv_cache_tokens=65536)
     mc = ModelConfig.load(args.model)
     device = engine_cfg.torch_device
     name = args.name or f"{device.type}-auto"
@@ -145,9 +142,25 @@ def calibrate(args: argparse.Namespace) -> dict:
     base = base_profile(name, flops, bandwidth, like)
     cost_base = CostModel(mc, base, engine_cfg.torch_dtype.itemsize)
 
+    # Two passes over the grid with the held-out runs between them: a shared machine's speed
+    # drifts over minutes, and this way the drift reaches the fit and the test alike.
+    passes = max(1, grid.repeats)
+    one = replace(grid, repeats=1)
+    held_cfg = replace(engine_cfg, prefill_budget=1024, chunk_tokens=64, kv_cache_tokens=32768,
+                       max_num_seqs=64)
     bar = tqdm(total=grid.size(mc.num_layers), desc="grid", unit="probe")
-    samples = profile_grid(engine_cfg, mc, executor, grid, seed=args.seed, on_probe=bar.update)
+    samples = profile_grid(engine_cfg, mc, executor, one, seed=args.seed, on_probe=bar.update)
+    measured = {}
+    for label in HELD_OUT_POLICIES:
+        executor.reset()
+        measured[label] = held_out_episode(held_cfg, mc, label, RecordingExecutor(executor),
+                                           args.seed + 1000)
+    for i in range(1, passes):
+        executor.reset()
+        samples += profile_grid(engine_cfg, mc, executor, one, seed=args.seed + i,
+                                on_probe=bar.update)
     bar.close()
+    flops_after, bandwidth_after = measure_peaks(device, engine_cfg.torch_dtype)
 
     source = (f"lpenv-calibrate on {platform.node() or 'this machine'} ({device.type}, "
               f"{os.cpu_count()} CPUs visible), {time.strftime('%Y-%m-%d')}, model {mc.name}, "
@@ -161,9 +174,13 @@ def calibrate(args: argparse.Namespace) -> dict:
 
     fitted = CostModel(mc, profile, engine_cfg.torch_dtype.itemsize)
     fit_err = percentage_errors(fitted, samples)
-    held_cfg = replace(engine_cfg, prefill_budget=1024, chunk_tokens=64, kv_cache_tokens=32768,
-                       max_num_seqs=64)
-    episodes = held_out_episodes(held_cfg, mc, executor, profile_path, routing_path, args.seed + 1)
+    episodes = {}
+    for label, real in measured.items():
+        sim = SimExecutor(mc, CostModel(mc, str(profile_path), engine_cfg.torch_dtype.itemsize),
+                          f"empirical:{routing_path}", str(profile_path), seed=args.seed)
+        episodes[label] = {"measured": real,
+                           "simulated": held_out_episode(held_cfg, mc, label, sim,
+                                                         args.seed + 1000)}
     held = [s for runs in episodes.values() for s in runs["measured"][1].samples]
     routing_model = RoutingModel(mc, f"empirical:{routing_path}")
 
@@ -177,11 +194,13 @@ def calibrate(args: argparse.Namespace) -> dict:
         "name": name, "profile_path": str(profile_path), "routing_path": str(routing_path),
         "model": mc.name, "device": str(device), "dtype": args.dtype, "quick": args.quick,
         "measured_peak_flops": flops, "measured_bandwidth": bandwidth,
+        # The same measurements at the end: how much the machine's speed moved meanwhile.
+        "measured_peak_flops_after": flops_after, "measured_bandwidth_after": bandwidth_after,
         "grid": asdict(grid), "grid_iterations": len(samples),
         "coefficients": dict(zip(term_names(profile), coefficients(profile).tolist())),
         "profile": profile.to_json(),
         "fit_error": _percentiles(fit_err),
-        "held_out_workload": {**asdict(HELD_OUT), "seed": args.seed + 1,
+        "held_out_workload": {**asdict(HELD_OUT), "seed": args.seed + 1000,
                               "ttft_slo_s": HELD_OUT_SLO.ttft_s, "tbt_slo_s": HELD_OUT_SLO.tbt_s},
         "held_out_iteration_error": _percentiles(percentage_errors(fitted, held)),
         "held_out_iteration_error_routing_model": _percentiles(
@@ -201,7 +220,10 @@ def format_report(r: dict) -> str:
     lines = [
         f"profile {r['name']} -> {r['profile_path']}",
         f"measured peaks: {r['measured_peak_flops'] / 1e9:.1f} GFLOP/s, "
-        f"{r['measured_bandwidth'] / 1e9:.1f} GB/s; grid of {r['grid_iterations']} iterations",
+        f"{r['measured_bandwidth'] / 1e9:.1f} GB/s at the start, "
+        f"{r['measured_peak_flops_after'] / 1e9:.1f} GFLOP/s, "
+        f"{r['measured_bandwidth_after'] / 1e9:.1f} GB/s at the end; grid of "
+        f"{r['grid_iterations']} iterations",
         "iteration latency error (|predicted - measured| / measured):",
         f"  fit grid (in sample)          median {e['median']:.1%}  p90 {e['p90']:.1%}",
         f"  held-out, routers' experts    median {h['median']:.1%}  p90 {h['p90']:.1%}"
