@@ -31,8 +31,8 @@ from engine_adapter.traffic import (
     Traffic,
     edge_traffic,
     layer_row_stats,
+    layer_traffic,
     per_layer_traffic,
-    total_traffic,
 )
 
 # What an iteration's latency is linear in when compute and memory do not overlap: fixed
@@ -87,36 +87,44 @@ class CostModel:
         """Latency of ``plan``; distinct experts per layer from the routers if given."""
         return self.price(plan, distinct_experts)[0]
 
-    def price(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
-              ) -> tuple[float, Traffic]:
+    def price(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None,
+              stats: Sequence[RowStats] | None = None) -> tuple[float, Traffic]:
         """Latency and traffic of ``plan`` (the engine reports the traffic as it is, so it is
-        counted once)."""
+        counted once). ``stats``: ``layer_row_stats(plan, config)`` if already at hand."""
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
                    + self._time(edge, edge.attention_flops, edge.kv_bytes))
-        stats = layer_row_stats(plan, cfg)
+        if stats is None:
+            stats = layer_row_stats(plan, cfg)
+        moe = cfg.moe_layers
         if distinct_experts is None:
-            distinct_experts = [self.routing.distinct(st.rows) if moe and st.rows else None
-                                for moe, st in zip(cfg.moe_layers, stats)]
-        layers = per_layer_traffic(cfg, stats, distinct_experts, self.dtype_bytes)
-        layer_time: dict[tuple, float] = {}  # alike layers share a Traffic object
-        for st, t, distinct in zip(stats, layers, distinct_experts):
-            if not st.rows:
-                continue
-            key = (id(t), distinct)
-            if key not in layer_time:
-                attention, kv = self._attention_work(st, t)
-                layer_time[key] = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
-                                   + (distinct or 0) * hw.expert_overhead_s
-                                   + (hw.expert_curve_time(distinct, st.rows * cfg.top_k
-                                                           / distinct) if distinct else 0.0)
-                                   + self._time(t, attention, kv)
-                                   + hw.allreduce_time(st.rows, cfg.hidden_size,
-                                                       self.dtype_bytes))
-            latency += layer_time[key]
-        return latency, total_traffic(edge, layers)
+            distinct_experts = [self.routing.distinct(st.rows) if m and st.rows else None
+                                for m, st in zip(moe, stats)]
+        # Alike layers (the same row sums, kind and experts hit) are priced once, then counted.
+        alike: dict[tuple, list] = {}
+        for layer, (st, distinct) in enumerate(zip(stats, distinct_experts)):
+            if st.rows:
+                key = (id(st), moe[layer], distinct)
+                entry = alike.get(key)
+                if entry is None:
+                    alike[key] = [layer, st, distinct, 1]
+                else:
+                    entry[3] += 1
+        total = edge
+        for layer, st, distinct, count in alike.values():
+            t = layer_traffic(cfg, layer, st, distinct, self.dtype_bytes)
+            attention, kv = self._attention_work(st, t)
+            one = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
+                   + (distinct or 0) * hw.expert_overhead_s
+                   + (hw.expert_curve_time(distinct, st.rows * cfg.top_k / distinct)
+                      if distinct else 0.0)
+                   + self._time(t, attention, kv)
+                   + hw.allreduce_time(st.rows, cfg.hidden_size, self.dtype_bytes))
+            latency += count * one
+            total = total + (t if count == 1 else t.scaled(count))
+        return latency, total
 
     def terms(self, plan: IterationPlan, distinct_experts: Sequence[int | None]) -> np.ndarray:
         """The quantities the sum form (no overlap, no tensor parallel) is linear in, in

@@ -16,6 +16,7 @@ from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan
 from engine_adapter.routing import RoutingModel
+from engine_adapter.traffic import layer_row_stats
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,14 @@ class SimExecutor:
         self._rng = np.random.default_rng(seed)
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
-        distinct: list[int | None] = []
-        rows_by_layer = layer_rows(plan)
-        for layer, rows in enumerate(rows_by_layer):
-            moe = self.config.moe_layers[layer]
-            distinct.append(self.routing.distinct(rows) if moe and rows else None)
+        stats = layer_row_stats(plan, self.config)
+        distinct = [self.routing.distinct(st.rows) if moe and st.rows else None
+                    for moe, st in zip(self.config.moe_layers, stats)]
         sampled = {s.request_id: 0 for s in plan.decode}
         for st in plan.stages:
             if st.is_last:
                 sampled.update((s.request_id, 0) for s in st.segments if s.sample)
-        latency, traffic = self.cost.price(plan, distinct)
+        latency, traffic = self.cost.price(plan, distinct, stats)
         if self.noise_sd:
             sd = self.noise_sd
             latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ class ModelConfig:
     def window(self, layer: int) -> int | None:
         """The attention window of ``layer`` (None: full attention)."""
         return self.attention_windows[layer] if self.attention_windows else self.sliding_window
+
+    @cached_property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Every layer's window, computed once (the cost model asks each iteration)."""
+        return tuple(self.window(layer) for layer in range(self.num_layers))
 
     @property
     def executable(self) -> bool:

@@ -30,6 +30,11 @@ class Traffic:
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_bytes
 
+    def scaled(self, n: int) -> Traffic:
+        """``n`` layers' worth of this one."""
+        return Traffic(self.expert_bytes * n, self.weight_bytes * n, self.kv_bytes * n,
+                       self.flops * n, self.expert_flops * n, self.attention_flops * n)
+
     def __add__(self, other: Traffic) -> Traffic:
         return Traffic(self.expert_bytes + other.expert_bytes,
                        self.weight_bytes + other.weight_bytes,
@@ -102,12 +107,12 @@ def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
     """Per layer, the rows that pass it. Layers with the same window covered by the same
     stages share one sum, so a plan costs one pass over its segments per window, not one per
     layer."""
-    windows = [config.window(layer) for layer in range(plan.num_layers)]
+    windows = config.layer_windows
     sinks = config.attention_sinks
     covers: list[tuple[int, ...]] = [()] * plan.num_layers
     for i, st in enumerate(plan.stages):
-        for layer in range(st.layer_start, st.layer_end):
-            covers[layer] = (*covers[layer], i)
+        covers[st.layer_start:st.layer_end] = [
+            (*c, i) for c in covers[st.layer_start:st.layer_end]]
     per_window: dict[int | None, tuple[RowStats, list[RowStats]]] = {}
     by_cover: dict[tuple, RowStats] = {}
     out = []

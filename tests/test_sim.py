@@ -107,7 +107,7 @@ def test_bench_sim_writes_its_fields(tmp_path):
     from scripts.bench_sim import main
 
     out = tmp_path / "sim.json"
-    main(["--out", str(out), "--seconds", "10", "--env-steps", "30"])
+    main(["--out", str(out), "--seconds", "10", "--warmup", "2", "--env-steps", "30"])
     result = json.loads(out.read_text())
     for key in ("realtime_factor", "env_steps_per_s", "wall_s", "simulated_s"):
         assert result[key] > 0, key
