@@ -1,12 +1,12 @@
 """A roofline cost model: an iteration's latency from its plan, without running it.
 
 Each layer costs ``max(compute, memory)`` (their sum where they do not overlap, as on the CPU)
-plus a fixed overhead per layer and per distinct expert (kernel launches, or the CPU's Python
-expert loop), and each iteration a fixed overhead. Compute prices dense projections, expert
-FFNs and attention FLOPs each at its own share of the peak; memory prices weight and KV bytes
-each at its own share of the bandwidth (``engine_adapter.hardware``). Per-call overheads on
-top of a per-FLOP cost make each operator's effective efficiency a saturating curve in the
-rows it runs over (few rows: overhead-bound; many: peak-bound), which is the shape
+plus fixed overheads per layer, per attention call and per distinct expert (kernel launches,
+or the CPU's Python loops), an expert efficiency curve in rows per expert, and its
+tensor-parallel all-reduces; each iteration adds fixed costs per iteration and per row.
+Compute prices dense projections, expert FFNs and attention FLOPs each at its own share of the
+peak; memory prices weight and KV bytes each at its own share of the bandwidth
+(``engine_adapter.hardware``). On the CPU all of it is linear in ``TERMS``, which is what
 ``lpenv-calibrate`` fits. Distinct experts come from the executor (the real routers) or, for
 plans not run, from uniform routing: ``E (1 - (1 - k/E)^rows)``.
 
