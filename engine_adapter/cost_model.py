@@ -16,6 +16,7 @@ policies that estimate what a decision will cost, and by the simulator backend.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -27,12 +28,13 @@ from engine_adapter.plan import ExecutionResult, IterationPlan, Segment, StageWo
 from engine_adapter.routing import RoutingModel
 from engine_adapter.scheduler import layer_groups
 from engine_adapter.traffic import (
+    LayerClass,
     RowStats,
     Traffic,
     edge_traffic,
-    layer_row_stats,
+    layer_classes,
     layer_traffic,
-    per_layer_traffic,
+    per_class,
 )
 
 # What an iteration's latency is linear in when compute and memory do not overlap: fixed
@@ -87,34 +89,40 @@ class CostModel:
         """Latency of ``plan``; distinct experts per layer from the routers if given."""
         return self.price(plan, distinct_experts)[0]
 
-    def price(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None,
-              stats: Sequence[RowStats] | None = None) -> tuple[float, Traffic]:
+    def price(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
+              ) -> tuple[float, Traffic]:
         """Latency and traffic of ``plan`` (the engine reports the traffic as it is, so it is
-        counted once). ``stats``: ``layer_row_stats(plan, config)`` if already at hand."""
+        counted once); distinct experts per layer from the routers, or the routing model's."""
+        return self.price_groups(plan, self.groups(plan, distinct_experts))
+
+    def groups(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
+               ) -> list[tuple[LayerClass, int | None, int]]:
+        """(layer class, distinct experts, layers) triples: alike layers, priced once each.
+        Real routers hit different counts in layers of one class, which splits it."""
+        classes = layer_classes(plan, self.config)
+        if distinct_experts is None:
+            routing = self.routing
+            return [(c, routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
+                     c.count) for c in classes]
+        out = []
+        for c, hits in zip(classes, per_class(classes, distinct_experts, self.config)):
+            out += [(c, d, n) for d, n in Counter(hits).items()]
+        return out
+
+    def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, int | None,
+                                                                        int]]
+                     ) -> tuple[float, Traffic]:
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
                    + self._time(edge, edge.attention_flops, edge.kv_bytes))
-        if stats is None:
-            stats = layer_row_stats(plan, cfg)
-        moe = cfg.moe_layers
-        if distinct_experts is None:
-            distinct_experts = [self.routing.distinct(st.rows) if m and st.rows else None
-                                for m, st in zip(moe, stats)]
-        # Alike layers (the same row sums, kind and experts hit) are priced once, then counted.
-        alike: dict[tuple, list] = {}
-        for layer, (st, distinct) in enumerate(zip(stats, distinct_experts)):
-            if st.rows:
-                key = (id(st), moe[layer], distinct)
-                entry = alike.get(key)
-                if entry is None:
-                    alike[key] = [layer, st, distinct, 1]
-                else:
-                    entry[3] += 1
         total = edge
-        for layer, st, distinct, count in alike.values():
-            t = layer_traffic(cfg, layer, st, distinct, self.dtype_bytes)
+        for c, distinct, count in groups:
+            st = c.stats
+            if not st.rows:
+                continue
+            t = layer_traffic(cfg, c.first, st, distinct, self.dtype_bytes)
             attention, kv = self._attention_work(st, t)
             one = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
                    + (distinct or 0) * hw.expert_overhead_s
@@ -128,24 +136,27 @@ class CostModel:
 
     def terms(self, plan: IterationPlan, distinct_experts: Sequence[int | None]) -> np.ndarray:
         """The quantities the sum form (no overlap, no tensor parallel) is linear in, in
-        ``TERMS`` order: ``price`` = ``terms @ coefficients(profile)``. What calibration fits."""
+        ``term_names(profile)`` order: ``price`` = ``terms @ coefficients(profile)``. What
+        calibration fits."""
         cfg = self.config
-        stats = layer_row_stats(plan, cfg)
-        layers = per_layer_traffic(cfg, stats, distinct_experts, self.dtype_bytes)
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
         knots = self.profile.expert_curve_knots
         out = np.zeros(len(TERMS) + len(knots))
         out[0] = 1.0
         out[1] = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
         out[5], out[8] = edge.dense_flops, edge.weight_bytes
-        for st, t, distinct in zip(stats, layers, distinct_experts):
-            if st.rows:
-                attention, kv = self._attention_work(st, t)
-                out[2:len(TERMS)] += (1, st.groups, distinct or 0, t.dense_flops,
-                                      t.expert_flops, attention, t.weight_bytes, kv)
-                if distinct:
-                    m = st.rows * cfg.top_k / distinct
-                    out[len(TERMS):] += [distinct * min(m, k) for k in knots]
+        for c, distinct, count in self.groups(plan, distinct_experts):
+            st = c.stats
+            if not st.rows:
+                continue
+            t = layer_traffic(cfg, c.first, st, distinct, self.dtype_bytes)
+            attention, kv = self._attention_work(st, t)
+            out[2:len(TERMS)] += count * np.array(
+                (1, st.groups, distinct or 0, t.dense_flops, t.expert_flops, attention,
+                 t.weight_bytes, kv), dtype=float)
+            if distinct:
+                m = st.rows * cfg.top_k / distinct
+                out[len(TERMS):] += [count * distinct * min(m, k) for k in knots]
         return out
 
     def _attention_work(self, st: RowStats, t: Traffic) -> tuple[float, float]:

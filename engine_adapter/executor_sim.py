@@ -16,7 +16,7 @@ from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan
 from engine_adapter.routing import RoutingModel
-from engine_adapter.traffic import layer_row_stats
+from engine_adapter.traffic import layer_classes, per_layer
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,18 @@ class SimExecutor:
         self._rng = np.random.default_rng(seed)
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
-        stats = layer_row_stats(plan, self.config)
-        distinct = [self.routing.distinct(st.rows) if moe and st.rows else None
-                    for moe, st in zip(self.config.moe_layers, stats)]
+        classes = layer_classes(plan, self.config)
+        hits = [self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None
+                for c in classes]
         sampled = {s.request_id: 0 for s in plan.decode}
         for st in plan.stages:
             if st.is_last:
                 sampled.update((s.request_id, 0) for s in st.segments if s.sample)
-        latency, traffic = self.cost.price(plan, distinct, stats)
+        latency, traffic = self.cost.price_groups(
+            plan, [(c, d, c.count) for c, d in zip(classes, hits)])
         if self.noise_sd:
             sd = self.noise_sd
             latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
+        distinct = per_layer(classes, hits, plan.num_layers, self.config)
         return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
                                traffic=traffic)

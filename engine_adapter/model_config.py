@@ -85,6 +85,14 @@ class ModelConfig:
         """Every layer's window, computed once (the cost model asks each iteration)."""
         return tuple(self.window(layer) for layer in range(self.num_layers))
 
+    @cached_property
+    def layer_kinds(self) -> dict[tuple[int | None, bool], tuple[int, ...]]:
+        """Layers by what their cost depends on besides rows: (window, MoE or dense)."""
+        kinds: dict[tuple[int | None, bool], list[int]] = {}
+        for layer, (window, moe) in enumerate(zip(self.layer_windows, self.moe_layers)):
+            kinds.setdefault((window, moe), []).append(layer)
+        return {k: tuple(v) for k, v in kinds.items()}
+
     @property
     def executable(self) -> bool:
         """Whether the torch model runs this architecture (else: the sim backend only)."""

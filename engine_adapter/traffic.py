@@ -6,6 +6,7 @@ really activated; a cost model passes those of its routing model.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,31 +105,82 @@ def row_stats(segments: Sequence[Segment], window: int | None, sinks: bool = Fal
 
 
 def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
-    """Per layer, the rows that pass it. Layers with the same window covered by the same
-    stages share one sum, so a plan costs one pass over its segments per window, not one per
-    layer."""
-    windows = config.layer_windows
+    """Per layer, the rows that pass it (layers of one class share one object)."""
+    classes = layer_classes(plan, config)
+    return per_layer(classes, [c.stats for c in classes], plan.num_layers, config)
+
+
+@dataclass(frozen=True)
+class LayerClass:
+    """Layers of one plan that cost the same: one kind (window, MoE or dense) under the same
+    stages, so the same rows. ``spans`` are the [start, end) ranges holding them."""
+
+    window: int | None
+    moe: bool
+    count: int
+    first: int
+    spans: tuple[tuple[int, int], ...]
+    stats: RowStats
+
+
+def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
+    """The plan's layers grouped into classes: work per class, not per layer (a 48-layer
+    model under one stage is one class, two for GPT-OSS's alternating windows)."""
+    stages = plan.stages
+    cuts = sorted({0, plan.num_layers, *(st.layer_start for st in stages),
+                   *(st.layer_end for st in stages)})
     sinks = config.attention_sinks
-    covers: list[tuple[int, ...]] = [()] * plan.num_layers
-    for i, st in enumerate(plan.stages):
-        covers[st.layer_start:st.layer_end] = [
-            (*c, i) for c in covers[st.layer_start:st.layer_end]]
     per_window: dict[int | None, tuple[RowStats, list[RowStats]]] = {}
-    by_cover: dict[tuple, RowStats] = {}
+    found: dict[tuple, list] = {}
+    for a, b in zip(cuts, cuts[1:]):
+        cover = tuple(i for i, st in enumerate(stages) if st.layer_start <= a < st.layer_end)
+        for (window, moe), layers in config.layer_kinds.items():
+            lo, hi = bisect_left(layers, a), bisect_left(layers, b)
+            if lo == hi:
+                continue
+            key = (window, moe, cover)
+            entry = found.get(key)
+            if entry is None:
+                found[key] = [hi - lo, layers[lo], [(a, b)], window, moe, cover]
+            else:
+                entry[0] += hi - lo
+                entry[2].append((a, b))
     out = []
-    for window, cover in zip(windows, covers):
-        key = (window, cover)
-        if key not in by_cover:
-            if window not in per_window:
-                per_window[window] = (row_stats(plan.decode, window, sinks, decode=True),
-                                      [row_stats(st.segments, window, sinks)
-                                       for st in plan.stages])
-            decode, stages = per_window[window]
-            total = decode
-            for i in cover:
-                total = total + stages[i]
-            by_cover[key] = total
-        out.append(by_cover[key])
+    for count, first, spans, window, moe, cover in found.values():
+        if window not in per_window:
+            per_window[window] = (row_stats(plan.decode, window, sinks, decode=True),
+                                  [row_stats(st.segments, window, sinks) for st in stages])
+        decode, staged = per_window[window]
+        total = decode
+        for i in cover:
+            total = total + staged[i]
+        out.append(LayerClass(window, moe, count, first, tuple(spans), total))
+    return out
+
+
+def per_layer(classes: Sequence[LayerClass], values: Sequence, num_layers: int,
+              config: ModelConfig) -> list:
+    """One value per class spread back to one per layer."""
+    out: list = [None] * num_layers
+    for c, value in zip(classes, values):
+        layers = config.layer_kinds[(c.window, c.moe)]
+        for a, b in c.spans:
+            if len(layers) == num_layers:  # one kind: the span is all of this class
+                out[a:b] = [value] * (b - a)
+            else:
+                for layer in layers[bisect_left(layers, a):bisect_left(layers, b)]:
+                    out[layer] = value
+    return out
+
+
+def per_class(classes: Sequence[LayerClass], values: Sequence, config: ModelConfig
+              ) -> list[list]:
+    """Per-layer values gathered per class (the inverse of ``per_layer``)."""
+    out = []
+    for c in classes:
+        layers = config.layer_kinds[(c.window, c.moe)]
+        out.append([values[layer] for a, b in c.spans
+                    for layer in layers[bisect_left(layers, a):bisect_left(layers, b)]])
     return out
 
 
