@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 RUN_DIR ?= results/main
 RUN_RATES ?= 1,2,3,4
 RUN_ARGS ?= workload=arxiv4k workload.num_requests=24 workload.max_output=32
+# More overrides on top, e.g. RUN_EXTRA=hardware=cpu-auto after `make calibrate`.
+RUN_EXTRA ?=
 LEARNED ?= results/learned/policy
 EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
-	workload.rate=$(RUN_RATES) $(RUN_ARGS)
+	workload.rate=$(RUN_RATES) $(RUN_ARGS) $(RUN_EXTRA)
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
