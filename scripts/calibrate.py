@@ -67,19 +67,17 @@ def _percentiles(errors: np.ndarray) -> dict:
             "mean": float(errors.mean()), "samples": int(errors.size)}
 
 
-HELD_OUT_POLICIES = ("layered (paper rule)", "chunked (64)")
-
-
-def _held_out_policy(label: str, mc: ModelConfig):
-    if label.startswith("layered"):
-        return PaperRule(max_groups=mc.num_layers, unit=64)
-    return ChunkedPrefill(chunk_tokens=64)
+# The paper rule with its thresholds scaled like conf/engine/cpu.yaml's budgets (unit 64).
+HELD_OUT_POLICIES = {
+    "layered (paper rule)": lambda mc: PaperRule(max_groups=mc.num_layers, unit=64),
+    "chunked (64)": lambda mc: ChunkedPrefill(chunk_tokens=64),
+}
 
 
 def held_out_episode(engine_cfg: EngineConfig, mc: ModelConfig, label: str, executor,
                      seed: int) -> tuple[dict, object]:
     """One policy on the held-out workload, on ``executor``: its summary and the executor."""
-    policy = _held_out_policy(label, mc)
+    policy = HELD_OUT_POLICIES[label](mc)
     cfg = replace(engine_cfg, mode=policy.mode,
                   chunk_tokens=getattr(policy, "chunk_tokens", engine_cfg.chunk_tokens))
     engine = Engine(cfg, executor=executor, model_config=mc)
