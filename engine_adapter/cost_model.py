@@ -16,7 +16,6 @@ policies that estimate what a decision will cost, and by the simulator backend.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -31,10 +30,9 @@ from engine_adapter.traffic import (
     LayerClass,
     RowStats,
     Traffic,
+    alike_layers,
     edge_traffic,
-    layer_classes,
     layer_traffic,
-    per_class,
 )
 
 # What an iteration's latency is linear in when compute and memory do not overlap: fixed
@@ -97,17 +95,9 @@ class CostModel:
 
     def groups(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
                ) -> list[tuple[LayerClass, int | None, int]]:
-        """(layer class, distinct experts, layers) triples: alike layers, priced once each.
-        Real routers hit different counts in layers of one class, which splits it."""
-        classes = layer_classes(plan, self.config)
-        if distinct_experts is None:
-            routing = self.routing
-            return [(c, routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
-                     c.count) for c in classes]
-        out = []
-        for c, hits in zip(classes, per_class(classes, distinct_experts, self.config)):
-            out += [(c, d, n) for d, n in Counter(hits).items()]
-        return out
+        """Alike layers, priced once each (``traffic.alike_layers``); without routers'
+        counts, distinct experts from uniform routing."""
+        return alike_layers(plan, self.config, distinct_experts, self.routing)
 
     def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, int | None,
                                                                         int]]

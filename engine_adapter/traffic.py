@@ -7,6 +7,7 @@ really activated; a cost model passes those of its routing model.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -227,32 +228,29 @@ def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> 
     return Traffic(0, weight_bytes, 0, flops)
 
 
-def per_layer_traffic(config: ModelConfig, stats: Sequence[RowStats],
-                      distinct_experts: Sequence[int | None], dtype_bytes: int) -> list[Traffic]:
-    """Traffic of each layer from ``layer_row_stats``; alike layers (the same row sums,
-    kind and experts hit) are counted once."""
-    memo: dict[tuple, Traffic] = {}
+def alike_layers(plan: IterationPlan, config: ModelConfig,
+                 distinct_experts: Sequence[int | None] | None = None, routing=None
+                 ) -> list[tuple[LayerClass, int | None, int]]:
+    """(layer class, distinct experts, number of layers): alike layers, counted once each.
+    Distinct experts per layer come from the routers (layers of one class may differ, which
+    splits it) or, if None, from ``routing.distinct(rows)`` per class."""
+    classes = layer_classes(plan, config)
+    if distinct_experts is None:
+        return [(c, routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
+                 c.count) for c in classes]
     out = []
-    for layer, st in enumerate(stats):
-        # Layers covered by the same stages share one RowStats object: key by identity.
-        key = (config.moe_layers[layer], id(st), distinct_experts[layer])
-        if key not in memo:
-            memo[key] = layer_traffic(config, layer, st, distinct_experts[layer], dtype_bytes)
-        out.append(memo[key])
+    for c, hits in zip(classes, per_class(classes, distinct_experts, config)):
+        out += [(c, d, n) for d, n in Counter(hits).items()]
     return out
-
-
-def total_traffic(edge: Traffic, layers: Sequence[Traffic]) -> Traffic:
-    total = edge
-    for t in layers:
-        total = total + t
-    return total
 
 
 def plan_traffic(
     config: ModelConfig, plan: IterationPlan, distinct_experts: Sequence[int | None],
     dtype_bytes: int
 ) -> Traffic:
-    stats = layer_row_stats(plan, config)
-    layers = per_layer_traffic(config, stats, distinct_experts, dtype_bytes)
-    return total_traffic(edge_traffic(config, plan, dtype_bytes), layers)
+    total = edge_traffic(config, plan, dtype_bytes)
+    for c, distinct, count in alike_layers(plan, config, distinct_experts):
+        if c.stats.rows:
+            total = total + layer_traffic(config, c.first, c.stats, distinct,
+                                          dtype_bytes).scaled(count)
+    return total
