@@ -4,8 +4,9 @@
 2. Runs the real engine over a grid of batch shapes (``engine_adapter.calibration``) and fits
    the cost model's overheads and efficiencies to every iteration's measured latency.
 3. Records the routers' distinct experts against rows (an empirical routing model).
-4. Writes the profile (``hardware=cpu-auto``, or ``backend.hardware=NAME`` for ``--name``) and
-   the routing table into ``$LPENV_PROFILE_DIR`` (default ``~/.cache/lpenv/profiles``).
+4. Writes the profile (``hardware=cpu-auto``, or ``backend.hardware=NAME`` for ``--name``) into
+   ``$LPENV_PROFILE_DIR`` (default ``~/.cache/lpenv/profiles``) and the routing table into its
+   ``routing/`` folder (``backend.routing=empirical:PATH``).
 5. Fidelity on a workload it did not fit on: a CPU-scaled arXiv workload served by the paper
    rule (layered) and by chunked prefill, on the real engine (measured, between the grid's
    two passes so that the machine's drift reaches fit and test alike) and on the simulator
@@ -43,6 +44,7 @@ from engine_adapter.calibration import (
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, coefficients, term_names
 from engine_adapter.engine import Engine, build_model, warm_up
+from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.hardware import DATASHEET_PROFILES, profile_dir, write_profile
@@ -167,7 +169,8 @@ def calibrate(args: argparse.Namespace) -> dict:
     out_dir = Path(args.profile_dir) if args.profile_dir else profile_dir()
     profile_path = write_profile(profile, out_dir / f"{name}.json")
     routing = record_routing(routing_observations(samples, mc), mc)
-    routing_path = out_dir / f"routing-{mc.name}.json"
+    routing_path = out_dir / "routing" / f"{mc.name}.json"
+    routing_path.parent.mkdir(parents=True, exist_ok=True)
     routing_path.write_text(json.dumps(routing, indent=1) + "\n")
 
     fitted = CostModel(mc, profile, engine_cfg.torch_dtype.itemsize)
@@ -258,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="passes over the grid (default 2; 1 halves the time)")
     args = p.parse_args(argv)
-    report = calibrate(args)
+    try:
+        report = calibrate(args)
+    except (ConfigError, ValueError) as exc:  # a bad model, device or dtype: say so, briefly
+        p.exit(2, f"lpenv-calibrate: {exc}\n")
     path = Path(args.out) / f"{report['name']}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))

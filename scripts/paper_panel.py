@@ -156,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rates", type=float, nargs="*", default=None,
                    help="override the panel's rates")
     args = p.parse_args(argv)
+    from engine_adapter.errors import ConfigError
+    from engine_adapter.hardware import resolve_profile
+
+    try:
+        resolve_profile(args.hardware)  # before any worker starts
+    except ConfigError as exc:
+        p.error(str(exc))
     names = list(PANELS) if args.panel == "all" else [args.panel]
     panels = [run_panel(name, Path(args.out), args.jobs, args.duration, args.warmup,
                         args.hardware, tuple(args.rates) if args.rates else None)

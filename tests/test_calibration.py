@@ -131,3 +131,14 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
         done = terminated or truncated
     assert info["summary"]["requests_finished"] == 6
     assert info["summary"]["energy_source"] == "modeled:cpu-generic"
+
+
+def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):
+    from scripts.calibrate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--model", "gpt-oss-20b", "--out", str(tmp_path),
+              "--profile-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "sim backend only" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))  # nothing half-written

@@ -175,3 +175,12 @@ def test_paper_panel_runs_both_policies_and_draws_the_figure(tmp_path):
     for run in saved["runs"]:
         assert run["requests_warmup"] > 0 and run["energy_source"] == "modeled:h100-sxm-tp2"
         assert run["expert_bytes"] > 0
+
+
+def test_paper_panel_refuses_an_unknown_profile_before_running(capsys):
+    from scripts.paper_panel import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["arxiv-qwen", "--hardware", "tpu-v9"])
+    assert exc.value.code == 2
+    assert "unknown hardware profile 'tpu-v9'" in capsys.readouterr().err
