@@ -70,6 +70,13 @@ class LayeredPrefillEnv(gym.Env):
     horizon_s=None, max_decisions=None, render_mode=None)``; ``engine``, ``workload``,
     ``reward`` and ``backend`` take their config dataclasses or mappings (Hydra configs),
     ``slo`` a mapping ``{ttft_s, tbt_s}``. The engine always runs in layered mode here.
+    ``backend={"name": "sim", "hardware": "h100-sxm-tp2", "routing": "uniform"}`` runs the
+    simulator instead of the real model (``lpenv.backends``): hardware profiles from
+    ``engine_adapter.hardware`` (``cpu-auto`` once ``lpenv-calibrate`` has run), routing
+    ``uniform``, ``zipf:S`` or ``empirical:PATH``; a calibrated profile's latency scatter is
+    drawn from a stream seeded by ``reset(seed=...)`` (``latency_noise=False`` turns it off).
+    ``workload={"duration_s": 600, "warmup_s": 60, ...}``: arrivals over a window whose first
+    ``warmup_s`` seconds are left out of ``info["summary"]``'s request metrics.
 
     ## Version History
     * v0: initial version.
