@@ -184,3 +184,30 @@ def test_paper_panel_refuses_an_unknown_profile_before_running(capsys):
         main(["arxiv-qwen", "--hardware", "tpu-v9"])
     assert exc.value.code == 2
     assert "unknown hardware profile 'tpu-v9'" in capsys.readouterr().err
+
+
+def test_calibrated_latency_noise_is_seeded_by_reset(tmp_path, monkeypatch):
+    """A profile's latency scatter is drawn per iteration, reproducibly for a reset seed."""
+    from dataclasses import replace
+
+    from engine_adapter.hardware import DATASHEET_PROFILES, write_profile
+
+    monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path))
+    write_profile(replace(DATASHEET_PROFILES["cpu-generic"], name="noisy", latency_noise_sd=0.2))
+
+    def latencies(seed, noise=True):
+        env = gym.make(lpenv.ENV_ID, engine={"model": "qwen3-moe-tiny", "prefill_budget": 512,
+                                             "kv_cache_tokens": 8192},
+                       workload={"num_requests": 6, "scale": 0.05},
+                       backend={"name": "sim", "hardware": "noisy", "latency_noise": noise})
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            mask = env.unwrapped.action_masks()
+            action = [0, env.unwrapped.codec.admission_levels - 1, int(mask[-1])]
+            _, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+        return info["summary"]["iteration_p50_s"], info["summary"]["sim_time_s"]
+
+    assert latencies(3) == latencies(3)  # the same seed, the same noise
+    assert latencies(3, noise=False) == latencies(3, noise=False) != latencies(3)
