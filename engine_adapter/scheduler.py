@@ -273,9 +273,12 @@ class Scheduler:
     def _grow_decodes(self) -> list[int]:
         """Give every decoding request a KV slot for its next token, preempting if needed."""
         cancelled: list[int] = []
+        capacity = self.blocks.block_size
         for req in list(self.decoding):
             if req.status != RequestStatus.DECODING:
                 continue  # preempted earlier in this loop
+            if len(req.block_table) * capacity >= req.num_tokens:
+                continue  # its last block has room: most iterations, most requests
             while not self.blocks.can_grow(req, req.num_tokens):
                 cancelled += self._preempt_one(exclude=req)
             self.blocks.grow(req, req.num_tokens)

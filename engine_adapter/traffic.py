@@ -88,21 +88,31 @@ def _attended_keys(seg: Segment, window: int | None, sinks: bool) -> tuple[int, 
 
 def row_stats(segments: Sequence[Segment], window: int | None, sinks: bool = False,
               decode: bool = False) -> RowStats:
+    if decode:
+        return _decode_stats(segments, window, sinks)
     rows = scores = keys = padded_scores = padded_keys = 0
     for seg in segments:
         sc, kr = _attended_keys(seg, window, sinks)
         rows, scores, keys = rows + seg.length, scores + sc, keys + kr
-        if not decode:
-            causal = seg.start == 0 and window is None  # SDPA's causal path skips the rest
-            padded_scores += sc if causal else seg.length * seg.end
-            padded_keys += seg.end
-    groups = len(segments)
-    if decode and len(segments) > 1:  # one padded call for the whole decode batch
-        width = max(seg.end for seg in segments)
-        padded_scores, padded_keys, groups = rows * width, rows * width, 1
-    elif decode:
-        padded_scores, padded_keys = scores, keys
-    return RowStats(rows, scores, keys, padded_scores, padded_keys, groups)
+        causal = seg.start == 0 and window is None  # SDPA's causal path skips the rest
+        padded_scores += sc if causal else seg.length * seg.end
+        padded_keys += seg.end
+    return RowStats(rows, scores, keys, padded_scores, padded_keys, len(segments))
+
+
+def _decode_stats(segments: Sequence[Segment], window: int | None, sinks: bool) -> RowStats:
+    """``row_stats`` of a decode batch (one query per request: it attends to its whole
+    context, or its window), without a call per request: it runs every iteration."""
+    rows = len(segments)
+    if not rows:
+        return NO_ROWS
+    ends = [seg.start + 1 for seg in segments]
+    keys = sum(ends) if window is None else sum(e if e < window else window for e in ends)
+    scores = keys + (rows if sinks else 0)
+    if rows == 1:
+        return RowStats(1, scores, keys, scores, keys, 1)
+    width = max(ends)  # one padded call for the whole decode batch
+    return RowStats(rows, scores, keys, rows * width, rows * width, 1)
 
 
 def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
@@ -128,9 +138,14 @@ def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
     """The plan's layers grouped into classes: work per class, not per layer (a 48-layer
     model under one stage is one class, two for GPT-OSS's alternating windows)."""
     stages = plan.stages
+    sinks = config.attention_sinks
+    if not stages:  # decode only (most iterations): one class per kind, all layers
+        span = ((0, plan.num_layers),)
+        return [LayerClass(window, moe, len(layers), layers[0], span,
+                           _decode_stats(plan.decode, window, sinks))
+                for (window, moe), layers in config.layer_kinds.items()]
     cuts = sorted({0, plan.num_layers, *(st.layer_start for st in stages),
                    *(st.layer_end for st in stages)})
-    sinks = config.attention_sinks
     per_window: dict[int | None, tuple[RowStats, list[RowStats]]] = {}
     found: dict[tuple, list] = {}
     for a, b in zip(cuts, cuts[1:]):
