@@ -23,6 +23,7 @@ from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.hardware import DATASHEET_PROFILES, resolve_profile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.routing import RoutingModel, record_routing
+from tests.sim_episode import play_trivially
 
 # A sum-form profile with every term in play, none of them round numbers.
 TRUE = replace(DATASHEET_PROFILES["cpu-generic"], name="truth", iteration_overhead_s=7e-4,
@@ -122,15 +123,9 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
                    workload={"num_requests": 6, "scale": 0.05},
                    backend={"name": "sim", "hardware": "cpu-auto",
                             "routing": f"empirical:{report['routing_path']}"})
-    env.reset(seed=0)
-    done = False
-    while not done:
-        mask = env.unwrapped.action_masks()
-        action = [0, env.unwrapped.codec.admission_levels - 1, int(mask[-1])]
-        _, _, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
-    assert info["summary"]["requests_finished"] == 6
-    assert info["summary"]["energy_source"] == "modeled:cpu-generic"
+    summary = play_trivially(env, seed=0)["summary"]
+    assert summary["requests_finished"] == 6
+    assert summary["energy_source"] == "modeled:cpu-generic"
 
 
 def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):

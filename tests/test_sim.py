@@ -15,6 +15,7 @@ from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.routing import RoutingModel
 from policies.fixed import FixedGroups
+from tests.sim_episode import play_trivially
 
 TINY = ModelConfig.load("qwen3-moe-tiny")
 
@@ -89,14 +90,7 @@ def test_env_on_the_sim_backend():
                    slo={"ttft_s": 10.0, "tbt_s": 0.125},
                    backend={"name": "sim", "hardware": "h100-sxm"})
     check_env(env.unwrapped, skip_render_check=True)
-    obs, info = env.reset(seed=0)
-    done, steps = False, 0
-    while not done:
-        mask = env.unwrapped.action_masks()
-        action = [0, env.unwrapped.codec.admission_levels - 1, int(mask[-1])]
-        obs, reward, terminated, truncated, info = env.step(action)
-        done, steps = terminated or truncated, steps + 1
-    s = info["summary"]
+    s = play_trivially(env, seed=0)["summary"]
     assert s["requests_finished"] + s["requests_rejected"] == 20
     assert s["energy_source"] == "modeled:h100-sxm" and s["expert_bytes"] > 0
 
@@ -200,14 +194,8 @@ def test_calibrated_latency_noise_is_seeded_by_reset(tmp_path, monkeypatch):
                                              "kv_cache_tokens": 8192},
                        workload={"num_requests": 6, "scale": 0.05},
                        backend={"name": "sim", "hardware": "noisy", "latency_noise": noise})
-        env.reset(seed=seed)
-        done = False
-        while not done:
-            mask = env.unwrapped.action_masks()
-            action = [0, env.unwrapped.codec.admission_levels - 1, int(mask[-1])]
-            _, _, terminated, truncated, info = env.step(action)
-            done = terminated or truncated
-        return info["summary"]["iteration_p50_s"], info["summary"]["sim_time_s"]
+        s = play_trivially(env, seed)["summary"]
+        return s["iteration_p50_s"], s["sim_time_s"]
 
     assert latencies(3) == latencies(3)  # the same seed, the same noise
     assert latencies(3, noise=False) == latencies(3, noise=False) != latencies(3)
