@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine_adapter.request import Request
 
 
@@ -30,7 +32,16 @@ class BlockManager:
         need = self.blocks_needed(request, upto_tokens)
         if need > len(self._free):
             raise RuntimeError(f"out of KV blocks: need {need}, {len(self._free)} free")
-        for _ in range(need):
+        if need:  # the blocks a pop() each would give, in that order
+            request.block_table += reversed(self._free[-need:])
+            del self._free[-need:]
+
+    def add_one(self, requests: Sequence[Request]) -> None:
+        """One more block to each of ``requests``, in this order (a request listed twice gets
+        two): a run of decode iterations growing many tables at once."""
+        if len(requests) > len(self._free):
+            raise RuntimeError(f"out of KV blocks: need {len(requests)}, {len(self._free)} free")
+        for request in requests:
             request.block_table.append(self._free.pop())
 
     def free(self, request: Request) -> None:

@@ -102,6 +102,9 @@ class CostModel:
     def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, int | None,
                                                                         int]]
                      ) -> tuple[float, Traffic]:
+        """Latency and traffic of ``plan`` with its layers in ``groups``. Row stats whose
+        attention fields are arrays (a decode run, ``traffic.run_classes``) price every
+        iteration of the run at once, each exactly as alone."""
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
@@ -163,7 +166,11 @@ class CostModel:
         hw = self.profile
         compute = hw.compute_time(t.dense_flops, t.expert_flops, attention_flops)
         memory = hw.memory_time(t.weight_bytes, kv_bytes)
-        return max(compute, memory) if hw.overlap else compute + memory
+        if not hw.overlap:
+            return compute + memory
+        if isinstance(compute, np.ndarray):  # a decode run's iterations at once
+            return np.maximum(compute, memory)
+        return max(compute, memory)
 
     def predict(self, decode_context_lens: Sequence[int],
                 stages: Sequence[tuple[int, int, Sequence[tuple[int, int]]]] = ()) -> float:

@@ -15,7 +15,7 @@ from engine_adapter.energy import EnergyMeter, energy_meter
 from engine_adapter.errors import ConfigError, RequestError
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import IterationReport, TokenEvent
+from engine_adapter.plan import IterationReport, RunReport, TokenEvent
 from engine_adapter.request import Request
 from engine_adapter.scheduler import Scheduler
 from engine_adapter.traffic import plan_traffic
@@ -82,6 +82,12 @@ class Engine:
         self._last_arrival: float | None = None
 
     # ---- requests -------------------------------------------------------------------------
+    @property
+    def needs_token_ids(self) -> bool:
+        """Whether prompts must be given as token ids (False on the simulator, which prices
+        plans by their shapes: ``add_request_of_length`` will do)."""
+        return getattr(self.executor, "needs_data", True)
+
     def add_request(
         self,
         prompt_token_ids: Sequence[int],
@@ -95,23 +101,42 @@ class Engine:
             raise RequestError("empty prompt: a request needs at least one prompt token")
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise RequestError("the prompt must be a flat sequence of integer token ids")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
-            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         vocab = self.model_config.vocab_size
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:
             raise RequestError(
                 f"token ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
-        prompt = ids.tolist()
-        if len(prompt) + max_tokens > self.max_model_len:
+        return self._queue(ids.tolist(), len(ids), max_tokens, request_id, arrival_time)
+
+    def add_request_of_length(
+        self,
+        prompt_len: int,
+        max_tokens: int,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request known only by its prompt length, on an executor that needs no token
+        ids (the simulator): no ids are drawn or stored. Otherwise as ``add_request``."""
+        if self.needs_token_ids:
+            raise RequestError("this engine runs a real model: give the prompt's token ids "
+                               "(add_request)")
+        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len <= 0:
+            raise RequestError(f"prompt_len must be a positive integer, got {prompt_len!r}")
+        return self._queue(None, prompt_len, max_tokens, request_id, arrival_time)
+
+    def _queue(self, prompt: list[int] | None, prompt_len: int, max_tokens: int,
+               request_id: str | None, arrival_time: float | None) -> str:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if prompt_len + max_tokens > self.max_model_len:
             raise RequestError(
-                f"prompt of {len(prompt)} tokens plus max_tokens {max_tokens} exceeds the model "
+                f"prompt of {prompt_len} tokens plus max_tokens {max_tokens} exceeds the model "
                 f"length {self.max_model_len}")
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.scheduler.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         arrival = self.clock.now() if arrival_time is None else float(arrival_time)
-        self.scheduler.add(Request(rid, prompt, max_tokens, arrival))
+        self.scheduler.add(Request(rid, prompt, max_tokens, arrival, prompt_len=prompt_len))
         self._note_arrival(arrival)
         return rid
 
@@ -147,7 +172,8 @@ class Engine:
         joules = result.energy_j
         if joules is None:
             joules = self.energy.stop(end - start, total_bytes, traffic.flops)
-        self._update_stats(end - start, joules, plan.num_decode_tokens + plan.num_prefill_tokens)
+        self._update_stats([end - start], [joules],
+                           plan.num_decode_tokens + plan.num_prefill_tokens)
         return IterationReport(
             iteration=plan.iteration, mode=plan.mode, start_time=start, latency_s=end - start,
             decode_tokens=plan.num_decode_tokens, prefill_tokens=plan.num_prefill_tokens,
@@ -161,14 +187,49 @@ class Engine:
             finished=outcome.finished, preempted=list(self.scheduler.preempted_last),
             logits=result.logits)
 
-    def _update_stats(self, latency: float, joules: float, tokens: int) -> None:
+    def run_decodes(self, until: float, limit: int = 512) -> RunReport | None:
+        """Several decode-only iterations at once, each exactly as ``step`` would run it, up
+        to the first that would start at or after ``until`` (the caller's next event: an
+        arrival, a horizon). Only where nothing needs a decision (``Scheduler.decode_run``),
+        the executor prices runs (the simulator) and the clock is virtual; None otherwise,
+        and then ``step`` is the way on."""
+        execute_run = getattr(self.executor, "execute_run", None)
+        start = self.clock.now()
+        if execute_run is None or not isinstance(self.clock, VirtualClock) or start >= until:
+            return None
+        run = self.scheduler.decode_run(start, limit)
+        if run is None:
+            return None
+        result = execute_run(run, start, until)
+        n = result.iterations
+        self.clock.advance_to(float(result.times[-1]))
+        latencies = np.diff(result.times)  # as step() reports them: end - start on the clock
+        t = result.traffic
+        joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops)
+        joules = np.broadcast_to(joules, (n,)).tolist()
+        latency_list = latencies.tolist()
+        self._update_stats(latency_list, joules, len(run.decode))
+        first_index = tuple(len(self.scheduler.requests[s.request_id].output_token_ids)
+                            for s in run.decode)
+        finished = self.scheduler.commit_run(run, n, result.token)
+        return RunReport(
+            first_iteration=run.first_iteration, iterations=n, times=result.times.tolist(),
+            latencies=latency_list, request_ids=tuple(s.request_id for s in run.decode),
+            first_token_index=first_index, energy_j=joules,
+            expert_bytes=int(t.expert_bytes.sum()), total_bytes=int((t.weight_bytes
+                                                                      + t.kv_bytes).sum()),
+            flops=int(t.flops.sum()), energy_source=self.energy.source, finished=finished)
+
+    def _update_stats(self, latencies: Sequence[float], joules: Sequence[float],
+                      tokens: int) -> None:
+        """Fold iterations (in order; each with ``tokens`` tokens) into the moving averages."""
         old = self.scheduler.stats
         a = STATS_SMOOTHING
-        per_token = joules / tokens if tokens else old.energy_per_token_j
-        self.scheduler.stats = EngineStats(
-            iteration_latency_s=(1 - a) * old.iteration_latency_s + a * latency,
-            arrival_rate=old.arrival_rate,
-            energy_per_token_j=(1 - a) * old.energy_per_token_j + a * per_token)
+        latency, per_token = old.iteration_latency_s, old.energy_per_token_j
+        for lat, j in zip(latencies, joules):
+            latency = (1 - a) * latency + a * lat
+            per_token = (1 - a) * per_token + a * (j / tokens if tokens else per_token)
+        self.scheduler.stats = EngineStats(latency, old.arrival_rate, per_token)
 
     def _note_arrival(self, t: float) -> None:
         # Rate from an EMA of inter-arrival gaps; the first arrival only sets the reference.

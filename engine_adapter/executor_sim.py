@@ -14,9 +14,9 @@ import numpy as np
 
 from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import ExecutionResult, IterationPlan
+from engine_adapter.plan import DecodeRun, ExecutionResult, IterationPlan, RunResult
 from engine_adapter.routing import RoutingModel
-from engine_adapter.traffic import layer_classes, per_layer
+from engine_adapter.traffic import Traffic, layer_classes, per_layer, run_classes
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,32 @@ class SimExecutor:
         distinct = per_layer(classes, hits, plan.num_layers, self.config)
         return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
                                traffic=traffic)
+
+    def execute_run(self, run: DecodeRun, start: float, until: float) -> RunResult:
+        """Price a decode run's iterations at once, each exactly as ``execute`` would price
+        it alone (the same cost model on arrays, the same noise draws), and keep those that
+        start before ``until`` (the next arrival or the horizon; the first always runs)."""
+        k = run.max_iterations
+        classes = run_classes(run, self.config, k)
+        groups = [(c, self.routing.distinct(c.stats.rows) if c.moe else None, c.count)
+                  for c in classes]
+        latency, traffic = self.cost.price_groups(run.plan(), groups)
+        latency = np.broadcast_to(latency, (k,))
+        noise_state = None
+        if self.noise_sd:
+            sd = self.noise_sd
+            noise_state = self._rng.bit_generator.state
+            latency = latency * np.exp(sd * self._rng.standard_normal(k) - sd * sd / 2)
+        times = np.cumsum(np.r_[start, latency])  # a sequential sum: the clock's own
+        ran = max(1, int(np.searchsorted(times[:-1], until, side="left")))
+        if noise_state is not None and ran < k:
+            # Leave the noise stream where ``ran`` single iterations would have left it.
+            self._rng.bit_generator.state = noise_state
+            self._rng.standard_normal(ran)
+
+        def first(x):
+            return np.broadcast_to(x, (k,))[:ran]
+
+        return RunResult(times[:ran + 1], Traffic(*(first(getattr(traffic, f)) for f in (
+            "expert_bytes", "weight_bytes", "kv_bytes", "flops", "expert_flops",
+            "attention_flops"))))

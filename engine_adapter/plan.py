@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -85,6 +85,25 @@ class IterationPlan:
 
 
 @dataclass(frozen=True)
+class DecodeRun:
+    """Up to ``max_iterations`` decode-only iterations of one unchanging decode batch, each
+    row one position further per iteration: what the simulator prices in one call instead of
+    one plan per iteration (``Scheduler.decode_run``)."""
+
+    first_iteration: int
+    mode: str
+    num_layers: int
+    decode: tuple[Segment, ...]  # the first iteration's rows
+    max_iterations: int
+
+    def plan(self, i: int = 0) -> IterationPlan:
+        """Its ``i``-th iteration, as ``Scheduler.schedule`` would plan it."""
+        decode = self.decode if i == 0 else tuple(
+            replace(s, start=s.start + i) for s in self.decode)
+        return IterationPlan(self.first_iteration + i, self.mode, self.num_layers, decode, ())
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """Request ``request_id`` emitted its ``index``-th output token ``token_id`` at ``time``."""
 
@@ -117,6 +136,20 @@ class ExecutionResult:
 
 
 @dataclass
+class RunResult:
+    """What an executor priced for the first iterations of a DecodeRun (those starting
+    before the run's deadline)."""
+
+    times: Any  # float array: the run's start, then each iteration's end
+    traffic: Any  # a Traffic whose fields are arrays over those iterations
+    token: int = 0  # the token each iteration emits per request (the simulator's placeholder)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.times) - 1
+
+
+@dataclass
 class IterationReport:
     """Everything one iteration did and cost."""
 
@@ -146,3 +179,30 @@ class IterationReport:
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_bytes
+
+
+@dataclass
+class RunReport:
+    """What a decode run did: ``iterations`` iterations, each what an IterationReport would
+    say of it, in lists (energy, bytes and FLOPs summed where only sums are kept)."""
+
+    first_iteration: int
+    iterations: int
+    times: list[float]  # the run's start, then each iteration's end
+    latencies: list[float]
+    request_ids: tuple[str, ...]  # every one emits a token at every iteration's end
+    first_token_index: tuple[int, ...]  # the output index of each one's first token here
+    energy_j: list[float]
+    expert_bytes: int
+    total_bytes: int
+    flops: int
+    energy_source: str
+    finished: list[str] = field(default_factory=list)
+
+    @property
+    def start_time(self) -> float:
+        return self.times[0]
+
+    @property
+    def end_time(self) -> float:
+        return self.times[-1]

@@ -24,7 +24,7 @@ class Request:
     """
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | None  # None: known by its length only (the simulator)
     max_tokens: int
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
@@ -34,25 +34,26 @@ class Request:
     num_preemptions: int = 0
     # Where the request is now, for reports and views: (batch id, piece) while prefilling.
     batch_id: int | None = None
+    prompt_len: int = 0  # set from the ids when they are given
+
+    def __post_init__(self) -> None:
+        if self.prompt_token_ids is not None:
+            self.prompt_len = len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self.prompt_len + len(self.output_token_ids)
 
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 
     @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def is_finished(self) -> bool:
         return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED)
 
     def token_at(self, position: int) -> int:
-        p = len(self.prompt_token_ids)
+        p = self.prompt_len
         if position < p:
             return self.prompt_token_ids[position]
         return self.output_token_ids[position - p]

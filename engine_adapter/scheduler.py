@@ -26,7 +26,7 @@ from engine_adapter.decision import (
     WaitingRequest,
 )
 from engine_adapter.errors import InvalidDecision
-from engine_adapter.plan import IterationPlan, Segment, StageWork
+from engine_adapter.plan import DecodeRun, IterationPlan, Segment, StageWork
 from engine_adapter.request import Request, RequestStatus
 
 MODES = ("layered", "chunked")
@@ -202,6 +202,51 @@ class Scheduler:
                              tuple(cancelled))
         self.iteration += 1
         return plan
+
+    def decode_run(self, now: float, limit: int) -> DecodeRun | None:
+        """The coming iterations as one decode run, where none of them needs a decision or
+        changes anything but the decode rows' positions: nothing waits and no prefill batch is
+        in flight (None otherwise). The run ends before its first request finishes and where
+        its KV growth would outrun the free blocks, so each of its iterations is the plan
+        ``schedule`` would make; ``commit_run`` then applies as many as ran."""
+        self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
+        if self.waiting or self.batches or not self.decoding:
+            return None
+        reqs = self.decoding
+        k = min(limit, min(r.max_tokens - len(r.output_token_ids) for r in reqs))
+        while k > 1 and len(self._run_growth(k)) > self.blocks.num_free:
+            k //= 2  # iteration 0 needs no more blocks (prepared): k = 1 always fits
+        decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True) for r in reqs)
+        return DecodeRun(self.iteration, self.mode, self.num_layers, decode, k)
+
+    def _run_growth(self, iterations: int) -> list[Request]:
+        """The requests given a block by the first ``iterations`` of a decode run, in the
+        order ``_grow_decodes`` would give them: iteration by iteration, in decode order."""
+        bs = self.blocks.block_size
+        grows = sorted((i, j) for j, r in enumerate(self.decoding)
+                       for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs))
+        return [self.decoding[j] for _, j in grows]
+
+    def commit_run(self, run: DecodeRun, iterations: int, token: int) -> list[str]:
+        """Apply the first ``iterations`` of ``run`` as that many ``schedule`` and
+        ``postprocess`` calls would (the same KV blocks in the same order, each request
+        ``token`` per iteration); returns the requests that finished."""
+        if not 1 <= iterations <= run.max_iterations or run.first_iteration != self.iteration:
+            raise ValueError(f"cannot commit {iterations} iterations of a run of "
+                             f"{run.max_iterations} planned at iteration {run.first_iteration}")
+        self.blocks.add_one(self._run_growth(iterations))
+        emitted = [token] * iterations
+        done = []
+        for req in self.decoding:
+            req.num_computed += iterations
+            req.output_token_ids += emitted
+            if len(req.output_token_ids) >= req.max_tokens:
+                done.append(req)
+        for req in done:
+            self._retire(req, RequestStatus.FINISHED)
+        self.iteration += iterations
+        self._prepared, self._view, self._cancelled = False, None, []
+        return [r.request_id for r in done]
 
     def view(self, now: float) -> SchedulerView:
         budget = self.prefill_budget

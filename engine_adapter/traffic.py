@@ -9,10 +9,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import IterationPlan, Segment
+from engine_adapter.plan import DecodeRun, IterationPlan, Segment
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,24 @@ def _decode_stats(segments: Sequence[Segment], window: int | None, sinks: bool) 
     return RowStats(rows, scores, keys, rows * width, rows * width, 1)
 
 
+def decode_run_stats(segments: Sequence[Segment], window: int | None, sinks: bool,
+                     iterations: int) -> RowStats:
+    """``_decode_stats`` of each of a decode run's iterations at once (each row one position
+    further per iteration): the attention fields are arrays over the iterations."""
+    rows = len(segments)
+    ends = np.array([seg.start + 1 for seg in segments], dtype=np.int64)
+    step = np.arange(iterations, dtype=np.int64)
+    if window is None:
+        keys = int(ends.sum()) + rows * step
+    else:
+        keys = np.minimum(ends[:, None] + step, window).sum(axis=0)
+    scores = keys + rows if sinks else keys
+    if rows == 1:
+        return RowStats(1, scores, keys, scores, keys, 1)
+    padded = rows * (int(ends.max()) + step)
+    return RowStats(rows, scores, keys, padded, padded, 1)
+
+
 def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
     """Per layer, the rows that pass it (layers of one class share one object)."""
     classes = layer_classes(plan, config)
@@ -172,6 +192,14 @@ def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
             total = total + staged[i]
         out.append(LayerClass(window, moe, count, first, tuple(spans), total))
     return out
+
+
+def run_classes(run: DecodeRun, config: ModelConfig, iterations: int) -> list[LayerClass]:
+    """``layer_classes`` of a decode run's iterations: its first plan's classes (one per layer
+    kind) with row stats over the first ``iterations`` (``decode_run_stats``)."""
+    return [replace(c, stats=decode_run_stats(run.decode, c.window, config.attention_sinks,
+                                              iterations))
+            for c in layer_classes(run.plan(), config)]
 
 
 def per_layer(classes: Sequence[LayerClass], values: Sequence, num_layers: int,

@@ -14,7 +14,7 @@ import numpy as np
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.engine import Engine
 from engine_adapter.errors import RequestError
-from engine_adapter.plan import IterationReport
+from engine_adapter.plan import IterationReport, RunReport
 from lpenv.metrics import MetricsRecorder
 from lpenv.reward import SLO, RewardAccountant, RewardConfig
 from lpenv.workload import RequestSpec
@@ -26,8 +26,8 @@ class Episode:
     def __init__(self, engine: Engine, requests: list[RequestSpec], slo: SLO,
                  reward: RewardConfig, rng: np.random.Generator,
                  horizon_s: float | None = None,
-                 on_iteration: Callable[[IterationReport], None] | None = None,
-                 measure_from_s: float = 0.0) -> None:
+                 on_iteration: Callable[[IterationReport | RunReport], None] | None = None,
+                 measure_from_s: float = 0.0, fast_forward: bool = True) -> None:
         self.engine = engine
         self.slo = slo
         self.horizon_s = horizon_s
@@ -38,8 +38,11 @@ class Episode:
         self.rewards = RewardAccountant(reward, slo, self.recorder, len(requests), planned_tokens)
         self.decisions = 0
         self.closed = False
-        self.last_report: IterationReport | None = None
+        self.last_report: IterationReport | RunReport | None = None
         self.on_iteration = on_iteration  # e.g. a progress bar
+        # Decode-only stretches as runs, where the engine can (the simulator): the same
+        # iterations, metrics and rewards as one by one (tests/test_decode_run.py), faster.
+        self.fast_forward = fast_forward
 
     @property
     def now(self) -> float:
@@ -63,13 +66,18 @@ class Episode:
         return bool(self.pending or s.decoding or s.batches)
 
     def _admit_arrivals(self) -> None:
-        vocab = self.engine.model_config.vocab_size
+        engine = self.engine
+        vocab = engine.model_config.vocab_size
         while self.pending and self.pending[0].arrival_time <= self.now:
             spec = self.pending.popleft()
-            prompt = self.rng.integers(0, vocab, spec.prompt_tokens).tolist()
             try:
-                self.engine.add_request(prompt, spec.output_tokens, spec.request_id,
-                                        spec.arrival_time)
+                if engine.needs_token_ids:
+                    prompt = self.rng.integers(0, vocab, spec.prompt_tokens).tolist()
+                    engine.add_request(prompt, spec.output_tokens, spec.request_id,
+                                       spec.arrival_time)
+                else:  # the simulator: the prompt's length is all that matters
+                    engine.add_request_of_length(spec.prompt_tokens, spec.output_tokens,
+                                                 spec.request_id, spec.arrival_time)
                 self.recorder.arrival(spec.request_id, spec.arrival_time, spec.prompt_tokens,
                                       spec.output_tokens)
             except RequestError:
@@ -88,7 +96,25 @@ class Episode:
             view = self.engine.decision_view()
             if view is not None and is_point(view):
                 return view
+            if view is None and self.fast_forward and self._run_decodes():
+                continue
             self.apply(Decision.wait() if view is not None else None)
+
+    def _run_decodes(self) -> bool:
+        """Run decode-only iterations up to the next arrival or the horizon in one go, where
+        the engine can; False where it cannot (then one ``apply`` goes on)."""
+        until = self.pending[0].arrival_time if self.pending else float("inf")
+        if self.horizon_s is not None:
+            until = min(until, self.horizon_s)
+        report = self.engine.run_decodes(until)
+        if report is None:
+            return False
+        self.last_report = report
+        self.recorder.decode_run(report)
+        self.rewards.decode_run(report)
+        if self.on_iteration is not None:
+            self.on_iteration(report)
+        return True
 
     def apply(self, decision: Decision | None) -> None:
         """One engine iteration with ``decision``; an idle engine jumps to the next arrival."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine_adapter.plan import IterationReport
+from engine_adapter.plan import IterationReport, RunReport
 
 
 @dataclass
@@ -76,6 +76,22 @@ class MetricsRecorder:
             if ev.index != len(rec.token_times):
                 raise ValueError(f"request {ev.request_id}: token {ev.index} out of order")
             rec.token_times.append(ev.time)
+
+    def decode_run(self, report: RunReport) -> None:
+        """A decode run's iterations, exactly as ``iteration`` would take them one by one."""
+        self.iteration_latencies += report.latencies
+        for joules in report.energy_j:  # in order: the same sum as one by one
+            self.energy_j += joules
+        self.energy_sources.add(report.energy_source)
+        self.expert_bytes += report.expert_bytes
+        self.total_bytes += report.total_bytes
+        self.last_time = max(self.last_time, report.end_time)
+        ends = report.times[1:]
+        for rid, index in zip(report.request_ids, report.first_token_index):
+            times = self.requests[rid].token_times
+            if index != len(times):
+                raise ValueError(f"request {rid}: token {index} out of order")
+            times += ends
 
     def extend(self, reports: Iterable[IterationReport]) -> None:
         for r in reports:

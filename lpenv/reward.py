@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from engine_adapter.plan import IterationReport
+from engine_adapter.plan import IterationReport, RunReport
 from lpenv.metrics import MetricsRecorder, RequestRecord
 
 
@@ -71,6 +71,25 @@ class RewardAccountant:
                     else times[ev.index] - times[ev.index - 1] > self.slo.tbt_s)
             if late:
                 self._miss(ev.request_id)
+        self.deadlines(report.end_time)
+
+    def decode_run(self, report: RunReport) -> None:
+        """A decode run's iterations, paid exactly as ``iteration`` would pay them one by one
+        (the recorder has the tokens already). Every request in the run gets a token at every
+        iteration's end, so a gap is late for all of them at once, and no deadline can pass
+        inside the run for anything else: nothing waits or prefills during one."""
+        weight, planned, tbt = self.config.energy_weight, self.planned_tokens, self.slo.tbt_s
+        times = report.times
+        for i, joules in enumerate(report.energy_j):
+            self._pending -= weight * joules / planned
+            if i == 0:
+                for rid, index in zip(report.request_ids, report.first_token_index):
+                    prev = self.recorder.requests[rid].token_times[index - 1]
+                    if times[1] - prev > tbt:
+                        self._miss(rid)
+            elif times[i + 1] - times[i] > tbt:
+                for rid in report.request_ids:
+                    self._miss(rid)
         self.deadlines(report.end_time)
 
     def deadlines(self, now: float) -> None:

@@ -1,0 +1,147 @@
+"""Decode runs (the simulator's fast path) change nothing but speed: an episode with them and
+the same episode one iteration at a time agree exactly, to the last bit of every time, joule
+and reward, and in every KV block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine_adapter.clock import VirtualClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel
+from engine_adapter.engine import Engine
+from engine_adapter.executor_sim import SimExecutor
+from engine_adapter.hardware import resolve_profile
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.plan import DecodeRun, RunReport, Segment
+from lpenv.episode import Episode
+from lpenv.reward import SLO, RewardConfig
+from lpenv.workload import WorkloadConfig, generate
+from policies.fixed import FixedGroups
+from policies.paper_rule import PaperRule
+
+QWEN = ModelConfig.load("qwen3-30b-a3b")
+GPTOSS = ModelConfig.load("gpt-oss-20b")
+# A calibrated-looking GPU profile: latency noise drawn, so the noise stream must line up too.
+NOISY = replace(resolve_profile("h100-sxm-tp2"), latency_noise_sd=0.07)
+# The CPU form: no overlap (sums), padded attention (a max over the decode batch).
+PADDED = replace(resolve_profile("cpu-generic"), padded_attention=True, latency_noise_sd=0.05)
+PAPER_SLO = SLO(10.0, 0.125)
+
+
+def _episode(mcfg: ModelConfig, profile, workload: WorkloadConfig, fast: bool, policy,
+             kv_tokens: int = 1 << 20, horizon_s: float | None = None,
+             slo: SLO = PAPER_SLO, seed: int = 11) -> tuple[Episode, dict]:
+    cfg = EngineConfig(model=mcfg.name, prefill_budget=8192, kv_cache_tokens=kv_tokens,
+                       max_num_seqs=256, max_model_len=min(32768, kv_tokens),
+                       dtype="bfloat16")
+    executor = SimExecutor(mcfg, CostModel(mcfg, profile, 2), seed=3)
+    engine = Engine(cfg, executor=executor, clock=VirtualClock(), model_config=mcfg)
+    rng = np.random.default_rng(seed)
+    episode = Episode(engine, generate(workload, rng), slo, RewardConfig(), rng,
+                      horizon_s=horizon_s, fast_forward=fast, measure_from_s=workload.warmup_s)
+    episode.runs = 0
+
+    def count(report) -> None:
+        episode.runs += isinstance(report, RunReport)
+
+    episode.on_iteration = count
+    return episode, episode.run(policy)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y), key
+        else:
+            assert x == y, (key, x, y)
+
+
+def _assert_identical(fast: Episode, slow: Episode, sf: dict, ss: dict) -> None:
+    assert fast.runs > 0 and slow.runs == 0  # the fast path ran, and only there
+    _same(sf, ss)
+    assert sf["return"] == ss["return"]
+    assert fast.recorder.iteration_latencies == slow.recorder.iteration_latencies
+    assert fast.rewards.missed == slow.rewards.missed
+    for rid, rec in slow.recorder.requests.items():
+        assert fast.recorder.requests[rid].token_times == rec.token_times, rid
+    ef, es = fast.engine, slow.engine
+    assert ef.clock.now() == es.clock.now()
+    assert ef.scheduler.stats == es.scheduler.stats
+    assert ef.scheduler.iteration == es.scheduler.iteration
+    assert ef.blocks._free == es.blocks._free  # the same blocks, in the same order
+    assert ef.executor._rng.bit_generator.state == es.executor._rng.bit_generator.state
+
+
+CASES = {
+    "qwen-arxiv-noisy": (QWEN, NOISY, WorkloadConfig(lengths="arxiv", rate=1.5, num_requests=40,
+                                                     max_prompt=16000, max_output=400)),
+    "gptoss-sharegpt-windows-sinks": (GPTOSS, NOISY, WorkloadConfig(
+        lengths="sharegpt", rate=6.0, num_requests=60, max_output=300)),
+    "qwen-padded-cpu-form": (QWEN, PADDED, WorkloadConfig(lengths="sharegpt", rate=4.0,
+                                                          num_requests=40, max_output=200)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decode_runs_change_nothing(case):
+    mcfg, profile, workload = CASES[case]
+    fast, sf = _episode(mcfg, profile, workload, True, PaperRule(16))
+    slow, ss = _episode(mcfg, profile, workload, False, PaperRule(16))
+    _assert_identical(fast, slow, sf, ss)
+    assert sf["requests_finished"] == workload.num_requests
+
+
+def test_decode_runs_under_kv_pressure_and_a_horizon():
+    # A cache too small for the load (7 preemptions in the whole run): runs must stop where
+    # growth would outrun the free blocks (preemption happens one iteration at a time), and
+    # at the horizon.
+    workload = WorkloadConfig(lengths="sharegpt", rate=8.0, num_requests=60, max_output=400)
+    for horizon in (None, 9.0):
+        fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(4), kv_tokens=6000,
+                            horizon_s=horizon, slo=SLO(2.0, 0.02))
+        slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(4), kv_tokens=6000,
+                            horizon_s=horizon, slo=SLO(2.0, 0.02))
+        _assert_identical(fast, slow, sf, ss)
+        assert ss["requests_finished"] > 0 and 0 < len(slow.rewards.missed) < 60
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rate=st.floats(0.5, 12.0), seed=st.integers(0, 2**16), groups=st.sampled_from([1, 3, 8]),
+       kv=st.sampled_from([4096, 20000, 1 << 20]), tbt=st.sampled_from([0.03, 0.125]))
+def test_decode_runs_equal_single_steps_on_any_workload(rate, seed, groups, kv, tbt):
+    workload = WorkloadConfig(lengths="sharegpt", rate=rate, num_requests=25, max_output=120)
+    fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups), kv_tokens=kv,
+                        slo=SLO(3.0, tbt), seed=seed)
+    slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups), kv_tokens=kv,
+                        slo=SLO(3.0, tbt), seed=seed)
+    _assert_identical(fast, slow, sf, ss)
+
+
+@pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
+                                          (QWEN, PADDED)])
+def test_a_run_prices_each_iteration_as_alone(mcfg, profile):
+    cost = CostModel(mcfg, profile, 2)
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, 3000, 9).tolist()
+    run = DecodeRun(7, "layered", mcfg.num_layers,
+                    tuple(Segment(f"r{j}", s, 1, (), True) for j, s in enumerate(starts)), 40)
+    executor = SimExecutor(mcfg, cost, noise=False)
+    result = executor.execute_run(run, 5.0, float("inf"))
+    assert result.iterations == 40
+    for i in range(40):
+        alone = executor.execute(run.plan(i))
+        assert result.times[i + 1] - result.times[i] == pytest.approx(alone.latency_s, rel=1e-12)
+        for field in ("expert_bytes", "weight_bytes", "kv_bytes", "flops"):
+            assert getattr(result.traffic, field)[i] == getattr(alone.traffic, field), field
+    # Cut at a deadline: only the iterations starting before it.
+    until = float(result.times[12]) + 1e-9
+    assert executor.execute_run(run, 5.0, until).iterations == 13
