@@ -103,8 +103,8 @@ class CostModel:
                                                                         int]]
                      ) -> tuple[float, Traffic]:
         """Latency and traffic of ``plan`` with its layers in ``groups``. Row stats whose
-        attention fields are arrays (a decode run, ``traffic.run_classes``) price every
-        iteration of the run at once, each exactly as alone."""
+        attention fields and layer counts are arrays (``traffic.run_classes``) price each
+        iteration of a run at once, each exactly as alone."""
         cfg, hw = self.config, self.profile
         edge = edge_traffic(cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
@@ -124,7 +124,8 @@ class CostModel:
                    + self._time(t, attention, kv)
                    + hw.allreduce_time(st.rows, cfg.hidden_size, self.dtype_bytes))
             latency += count * one
-            total = total + (t if count == 1 else t.scaled(count))
+            # (a run's layer counts are arrays over its iterations)
+            total = total + (t if isinstance(count, int) and count == 1 else t.scaled(count))
         return latency, total
 
     def terms(self, plan: IterationPlan, distinct_experts: Sequence[int | None]) -> np.ndarray:

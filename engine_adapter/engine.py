@@ -187,17 +187,17 @@ class Engine:
             finished=outcome.finished, preempted=list(self.scheduler.preempted_last),
             logits=result.logits)
 
-    def run_decodes(self, until: float, limit: int = 512) -> RunReport | None:
-        """Several decode-only iterations at once, each exactly as ``step`` would run it, up
-        to the first that would start at or after ``until`` (the caller's next event: an
-        arrival, a horizon). Only where nothing needs a decision (``Scheduler.decode_run``),
-        the executor prices runs (the simulator) and the clock is virtual; None otherwise,
-        and then ``step`` is the way on."""
+    def step_run(self, until: float, limit: int = 512) -> RunReport | None:
+        """Several iterations at once, each exactly as ``step`` would run it, up to the first
+        that would start at or after ``until`` (the caller's next event: an arrival, a
+        horizon). Only where none needs a decision (``Scheduler.plan_run``), the executor
+        prices runs (the simulator) and the clock is virtual; None otherwise, and then
+        ``step`` is the way on."""
         execute_run = getattr(self.executor, "execute_run", None)
         start = self.clock.now()
         if execute_run is None or not isinstance(self.clock, VirtualClock) or start >= until:
             return None
-        run = self.scheduler.decode_run(start, limit)
+        run = self.scheduler.plan_run(start, limit)
         if run is None:
             return None
         result = execute_run(run, start, until)
@@ -208,7 +208,7 @@ class Engine:
         joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops)
         joules = np.broadcast_to(joules, (n,)).tolist()
         latency_list = latencies.tolist()
-        self._update_stats(latency_list, joules, len(run.decode))
+        self._update_stats(latency_list, joules, run.num_tokens)
         first_index = tuple(len(self.scheduler.requests[s.request_id].output_token_ids)
                             for s in run.decode)
         finished = self.scheduler.commit_run(run, n, result.token)

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import DecodeRun, ExecutionResult, IterationPlan, RunResult
+from engine_adapter.plan import ExecutionResult, IterationPlan, IterationRun, RunResult
 from engine_adapter.routing import RoutingModel
 from engine_adapter.traffic import Traffic, layer_classes, per_layer, run_classes
 
@@ -74,14 +74,14 @@ class SimExecutor:
         return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
                                traffic=traffic)
 
-    def execute_run(self, run: DecodeRun, start: float, until: float) -> RunResult:
-        """Price a decode run's iterations at once, each exactly as ``execute`` would price
+    def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
+        """Price a run's iterations at once, each exactly as ``execute`` would price
         it alone (the same cost model on arrays, the same noise draws), and keep those that
         start before ``until`` (the next arrival or the horizon; the first always runs)."""
         k = run.max_iterations
         classes = run_classes(run, self.config, k)
-        groups = [(c, self.routing.distinct(c.stats.rows) if c.moe else None, c.count)
-                  for c in classes]
+        groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
+                   c.count) for c in classes]
         latency, traffic = self.cost.price_groups(run.plan(), groups)
         latency = np.broadcast_to(latency, (k,))
         noise_state = None

@@ -85,22 +85,37 @@ class IterationPlan:
 
 
 @dataclass(frozen=True)
-class DecodeRun:
-    """Up to ``max_iterations`` decode-only iterations of one unchanging decode batch, each
-    row one position further per iteration: what the simulator prices in one call instead of
-    one plan per iteration (``Scheduler.decode_run``)."""
+class IterationRun:
+    """Up to ``max_iterations`` iterations that need no decision and change nothing but
+    positions and stages: the same decode rows, each one position further per iteration, and at
+    most one prefill batch in flight, one stage further per iteration (never into its last
+    stage, whose end changes the decode batch). What the simulator prices in one call
+    instead of one plan per iteration (``Scheduler.plan_run``)."""
 
     first_iteration: int
     mode: str
     num_layers: int
     decode: tuple[Segment, ...]  # the first iteration's rows
+    stages: tuple[StageWork, ...]  # the first iteration's stage (none, or one batch's)
+    stage_bounds: tuple[tuple[int, int], ...]  # that batch's layer groups
     max_iterations: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows in each of its iterations."""
+        return len(self.decode) + sum(st.num_tokens for st in self.stages)
 
     def plan(self, i: int = 0) -> IterationPlan:
         """Its ``i``-th iteration, as ``Scheduler.schedule`` would plan it."""
-        decode = self.decode if i == 0 else tuple(
-            replace(s, start=s.start + i) for s in self.decode)
-        return IterationPlan(self.first_iteration + i, self.mode, self.num_layers, decode, ())
+        if i == 0:
+            return IterationPlan(self.first_iteration, self.mode, self.num_layers, self.decode,
+                                 self.stages)
+        decode = tuple(replace(s, start=s.start + i) for s in self.decode)
+        stages = tuple(StageWork(st.batch_id, st.stage + i, st.num_groups,
+                                 *self.stage_bounds[st.stage + i], st.segments)
+                       for st in self.stages)
+        return IterationPlan(self.first_iteration + i, self.mode, self.num_layers, decode,
+                             stages)
 
 
 @dataclass(frozen=True)
@@ -137,7 +152,7 @@ class ExecutionResult:
 
 @dataclass
 class RunResult:
-    """What an executor priced for the first iterations of a DecodeRun (those starting
+    """What an executor priced for the first iterations of an IterationRun (those starting
     before the run's deadline)."""
 
     times: Any  # float array: the run's start, then each iteration's end
@@ -183,14 +198,14 @@ class IterationReport:
 
 @dataclass
 class RunReport:
-    """What a decode run did: ``iterations`` iterations, each what an IterationReport would
-    say of it, in lists (energy, bytes and FLOPs summed where only sums are kept)."""
+    """What an IterationRun did: ``iterations`` iterations, each what an IterationReport
+    would say of it, in lists (bytes and FLOPs summed where only sums are kept)."""
 
     first_iteration: int
     iterations: int
     times: list[float]  # the run's start, then each iteration's end
     latencies: list[float]
-    request_ids: tuple[str, ...]  # every one emits a token at every iteration's end
+    request_ids: tuple[str, ...]  # the decode rows: each emits a token at every iteration's end
     first_token_index: tuple[int, ...]  # the output index of each one's first token here
     energy_j: list[float]
     expert_bytes: int

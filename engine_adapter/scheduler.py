@@ -26,7 +26,7 @@ from engine_adapter.decision import (
     WaitingRequest,
 )
 from engine_adapter.errors import InvalidDecision
-from engine_adapter.plan import DecodeRun, IterationPlan, Segment, StageWork
+from engine_adapter.plan import IterationPlan, IterationRun, Segment, StageWork
 from engine_adapter.request import Request, RequestStatus
 
 MODES = ("layered", "chunked")
@@ -203,31 +203,43 @@ class Scheduler:
         self.iteration += 1
         return plan
 
-    def decode_run(self, now: float, limit: int) -> DecodeRun | None:
-        """The coming iterations as one decode run, where none of them needs a decision or
-        changes anything but the decode rows' positions: nothing waits and no prefill batch is
-        in flight (None otherwise). The run ends before its first request finishes and where
-        its KV growth would outrun the free blocks, so each of its iterations is the plan
-        ``schedule`` would make; ``commit_run`` then applies as many as ran."""
+    def plan_run(self, now: float, limit: int) -> IterationRun | None:
+        """The coming iterations as one run, where none of them needs a decision or changes
+        anything but positions and stages (None otherwise): nothing waits, at most one prefill
+        batch is in flight, and the run stops before that batch's last stage, before its first
+        decode request finishes and where its KV growth would outrun the free blocks. Each of
+        its iterations is then the plan ``schedule`` would make; ``commit_run`` applies as many
+        as ran."""
         self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
-        if self.waiting or self.batches or not self.decoding:
+        if self.waiting or len(self.batches) > 1 or not (self.decoding or self.batches):
             return None
-        reqs = self.decoding
-        k = min(limit, min(r.max_tokens - len(r.output_token_ids) for r in reqs))
+        k = limit
+        if self.decoding:
+            k = min(k, min(r.max_tokens - len(r.output_token_ids) for r in self.decoding))
+        stages: tuple[StageWork, ...] = ()
+        bounds: tuple[tuple[int, int], ...] = ()
+        if self.batches:
+            b = self.batches[0]
+            k = min(k, b.num_groups - 1 - b.stage)
+            if k < 1:
+                return None  # its last stage: one ``schedule`` at a time
+            stages = (StageWork(b.batch_id, b.stage, b.num_groups, *b.bounds[b.stage],
+                                b.segments),)
+            bounds = tuple(b.bounds)
         while k > 1 and len(self._run_growth(k)) > self.blocks.num_free:
             k //= 2  # iteration 0 needs no more blocks (prepared): k = 1 always fits
-        decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True) for r in reqs)
-        return DecodeRun(self.iteration, self.mode, self.num_layers, decode, k)
+        decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True) for r in self.decoding)
+        return IterationRun(self.iteration, self.mode, self.num_layers, decode, stages, bounds, k)
 
     def _run_growth(self, iterations: int) -> list[Request]:
-        """The requests given a block by the first ``iterations`` of a decode run, in the
+        """The requests given a block by the first ``iterations`` of a run, in the
         order ``_grow_decodes`` would give them: iteration by iteration, in decode order."""
         bs = self.blocks.block_size
         grows = sorted((i, j) for j, r in enumerate(self.decoding)
                        for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs))
         return [self.decoding[j] for _, j in grows]
 
-    def commit_run(self, run: DecodeRun, iterations: int, token: int) -> list[str]:
+    def commit_run(self, run: IterationRun, iterations: int, token: int) -> list[str]:
         """Apply the first ``iterations`` of ``run`` as that many ``schedule`` and
         ``postprocess`` calls would (the same KV blocks in the same order, each request
         ``token`` per iteration); returns the requests that finished."""
@@ -244,6 +256,8 @@ class Scheduler:
                 done.append(req)
         for req in done:
             self._retire(req, RequestStatus.FINISHED)
+        for b in self.batches:
+            b.stage += iterations
         self.iteration += iterations
         self._prepared, self._view, self._cancelled = False, None, []
         return [r.request_id for r in done]

@@ -9,12 +9,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import DecodeRun, IterationPlan, Segment
+from engine_adapter.plan import IterationPlan, IterationRun, Segment
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,11 @@ def _decode_stats(segments: Sequence[Segment], window: int | None, sinks: bool) 
 
 def decode_run_stats(segments: Sequence[Segment], window: int | None, sinks: bool,
                      iterations: int) -> RowStats:
-    """``_decode_stats`` of each of a decode run's iterations at once (each row one position
-    further per iteration): the attention fields are arrays over the iterations."""
+    """``_decode_stats`` of each of a run's iterations at once (each row one position further
+    per iteration): the attention fields are arrays over the iterations."""
     rows = len(segments)
+    if not rows:
+        return NO_ROWS
     ends = np.array([seg.start + 1 for seg in segments], dtype=np.int64)
     step = np.arange(iterations, dtype=np.int64)
     if window is None:
@@ -148,7 +150,7 @@ class LayerClass:
 
     window: int | None
     moe: bool
-    count: int
+    count: int  # an array over the iterations in a run's classes (run_classes)
     first: int
     spans: tuple[tuple[int, int], ...]
     stats: RowStats
@@ -181,8 +183,12 @@ def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
             else:
                 entry[0] += hi - lo
                 entry[2].append((a, b))
+    # Stages covered, then kind: the order the latency is summed in, the same for a run
+    # (``run_classes``) as for its iterations one by one.
+    rank = {kind: i for i, kind in enumerate(config.layer_kinds)}
     out = []
-    for count, first, spans, window, moe, cover in found.values():
+    for count, first, spans, window, moe, cover in sorted(
+            found.values(), key=lambda e: (e[5], rank[(e[3], e[4])])):
         if window not in per_window:
             per_window[window] = (row_stats(plan.decode, window, sinks, decode=True),
                                   [row_stats(st.segments, window, sinks) for st in stages])
@@ -194,12 +200,28 @@ def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
     return out
 
 
-def run_classes(run: DecodeRun, config: ModelConfig, iterations: int) -> list[LayerClass]:
-    """``layer_classes`` of a decode run's iterations: its first plan's classes (one per layer
-    kind) with row stats over the first ``iterations`` (``decode_run_stats``)."""
-    return [replace(c, stats=decode_run_stats(run.decode, c.window, config.attention_sinks,
-                                              iterations))
-            for c in layer_classes(run.plan(), config)]
+def run_classes(run: IterationRun, config: ModelConfig, iterations: int) -> list[LayerClass]:
+    """``layer_classes`` of a run's first ``iterations`` iterations at once, in its order: per
+    layer kind, the layers outside the batch's stage (decode rows only), then those in it
+    (its rows too), with layer counts and attention stats as arrays over the iterations."""
+    sinks = config.attention_sinks
+    kinds = config.layer_kinds
+    decode = {window: decode_run_stats(run.decode, window, sinks, iterations)
+              for window, _ in kinds}
+    if not run.stages:
+        return [LayerClass(window, moe, len(layers), layers[0], (), decode[window])
+                for (window, moe), layers in kinds.items()]
+    st = run.stages[0]
+    bounds = run.stage_bounds[st.stage:st.stage + iterations]
+    outside, inside = [], []
+    for (window, moe), layers in kinds.items():
+        covered = np.array([bisect_left(layers, hi) - bisect_left(layers, lo)
+                            for lo, hi in bounds])
+        outside.append(LayerClass(window, moe, len(layers) - covered, layers[0], (),
+                                  decode[window]))
+        inside.append(LayerClass(window, moe, covered, layers[0], (),
+                                 decode[window] + row_stats(st.segments, window, sinks)))
+    return outside + inside
 
 
 def per_layer(classes: Sequence[LayerClass], values: Sequence, num_layers: int,

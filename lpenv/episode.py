@@ -40,8 +40,8 @@ class Episode:
         self.closed = False
         self.last_report: IterationReport | RunReport | None = None
         self.on_iteration = on_iteration  # e.g. a progress bar
-        # Decode-only stretches as runs, where the engine can (the simulator): the same
-        # iterations, metrics and rewards as one by one (tests/test_decode_run.py), faster.
+        # Stretches needing no decision as runs, where the engine can (the simulator): the
+        # same iterations, metrics and rewards as one by one (tests/test_runs.py), faster.
         self.fast_forward = fast_forward
 
     @property
@@ -93,25 +93,27 @@ class Episode:
             if self.over:
                 return None
             self._admit_arrivals()
+            if self.finished:  # the last arrival was rejected (too long): nothing is left
+                return None
             view = self.engine.decision_view()
             if view is not None and is_point(view):
                 return view
-            if view is None and self.fast_forward and self._run_decodes():
+            if view is None and self.fast_forward and self._step_run():
                 continue
             self.apply(Decision.wait() if view is not None else None)
 
-    def _run_decodes(self) -> bool:
-        """Run decode-only iterations up to the next arrival or the horizon in one go, where
-        the engine can; False where it cannot (then one ``apply`` goes on)."""
+    def _step_run(self) -> bool:
+        """Run the iterations up to the next arrival or the horizon that need no decision in
+        one go, where the engine can; False where it cannot (then one ``apply`` goes on)."""
         until = self.pending[0].arrival_time if self.pending else float("inf")
         if self.horizon_s is not None:
             until = min(until, self.horizon_s)
-        report = self.engine.run_decodes(until)
+        report = self.engine.step_run(until)
         if report is None:
             return False
         self.last_report = report
-        self.recorder.decode_run(report)
-        self.rewards.decode_run(report)
+        self.recorder.iteration_run(report)
+        self.rewards.iteration_run(report)
         if self.on_iteration is not None:
             self.on_iteration(report)
         return True

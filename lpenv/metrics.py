@@ -77,8 +77,8 @@ class MetricsRecorder:
                 raise ValueError(f"request {ev.request_id}: token {ev.index} out of order")
             rec.token_times.append(ev.time)
 
-    def decode_run(self, report: RunReport) -> None:
-        """A decode run's iterations, exactly as ``iteration`` would take them one by one."""
+    def iteration_run(self, report: RunReport) -> None:
+        """A run's iterations, exactly as ``iteration`` would take them one by one."""
         self.iteration_latencies += report.latencies
         for joules in report.energy_j:  # in order: the same sum as one by one
             self.energy_j += joules

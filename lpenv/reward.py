@@ -73,13 +73,17 @@ class RewardAccountant:
                 self._miss(ev.request_id)
         self.deadlines(report.end_time)
 
-    def decode_run(self, report: RunReport) -> None:
-        """A decode run's iterations, paid exactly as ``iteration`` would pay them one by one
-        (the recorder has the tokens already). Every request in the run gets a token at every
-        iteration's end, so a gap is late for all of them at once, and no deadline can pass
-        inside the run for anything else: nothing waits or prefills during one."""
+    def iteration_run(self, report: RunReport) -> None:
+        """A run's iterations, paid exactly as ``iteration`` would pay them one by one (the
+        recorder has the tokens already). Every decode row gets a token at every iteration's
+        end, so a late gap is late for all of them at once; the others (a batch in flight)
+        can only run out of time, checked at each iteration's end."""
         weight, planned, tbt = self.config.energy_weight, self.planned_tokens, self.slo.tbt_s
         times = report.times
+        self._sync_open()
+        in_run = set(report.request_ids)
+        silent = [rec for rid, rec in self._open.items()
+                  if rid not in in_run and not rec.finished and not rec.rejected]
         for i, joules in enumerate(report.energy_j):
             self._pending -= weight * joules / planned
             if i == 0:
@@ -90,24 +94,33 @@ class RewardAccountant:
             elif times[i + 1] - times[i] > tbt:
                 for rid in report.request_ids:
                     self._miss(rid)
+            for rec in silent:
+                if self._late(rec, times[i + 1]):
+                    self._miss(rec.request_id)
         self.deadlines(report.end_time)
 
-    def deadlines(self, now: float) -> None:
-        """Misses that are certain already: a TTFT deadline or a TBT gap that has run out."""
+    def _sync_open(self) -> None:
         records = self.recorder.requests
         if len(records) > self._seen:  # arrivals since the last look (dicts keep order)
             self._open.update(itertools.islice(records.items(), self._seen, None))
             self._seen = len(records)
+
+    def _late(self, rec: RequestRecord, now: float) -> bool:
+        """Whether ``rec`` has run out of time by ``now`` (TTFT, or the gap since its last
+        token)."""
+        if not rec.token_times:
+            return now - rec.arrival_time > self.slo.ttft_s
+        return now - rec.token_times[-1] > self.slo.tbt_s
+
+    def deadlines(self, now: float) -> None:
+        """Misses that are certain already: a TTFT deadline or a TBT gap that has run out."""
+        self._sync_open()
         for rid, rec in list(self._open.items()):
             # Only requests still able to attain are checked, not the whole history.
             if rid in self.missed or rec.finished or rec.rejected:
                 del self._open[rid]
                 continue
-            if not rec.token_times:
-                late = now - rec.arrival_time > self.slo.ttft_s
-            else:
-                late = now - rec.token_times[-1] > self.slo.tbt_s
-            if late:
+            if self._late(rec, now):
                 self._miss(rec.request_id)
 
     def close(self) -> None:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel
 from engine_adapter.decision import Decision
 from engine_adapter.engine import Engine
 from engine_adapter.errors import ConfigError, InvalidDecision, RequestError, WeightsError
+from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.weights import dummy_weights, save_safetensors
+from lpenv.episode import Episode
+from lpenv.reward import SLO, RewardConfig
+from lpenv.workload import RequestSpec
 from policies.fixed import FixedGroups
+
+TINY = ModelConfig.load("qwen3-moe-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +159,32 @@ def test_admission_beyond_max_num_seqs_is_invalid():
 def test_abort_unknown_request(engine):
     with pytest.raises(KeyError, match="unknown or finished"):
         engine.abort("nope")
+
+
+def test_requests_known_by_length_only_on_the_simulator(engine):
+    with pytest.raises(RequestError, match="give the prompt's token ids"):
+        engine.add_request_of_length(10, 2)  # a real model needs the ids
+    sim = Engine(EngineConfig(model="qwen3-moe-tiny", kv_cache_tokens=2048, max_model_len=256),
+                 decide=FixedGroups(2), executor=SimExecutor(TINY, CostModel(TINY)),
+                 model_config=TINY)
+    for length, max_tokens, message in [(0, 4, "prompt_len must be a positive integer"),
+                                        (250, 10, "exceeds the model length"),
+                                        (5, 0, "max_tokens must be a positive integer")]:
+        with pytest.raises(RequestError, match=message):
+            sim.add_request_of_length(length, max_tokens)
+    assert not sim.has_unfinished()
+    sim.add_request_of_length(40, 3, request_id="ok")
+    assert len(sim.run()) >= 3 and not sim.has_unfinished()
+
+
+def test_an_episode_whose_last_arrival_is_rejected_ends():
+    # Found by hypothesis (tests/test_runs.py): the episode used to wait for work that would
+    # never come once the last request was refused at arrival.
+    sim = Engine(EngineConfig(model="qwen3-moe-tiny", kv_cache_tokens=2048, max_model_len=256),
+                 executor=SimExecutor(TINY, CostModel(TINY)), model_config=TINY)
+    requests = [RequestSpec("a", 0.0, 30, 4), RequestSpec("too-long", 5.0, 300, 4)]
+    rng = np.random.default_rng(0)
+    episode = Episode(sim, requests, SLO(1.0, 1.0), RewardConfig(), rng)
+    summary = episode.run(FixedGroups(2))
+    assert summary["requests_finished"] == 1 and summary["requests_rejected"] == 1
+    assert summary["slo_attainment"] == 0.5

@@ -1,6 +1,6 @@
-"""Decode runs (the simulator's fast path) change nothing but speed: an episode with them and
-the same episode one iteration at a time agree exactly, to the last bit of every time, joule
-and reward, and in every KV block."""
+"""Runs (the simulator's fast path: iterations needing no decision, priced and applied at
+once) change nothing but speed: an episode with them and the same episode one iteration at a
+time agree exactly, to the last bit of every time, joule and reward, and in every KV block."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from engine_adapter.engine import Engine
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.hardware import resolve_profile
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import DecodeRun, RunReport, Segment
+from engine_adapter.plan import IterationRun, RunReport, Segment, StageWork
+from engine_adapter.scheduler import layer_groups
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
 from lpenv.workload import WorkloadConfig, generate
@@ -92,7 +93,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_decode_runs_change_nothing(case):
+def test_runs_change_nothing(case):
     mcfg, profile, workload = CASES[case]
     fast, sf = _episode(mcfg, profile, workload, True, PaperRule(16))
     slow, ss = _episode(mcfg, profile, workload, False, PaperRule(16))
@@ -100,7 +101,7 @@ def test_decode_runs_change_nothing(case):
     assert sf["requests_finished"] == workload.num_requests
 
 
-def test_decode_runs_under_kv_pressure_and_a_horizon():
+def test_runs_under_kv_pressure_and_a_horizon():
     # A cache too small for the load (7 preemptions in the whole run): runs must stop where
     # growth would outrun the free blocks (preemption happens one iteration at a time), and
     # at the horizon.
@@ -117,7 +118,7 @@ def test_decode_runs_under_kv_pressure_and_a_horizon():
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rate=st.floats(0.5, 12.0), seed=st.integers(0, 2**16), groups=st.sampled_from([1, 3, 8]),
        kv=st.sampled_from([4096, 20000, 1 << 20]), tbt=st.sampled_from([0.03, 0.125]))
-def test_decode_runs_equal_single_steps_on_any_workload(rate, seed, groups, kv, tbt):
+def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, kv, tbt):
     workload = WorkloadConfig(lengths="sharegpt", rate=rate, num_requests=25, max_output=120)
     fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups), kv_tokens=kv,
                         slo=SLO(3.0, tbt), seed=seed)
@@ -128,16 +129,22 @@ def test_decode_runs_equal_single_steps_on_any_workload(rate, seed, groups, kv, 
 
 @pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
                                           (QWEN, PADDED)])
-def test_a_run_prices_each_iteration_as_alone(mcfg, profile):
+@pytest.mark.parametrize("rows,batch", [(9, False), (9, True), (0, True), (1, False)])
+def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
     cost = CostModel(mcfg, profile, 2)
-    rng = np.random.default_rng(0)
-    starts = rng.integers(0, 3000, 9).tolist()
-    run = DecodeRun(7, "layered", mcfg.num_layers,
-                    tuple(Segment(f"r{j}", s, 1, (), True) for j, s in enumerate(starts)), 40)
+    rng = np.random.default_rng(rows)
+    starts = rng.integers(0, 3000, rows).tolist()
+    decode = tuple(Segment(f"r{j}", s, 1, (), True) for j, s in enumerate(starts))
+    stages, bounds, k = (), (), 40
+    if batch:  # a batch of two pieces in 48 groups (1-layer stages: some kinds uncovered)
+        bounds = layer_groups(mcfg.num_layers, 48)
+        segs = (Segment("p0", 0, 700, (), True), Segment("p1", 1200, 300, (), False))
+        stages, k = (StageWork(9, 1, 48, *bounds[1], segs),), 46
+    run = IterationRun(7, "layered", mcfg.num_layers, decode, stages, bounds, k)
     executor = SimExecutor(mcfg, cost, noise=False)
     result = executor.execute_run(run, 5.0, float("inf"))
-    assert result.iterations == 40
-    for i in range(40):
+    assert result.iterations == k
+    for i in range(k):
         alone = executor.execute(run.plan(i))
         assert result.times[i + 1] - result.times[i] == pytest.approx(alone.latency_s, rel=1e-12)
         for field in ("expert_bytes", "weight_bytes", "kv_bytes", "flops"):
