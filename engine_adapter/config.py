@@ -20,6 +20,9 @@ class EngineConfig:
     ``prefill_budget`` caps a layered prefill batch's tokens (decode tokens not counted);
     ``chunk_tokens`` is the chunked mode's per-iteration budget (decode tokens counted).
     ``kv_cache_tokens`` sizes the paged KV cache (rounded up to whole blocks).
+    ``max_batches_in_flight`` caps the prefill batches in flight at once (None: no cap); at
+    the cap no batch can start, so the policy is not asked (the paper's rule runs one at a
+    time).
     """
 
     model: str = "qwen3-moe-cpu"
@@ -34,6 +37,7 @@ class EngineConfig:
     kv_cache_tokens: int = 65536
     max_num_seqs: int = 256
     max_model_len: int | None = None
+    max_batches_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,6 +51,10 @@ class EngineConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        cap = self.max_batches_in_flight
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
+            raise ConfigError(f"max_batches_in_flight must be a positive integer or None, got "
+                              f"{cap!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
 

@@ -77,7 +77,8 @@ class Engine:
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg.mode, mcfg.num_layers, self.blocks, cfg.prefill_budget,
                                    cfg.chunk_tokens, cfg.max_num_seqs, decide,
-                                   with_data=getattr(executor, "needs_data", True))
+                                   with_data=getattr(executor, "needs_data", True),
+                                   max_in_flight=cfg.max_batches_in_flight)
         self._ids = itertools.count()
         self._last_arrival: float | None = None
 

@@ -70,6 +70,7 @@ class Scheduler:
         max_num_seqs: int,
         decide: DecisionFunction | None = None,
         with_data: bool = True,
+        max_in_flight: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduling mode must be one of {MODES}, got {mode!r}")
@@ -83,6 +84,7 @@ class Scheduler:
         # Plans carry block tables and token ids for executors that touch tensors; the
         # simulator needs neither, and copying them each iteration is most of its time.
         self.with_data = with_data
+        self.max_in_flight = max_in_flight  # at the cap no batch starts: no decision is asked
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.decoding: list[Request] = []
@@ -129,6 +131,11 @@ class Scheduler:
             return f"waiting ({req.num_computed}/{req.num_tokens} tokens computed)"
         return req.status.value
 
+    @property
+    def at_cap(self) -> bool:
+        """Whether the prefill batches in flight are at ``max_in_flight`` (none can start)."""
+        return self.max_in_flight is not None and len(self.batches) >= self.max_in_flight
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.decoding or self.batches)
 
@@ -153,9 +160,10 @@ class Scheduler:
 
     def decision_view(self, now: float) -> SchedulerView | None:
         """The view a policy decides on, or None when this iteration needs no decision
-        (nothing waits, or chunked mode, which admits first come first served itself)."""
+        (nothing waits, no batch can start (``max_in_flight``), or chunked mode, which admits
+        first come first served itself)."""
         self.prepare(now)
-        if self.mode == "chunked" or not self.waiting:
+        if self.mode == "chunked" or not self.waiting or self.at_cap:
             return None
         if self._view is None or self._view.now != now:
             self._view = self.view(now)  # kept for schedule(): nothing changes in between
@@ -165,10 +173,15 @@ class Scheduler:
         """The next iteration's plan. In layered mode ``decision`` (or, if None, the policy's)
         says whether and how a new prefill batch starts."""
         self.prepare(now)
+        capped = self.at_cap
+        if capped and decision is not None and decision.admit:
+            raise InvalidDecision(
+                f"{len(self.batches)} prefill batches are in flight, the most "
+                f"max_batches_in_flight={self.max_in_flight} allows: none can start")
         self._prepared = False
         cancelled = self._cancelled
         cached, self._view = self._view, None
-        if self.waiting:
+        if self.waiting and not capped:
             view = cached if cached is not None and cached.now == now else self.view(now)
             if self.mode == "chunked":
                 decision = Decision(1, view.fcfs_admission())
@@ -205,13 +218,14 @@ class Scheduler:
 
     def plan_run(self, now: float, limit: int) -> IterationRun | None:
         """The coming iterations as one run, where none of them needs a decision or changes
-        anything but positions and stages (None otherwise): nothing waits, at most one prefill
-        batch is in flight, and the run stops before that batch's last stage, before its first
-        decode request finishes and where its KV growth would outrun the free blocks. Each of
-        its iterations is then the plan ``schedule`` would make; ``commit_run`` applies as many
-        as ran."""
+        anything but positions and stages (None otherwise): nothing waits (or no batch can
+        start: ``max_in_flight``), at most one prefill batch is in flight, and the run stops
+        before that batch's last stage, before its first decode request finishes and where its
+        KV growth would outrun the free blocks. Each of its iterations is then the plan
+        ``schedule`` would make; ``commit_run`` applies as many as ran."""
         self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
-        if self.waiting or len(self.batches) > 1 or not (self.decoding or self.batches):
+        if ((self.waiting and not self.at_cap) or len(self.batches) > 1
+                or not (self.decoding or self.batches)):
             return None
         k = limit
         if self.decoding:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import gymnasium as gym
@@ -94,6 +94,10 @@ class LayeredPrefillEnv(gym.Env):
         self.engine_config = build_section(EngineConfig, engine or {"model": "qwen3-moe-tiny",
                                                              "kv_cache_tokens": 8192,
                                                              "prefill_budget": 512}, "engine")
+        if not allow_stagger and self.engine_config.max_batches_in_flight is None:
+            # No batch may start while one is in flight: the engine enforces it, and runs
+            # those iterations without stopping at a decision point that has one choice.
+            self.engine_config = replace(self.engine_config, max_batches_in_flight=1)
         if self.engine_config.mode != "layered":
             raise ValueError("the env drives layered mode; the chunked baseline is evaluated "
                              "with lpenv-eval policy=chunked")

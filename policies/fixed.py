@@ -20,6 +20,11 @@ class FixedGroups:
     name: str = "fixed"
     mode: str = "layered"
 
+    @property
+    def max_in_flight(self) -> int | None:
+        """Unstaggered, one batch in flight at a time: the engine need not ask while one is."""
+        return None if self.staggered else 1
+
     def decide(self, view: SchedulerView) -> Decision:
         if view.in_flight and not self.staggered:
             return Decision.wait()

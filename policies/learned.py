@@ -134,6 +134,12 @@ class LearnedPolicy:
                              f"MultiDiscrete({codec.nvec})")
         self.obs_spec, self.codec, self.net, self.name = obs_spec, codec, net.eval(), name
 
+    @property
+    def max_in_flight(self) -> int | None:
+        """Trained without staggering (its mask never starts a batch while one is in flight):
+        the engine need not ask meanwhile, as the env did not."""
+        return None if self.codec.allow_stagger else 1
+
     def logits(self, obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(-1, self.obs_spec.size)
         with torch.inference_mode():

@@ -31,6 +31,11 @@ class PaperRule:
     name: str = "paper"
     mode: str = "layered"
 
+    @property
+    def max_in_flight(self) -> int:
+        """One batch in flight at a time: the engine need not ask while one is."""
+        return 1
+
     def decide(self, view: SchedulerView) -> Decision:
         if view.in_flight:
             return Decision.wait()

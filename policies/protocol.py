@@ -15,7 +15,9 @@ class Policy(Protocol):
 
     ``mode`` is the engine scheduling mode the policy drives (``layered`` or ``chunked``); a
     chunked policy is never asked to decide (the engine admits first come, first served) and
-    says its per-iteration token budget in ``chunk_tokens``.
+    says its per-iteration token budget in ``chunk_tokens``. A policy that never starts a
+    batch while ``n`` are in flight may say so in an optional ``max_in_flight = n``: the
+    engine then enforces it and does not ask meanwhile (``EngineConfig.max_batches_in_flight``).
     """
 
     name: str

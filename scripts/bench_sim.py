@@ -34,11 +34,13 @@ from policies.paper_rule import PaperRule
 PAPER_ENGINE = dict(model="qwen3-30b-a3b", prefill_budget=8192, chunk_tokens=512,
                     kv_cache_tokens=1 << 20, max_num_seqs=256, max_model_len=32768,
                     dtype="bfloat16")
+# The paper's rule keeps one batch in flight (as lpenv-eval runs it: policy.max_in_flight).
+PAPER_RULE_ENGINE = {**PAPER_ENGINE, "max_batches_in_flight": PaperRule().max_in_flight}
 
 
 def realtime_factor(seconds: float, rate: float, seed: int, warmup: float = 60.0) -> dict:
     mcfg = ModelConfig.load("qwen3-30b-a3b")
-    cfg = EngineConfig(**PAPER_ENGINE)
+    cfg = EngineConfig(**PAPER_RULE_ENGINE)
     backend = BackendConfig(name="sim", hardware="h100-sxm-tp2")
     engine = Engine(cfg, executor=build_executor(backend, cfg, mcfg), clock=VirtualClock(),
                     model_config=mcfg)

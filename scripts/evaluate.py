@@ -109,8 +109,12 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
         context = PolicyContext(model, parts["slo"].ttft_s, parts["slo"].tbt_s,
                                 parts["backend"].hardware, engine.torch_dtype.itemsize)
         policy = make_policy(str(cfg.policy.name), context, **policy_params(cfg.policy))
-        # The engine runs in the policy's mode; a chunked policy brings its token budget.
-        mode_settings: dict[str, Any] = {"mode": policy.mode}
+        # The engine runs in the policy's mode; a chunked policy brings its token budget, one
+        # that keeps to a number of batches in flight that cap.
+        caps = [c for c in (getattr(policy, "max_in_flight", None),
+                            engine.max_batches_in_flight) if c is not None]
+        mode_settings: dict[str, Any] = {"mode": policy.mode,
+                                         "max_batches_in_flight": min(caps, default=None)}
         if policy.mode == "chunked":
             mode_settings["chunk_tokens"] = policy.chunk_tokens
         engine = EngineConfig(**{**asdict(engine), **mode_settings})

@@ -135,6 +135,7 @@ def test_stagger_can_be_forbidden():
     env = make(allow_stagger=False, workload={**SMALL["workload"], "rate": 1000.0})
     env.reset(seed=0)
     sched = env.unwrapped.episode.engine.scheduler
+    assert sched.max_in_flight == 1  # the engine enforces it, so it need not stop to ask
     g_idx = len(env.unwrapped.codec.group_choices) - 1
     g = env.unwrapped.codec.group_choices[g_idx]
     for _ in range(5):

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from lpenv.metrics import RequestRecord
 from scripts import sweep_report
-from scripts.evaluate import CONFIG_DIR, CSV_COLUMNS, SUMMARY_FIELDS, evaluate
+from scripts.evaluate import CONFIG_DIR, CSV_COLUMNS, SUMMARY_FIELDS, build, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=qwen3-moe-tiny", "backend.latency=modeled", "workload.num_requests=6",
@@ -77,6 +77,16 @@ def test_chunked_run_uses_chunked_mode(tmp_path):
     summary = evaluate(load(["policy=chunked", "policy.chunk_tokens=32"]), tmp_path)
     assert summary["mode"] == "chunked" and summary["policy_params"] == {"chunk_tokens": 32}
     assert summary["decisions"] == 0  # the engine admits first come, first served itself
+
+
+@pytest.mark.parametrize("overrides, cap", [
+    (["policy=paper"], 1), (["policy=fixed"], 1), (["policy=fixed", "policy.staggered=true"], None),
+    (["policy=slo_aware"], None), (["policy=slo_aware", "engine.max_batches_in_flight=2"], 2),
+    (["policy=paper", "engine.max_batches_in_flight=3"], 1)])
+def test_the_engine_keeps_the_policys_batches_in_flight_cap(overrides, cap):
+    # A policy that starts no batch while one is in flight says so; the engine enforces the
+    # tighter of that and the config's cap, and does not ask the policy meanwhile.
+    assert build(load(overrides)).engine.max_batches_in_flight == cap
 
 
 def test_command_line_run_writes_into_the_hydra_run_dir(tmp_path):

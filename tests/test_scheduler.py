@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from engine_adapter.config import EngineConfig
+from engine_adapter.decision import Decision
 from engine_adapter.engine import Engine
+from engine_adapter.errors import ConfigError, InvalidDecision
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.scheduler import layer_groups
 from policies.fixed import FixedGroups
@@ -154,3 +156,27 @@ def test_phase_describes_the_lifecycle():
     assert sched.phase("a") == "decoding"
     engine.step()
     assert "a" not in sched.requests
+
+
+def test_at_the_batch_cap_no_decision_is_asked_and_none_can_start():
+    asked = []
+
+    def policy(view):
+        asked.append(view.iteration)
+        return FixedGroups(3, staggered=True).decide(view)
+
+    engine, ex = _engine(policy=policy, prefill_budget=64, max_batches_in_flight=1)
+    engine.add_request(list(range(20)), 2, request_id="a")
+    engine.step()  # batch of "a" starts: 3 stages
+    engine.add_request(list(range(10)), 2, request_id="b")
+    assert engine.decision_view() is None  # "b" waits, but no batch can start
+    with pytest.raises(InvalidDecision, match="max_batches_in_flight=1"):
+        engine.step(Decision(1, ("b",)))
+    assert engine.scheduler.phase("b") == "waiting"  # the refused decision changed nothing
+    engine.step()
+    engine.step()  # a's last stage: now "b" can start
+    assert engine.decision_view() is not None
+    engine.run()
+    assert asked == [0, 3] and [len(p.stages) for p in ex.plans[:4]] == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match="max_batches_in_flight"):
+        EngineConfig(max_batches_in_flight=0)
