@@ -100,13 +100,15 @@ class CostModel:
         return alike_layers(plan, self.config, distinct_experts, self.routing)
 
     def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, int | None,
-                                                                        int]]
-                     ) -> tuple[float, Traffic]:
+                                                                        int]],
+                     edge: Traffic | None = None) -> tuple[float, Traffic]:
         """Latency and traffic of ``plan`` with its layers in ``groups``. Row stats whose
         attention fields and layer counts are arrays (``traffic.run_classes``) price each
-        iteration of a run at once, each exactly as alone."""
+        iteration of a run at once, each exactly as alone (``edge``: the run's embedding and
+        LM-head traffic per iteration, where it changes)."""
         cfg, hw = self.config, self.profile
-        edge = edge_traffic(cfg, plan, self.dtype_bytes)
+        if edge is None:
+            edge = edge_traffic(cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
                    + self._time(edge, edge.attention_flops, edge.kv_bytes))

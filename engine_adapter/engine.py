@@ -206,20 +206,20 @@ class Engine:
         self.clock.advance_to(float(result.times[-1]))
         latencies = np.diff(result.times)  # as step() reports them: end - start on the clock
         t = result.traffic
-        joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops)
-        joules = np.broadcast_to(joules, (n,)).tolist()
+        joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops).tolist()
         latency_list = latencies.tolist()
         self._update_stats(latency_list, joules, run.num_tokens)
         first_index = tuple(len(self.scheduler.requests[s.request_id].output_token_ids)
                             for s in run.decode)
-        finished = self.scheduler.commit_run(run, n, result.token)
+        outcome = self.scheduler.commit_run(run, n, result.token)
         return RunReport(
             first_iteration=run.first_iteration, iterations=n, times=result.times.tolist(),
             latencies=latency_list, request_ids=tuple(s.request_id for s in run.decode),
             first_token_index=first_index, energy_j=joules,
             expert_bytes=int(t.expert_bytes.sum()), total_bytes=int((t.weight_bytes
                                                                       + t.kv_bytes).sum()),
-            flops=int(t.flops.sum()), energy_source=self.energy.source, finished=finished)
+            flops=int(t.flops.sum()), energy_source=self.energy.source,
+            finished=outcome.finished, emitted=tuple((rid, i) for rid, i, _ in outcome.emitted))
 
     def _update_stats(self, latencies: Sequence[float], joules: Sequence[float],
                       tokens: int) -> None:

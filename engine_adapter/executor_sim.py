@@ -16,7 +16,14 @@ from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, IterationRun, RunResult
 from engine_adapter.routing import RoutingModel
-from engine_adapter.traffic import Traffic, layer_classes, per_layer, run_classes
+from engine_adapter.traffic import (
+    TRAFFIC_FIELDS,
+    Traffic,
+    edge_traffic,
+    layer_classes,
+    per_layer,
+    run_classes,
+)
 
 
 @dataclass(frozen=True)
@@ -82,23 +89,32 @@ class SimExecutor:
         classes = run_classes(run, self.config, k)
         groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
                    c.count) for c in classes]
-        latency, traffic = self.cost.price_groups(run.plan(), groups)
-        latency = np.broadcast_to(latency, (k,))
+        edge = None
+        if run.stages:  # the LM head also runs for the batch's sampled rows at its last stage
+            last = run.stages[0].num_groups - 1 - run.stages[0].stage
+            if last < k:
+                at_last = np.arange(k) == last
+                first, end = (edge_traffic(self.config, run.plan(i), self.cost.dtype_bytes)
+                              for i in (0, last))
+                edge = Traffic(*(np.where(at_last, getattr(end, f), getattr(first, f))
+                                 for f in TRAFFIC_FIELDS))
+        latency, traffic = self.cost.price_groups(run.plan(), groups, edge)
+        times = np.empty(k + 1)
+        times[0], times[1:] = start, latency
         noise_state = None
         if self.noise_sd:
             sd = self.noise_sd
             noise_state = self._rng.bit_generator.state
-            latency = latency * np.exp(sd * self._rng.standard_normal(k) - sd * sd / 2)
-        times = np.cumsum(np.r_[start, latency])  # a sequential sum: the clock's own
-        ran = max(1, int(np.searchsorted(times[:-1], until, side="left")))
+            times[1:] *= np.exp(sd * self._rng.standard_normal(k) - sd * sd / 2)
+        np.cumsum(times, out=times)  # a sequential sum: the clock's own
+        ran = max(1, int(np.searchsorted(times[:-1], until)))
         if noise_state is not None and ran < k:
             # Leave the noise stream where ``ran`` single iterations would have left it.
             self._rng.bit_generator.state = noise_state
             self._rng.standard_normal(ran)
 
-        def first(x):
-            return np.broadcast_to(x, (k,))[:ran]
+        def first(x):  # a field over the iterations that ran (a constant one repeated)
+            return x[:ran] if isinstance(x, np.ndarray) else np.full(ran, x)
 
-        return RunResult(times[:ran + 1], Traffic(*(first(getattr(traffic, f)) for f in (
-            "expert_bytes", "weight_bytes", "kv_bytes", "flops", "expert_flops",
-            "attention_flops"))))
+        return RunResult(times[:ran + 1],
+                         Traffic(*(first(getattr(traffic, f)) for f in TRAFFIC_FIELDS)))

@@ -88,9 +88,9 @@ class IterationPlan:
 class IterationRun:
     """Up to ``max_iterations`` iterations that need no decision and change nothing but
     positions and stages: the same decode rows, each one position further per iteration, and at
-    most one prefill batch in flight, one stage further per iteration (never into its last
-    stage, whose end changes the decode batch). What the simulator prices in one call
-    instead of one plan per iteration (``Scheduler.plan_run``)."""
+    most one prefill batch in flight, one stage further per iteration (up to its last stage,
+    whose end changes the decode batch). What the simulator prices in one call instead of
+    one plan per iteration (``Scheduler.plan_run``)."""
 
     first_iteration: int
     mode: str
@@ -213,6 +213,9 @@ class RunReport:
     flops: int
     energy_source: str
     finished: list[str] = field(default_factory=list)
+    # (request, output index) of the tokens the batch in flight emitted as it ended, at the
+    # last iteration's end
+    emitted: tuple[tuple[str, int], ...] = ()
 
     @property
     def start_time(self) -> float:

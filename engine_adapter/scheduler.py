@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from engine_adapter.block_manager import BlockManager
 from engine_adapter.decision import (
     Decision,
@@ -34,11 +32,12 @@ MODES = ("layered", "chunked")
 
 def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
     """Contiguous layer ranges, sized as ``numpy.array_split`` sizes them."""
-    sizes = [len(part) for part in np.array_split(np.arange(num_layers), num_groups)]
+    size, extra = divmod(num_layers, num_groups)  # the first ``extra`` groups get one more
     bounds, start = [], 0
-    for size in sizes:
-        bounds.append((start, start + size))
-        start += size
+    for g in range(num_groups):
+        end = start + size + (g < extra)
+        bounds.append((start, end))
+        start = end
     return bounds
 
 
@@ -220,8 +219,8 @@ class Scheduler:
         """The coming iterations as one run, where none of them needs a decision or changes
         anything but positions and stages (None otherwise): nothing waits (or no batch can
         start: ``max_in_flight``), at most one prefill batch is in flight, and the run stops
-        before that batch's last stage, before its first decode request finishes and where its
-        KV growth would outrun the free blocks. Each of its iterations is then the plan
+        at that batch's last stage, at its first decode request's last token and where its KV
+        growth would outrun the free blocks. Each of its iterations is then the plan
         ``schedule`` would make; ``commit_run`` applies as many as ran."""
         self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
         if ((self.waiting and not self.at_cap) or len(self.batches) > 1
@@ -234,9 +233,7 @@ class Scheduler:
         bounds: tuple[tuple[int, int], ...] = ()
         if self.batches:
             b = self.batches[0]
-            k = min(k, b.num_groups - 1 - b.stage)
-            if k < 1:
-                return None  # its last stage: one ``schedule`` at a time
+            k = min(k, b.num_groups - b.stage)  # its last stage ends the run
             stages = (StageWork(b.batch_id, b.stage, b.num_groups, *b.bounds[b.stage],
                                 b.segments),)
             bounds = tuple(b.bounds)
@@ -253,10 +250,11 @@ class Scheduler:
                        for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs))
         return [self.decoding[j] for _, j in grows]
 
-    def commit_run(self, run: IterationRun, iterations: int, token: int) -> list[str]:
+    def commit_run(self, run: IterationRun, iterations: int, token: int) -> StepOutcome:
         """Apply the first ``iterations`` of ``run`` as that many ``schedule`` and
-        ``postprocess`` calls would (the same KV blocks in the same order, each request
-        ``token`` per iteration); returns the requests that finished."""
+        ``postprocess`` calls would (the same KV blocks in the same order, every token
+        ``token``). The outcome lists the requests that finished and, where the batch ended
+        in the last iteration, its emissions (the decode rows' tokens are the run's own)."""
         if not 1 <= iterations <= run.max_iterations or run.first_iteration != self.iteration:
             raise ValueError(f"cannot commit {iterations} iterations of a run of "
                              f"{run.max_iterations} planned at iteration {run.first_iteration}")
@@ -270,11 +268,14 @@ class Scheduler:
                 done.append(req)
         for req in done:
             self._retire(req, RequestStatus.FINISHED)
-        for b in self.batches:
-            b.stage += iterations
+        out = StepOutcome(finished=[r.request_id for r in done])
+        if self.batches:  # one at most: on to the stage after the run's last
+            (b,) = self.batches
+            b.stage += iterations - 1
+            self._advance_batches({s.request_id: token for s in b.segments}, out)
         self.iteration += iterations
         self._prepared, self._view, self._cancelled = False, None, []
-        return [r.request_id for r in done]
+        return out
 
     def view(self, now: float) -> SchedulerView:
         budget = self.prefill_budget
@@ -301,6 +302,12 @@ class Scheduler:
             req = self.requests[seg.request_id]
             req.num_computed += 1
             self._emit(req, sampled[seg.request_id], out)
+        self._advance_batches(sampled, out)
+        return out
+
+    def _advance_batches(self, sampled: dict[str, int], out: StepOutcome) -> None:
+        """Each batch in flight one stage on; one past its last stage ends: its requests
+        decode (emitting their first token) or, with more prompt to go, wait at the head."""
         finished_batches = []
         for b in self.batches:
             if b.stage < b.num_groups - 1:
@@ -323,7 +330,6 @@ class Scheduler:
                     self.waiting.appendleft(req)  # the continuing piece heads the queue
         for b in finished_batches:
             self.batches.remove(b)
-        return out
 
     # ---- internals ------------------------------------------------------------------------
     def _emit(self, req: Request, token: int, out: StepOutcome) -> None:

@@ -48,6 +48,8 @@ class Traffic:
 
 
 ZERO = Traffic(0, 0, 0, 0)
+TRAFFIC_FIELDS = ("expert_bytes", "weight_bytes", "kv_bytes", "flops", "expert_flops",
+                  "attention_flops")
 
 
 @dataclass(frozen=True)
@@ -124,16 +126,16 @@ def decode_run_stats(segments: Sequence[Segment], window: int | None, sinks: boo
     rows = len(segments)
     if not rows:
         return NO_ROWS
-    ends = np.array([seg.start + 1 for seg in segments], dtype=np.int64)
+    ends = [seg.start + 1 for seg in segments]
     step = np.arange(iterations, dtype=np.int64)
     if window is None:
-        keys = int(ends.sum()) + rows * step
+        keys = sum(ends) + rows * step
     else:
-        keys = np.minimum(ends[:, None] + step, window).sum(axis=0)
+        keys = np.minimum(np.array(ends)[:, None] + step, window).sum(axis=0)
     scores = keys + rows if sinks else keys
     if rows == 1:
         return RowStats(1, scores, keys, scores, keys, 1)
-    padded = rows * (int(ends.max()) + step)
+    padded = rows * (max(ends) + step)
     return RowStats(rows, scores, keys, padded, padded, 1)
 
 

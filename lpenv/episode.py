@@ -112,8 +112,8 @@ class Episode:
         if report is None:
             return False
         self.last_report = report
+        self.rewards.iteration_run(report)  # before the recorder: it reads the run's start
         self.recorder.iteration_run(report)
-        self.rewards.iteration_run(report)
         if self.on_iteration is not None:
             self.on_iteration(report)
         return True

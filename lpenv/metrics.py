@@ -87,11 +87,14 @@ class MetricsRecorder:
         self.total_bytes += report.total_bytes
         self.last_time = max(self.last_time, report.end_time)
         ends = report.times[1:]
-        for rid, index in zip(report.request_ids, report.first_token_index):
+        tokens = [(rid, index, ends) for rid, index in zip(report.request_ids,
+                                                           report.first_token_index)]
+        tokens += [(rid, index, ends[-1:]) for rid, index in report.emitted]
+        for rid, index, at in tokens:
             times = self.requests[rid].token_times
             if index != len(times):
                 raise ValueError(f"request {rid}: token {index} out of order")
-            times += ends
+            times += at
 
     def extend(self, reports: Iterable[IterationReport]) -> None:
         for r in reports:

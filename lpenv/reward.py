@@ -74,30 +74,45 @@ class RewardAccountant:
         self.deadlines(report.end_time)
 
     def iteration_run(self, report: RunReport) -> None:
-        """A run's iterations, paid exactly as ``iteration`` would pay them one by one (the
-        recorder has the tokens already). Every decode row gets a token at every iteration's
-        end, so a late gap is late for all of them at once; the others (a batch in flight)
-        can only run out of time, checked at each iteration's end."""
-        weight, planned, tbt = self.config.energy_weight, self.planned_tokens, self.slo.tbt_s
+        """A run's iterations, paid exactly as ``iteration`` would pay them one by one. Call
+        it before the recorder takes the run: it reads each request's tokens as they were
+        when the run began. Every decode row gets a token at every iteration's end, so a late
+        gap is late for all of them at once; the others (waiting, or in the batch in flight)
+        can run out of time at any iteration's end, and the batch's requests get their tokens
+        at the last."""
+        weight, planned = self.config.energy_weight, self.planned_tokens
+        ttft, tbt = self.slo.ttft_s, self.slo.tbt_s
+        records = self.recorder.requests
         times = report.times
         self._sync_open()
         in_run = set(report.request_ids)
-        silent = [rec for rid, rec in self._open.items()
+        # The others, each with what its time runs from (``_late``'s test, as it stands).
+        silent = [(rid, rec.token_times[-1], tbt) if rec.token_times
+                  else (rid, rec.arrival_time, ttft)
+                  for rid, rec in self._open.items()
                   if rid not in in_run and not rec.finished and not rec.rejected]
+        emitted = {rid for rid, _ in report.emitted}
+        last = len(report.energy_j) - 1
         for i, joules in enumerate(report.energy_j):
             self._pending -= weight * joules / planned
+            end = times[i + 1]
             if i == 0:
                 for rid, index in zip(report.request_ids, report.first_token_index):
-                    prev = self.recorder.requests[rid].token_times[index - 1]
-                    if times[1] - prev > tbt:
+                    if end - records[rid].token_times[index - 1] > tbt:
                         self._miss(rid)
-            elif times[i + 1] - times[i] > tbt:
+            elif end - times[i] > tbt:
                 for rid in report.request_ids:
                     self._miss(rid)
-            for rec in silent:
-                if self._late(rec, times[i + 1]):
-                    self._miss(rec.request_id)
-        self.deadlines(report.end_time)
+            if i == last:
+                for rid, index in report.emitted:
+                    rec = records[rid]
+                    if (end - rec.arrival_time > ttft if index == 0
+                            else end - rec.token_times[index - 1] > tbt):
+                        self._miss(rid)
+            for rid, since, slo in silent:
+                # (one given a token at this iteration's end is not late at it)
+                if end - since > slo and not (i == last and rid in emitted):
+                    self._miss(rid)
 
     def _sync_open(self) -> None:
         records = self.recorder.requests

@@ -22,7 +22,7 @@ from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationRun, RunReport, Segment, StageWork
 from engine_adapter.scheduler import layer_groups
 from lpenv.episode import Episode
-from lpenv.reward import SLO, RewardConfig
+from lpenv.reward import SLO, RewardAccountant, RewardConfig
 from lpenv.workload import WorkloadConfig, generate
 from policies.fixed import FixedGroups
 from policies.paper_rule import PaperRule
@@ -115,7 +115,7 @@ def test_runs_under_kv_pressure_and_a_horizon():
     workload = WorkloadConfig(lengths="sharegpt", rate=8.0, num_requests=60, max_output=400)
     for horizon in (None, 9.0):
         fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(4), kv_tokens=6000,
-                            horizon_s=horizon, slo=SLO(2.0, 0.02))
+                            horizon_s=horizon, slo=SLO(2.0, 0.02), cap=1)
         slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(4), kv_tokens=6000,
                             horizon_s=horizon, slo=SLO(2.0, 0.02))
         _assert_identical(fast, slow, sf, ss)
@@ -124,13 +124,15 @@ def test_runs_under_kv_pressure_and_a_horizon():
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rate=st.floats(0.5, 12.0), seed=st.integers(0, 2**16), groups=st.sampled_from([1, 3, 8]),
-       kv=st.sampled_from([4096, 20000, 1 << 20]), tbt=st.sampled_from([0.03, 0.125]))
-def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, kv, tbt):
+       staggered=st.booleans(), kv=st.sampled_from([4096, 20000, 1 << 20]),
+       slo=st.sampled_from([SLO(3.0, 0.03), SLO(0.5, 0.125)]))
+def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, staggered, kv, slo):
+    # Unstaggered, the engine's cap (as lpenv-eval sets it) lets runs pass waiting requests.
+    policy = FixedGroups(groups, staggered=staggered)
     workload = WorkloadConfig(lengths="sharegpt", rate=rate, num_requests=25, max_output=120)
-    fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups), kv_tokens=kv,
-                        slo=SLO(3.0, tbt), seed=seed)
-    slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups), kv_tokens=kv,
-                        slo=SLO(3.0, tbt), seed=seed)
+    fast, sf = _episode(QWEN, NOISY, workload, True, policy, kv_tokens=kv, slo=slo, seed=seed,
+                        cap=policy.max_in_flight)
+    slow, ss = _episode(QWEN, NOISY, workload, False, policy, kv_tokens=kv, slo=slo, seed=seed)
     _assert_identical(fast, slow, sf, ss)
 
 
@@ -159,3 +161,26 @@ def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
     # Cut at a deadline: only the iterations starting before it.
     until = float(result.times[12]) + 1e-9
     assert executor.execute_run(run, 5.0, until).iterations == 13
+
+
+def test_runs_with_requests_running_out_of_time_inside_them(monkeypatch):
+    # Tight TTFT, requests waiting behind a batch in flight: misses fall inside runs, at the
+    # iteration one by one would find them, and batches end inside runs too.
+    seen = {"misses": 0, "batch_ends": 0}
+    take = RewardAccountant.iteration_run
+
+    def counting(self, report):
+        before = len(self.missed)
+        take(self, report)
+        seen["misses"] += len(self.missed) - before
+        seen["batch_ends"] += bool(report.emitted)
+
+    monkeypatch.setattr(RewardAccountant, "iteration_run", counting)
+    workload = WorkloadConfig(lengths="sharegpt", rate=8.0, num_requests=40, max_output=120)
+    for groups in (3, 8):
+        fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups),
+                            slo=SLO(0.5, 0.125), cap=1)
+        slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups),
+                            slo=SLO(0.5, 0.125))
+        _assert_identical(fast, slow, sf, ss)
+    assert seen["misses"] > 0 and seen["batch_ends"] > 0
