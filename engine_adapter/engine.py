@@ -204,7 +204,8 @@ class Engine:
         result = execute_run(run, start, until)
         n = result.iterations
         self.clock.advance_to(float(result.times[-1]))
-        latencies = np.diff(result.times)  # as step() reports them: end - start on the clock
+        times = result.times
+        latencies = times[1:] - times[:-1]  # as step() reports them: end - start on the clock
         t = result.traffic
         joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops).tolist()
         latency_list = latencies.tolist()

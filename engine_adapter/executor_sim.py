@@ -94,10 +94,11 @@ class SimExecutor:
             last = run.stages[0].num_groups - 1 - run.stages[0].stage
             if last < k:
                 at_last = np.arange(k) == last
-                first, end = (edge_traffic(self.config, run.plan(i), self.cost.dtype_bytes)
-                              for i in (0, last))
-                edge = Traffic(*(np.where(at_last, getattr(end, f), getattr(first, f))
-                                 for f in TRAFFIC_FIELDS))
+                first, end = (edge_traffic(self.config, run.plan(i, positions=False),
+                                           self.cost.dtype_bytes) for i in (0, last))
+                # (embedding rows and the LM head: weight bytes and dense FLOPs only)
+                edge = Traffic(0, np.where(at_last, end.weight_bytes, first.weight_bytes), 0,
+                               np.where(at_last, end.flops, first.flops))
         latency, traffic = self.cost.price_groups(run.plan(), groups, edge)
         times = np.empty(k + 1)
         times[0], times[1:] = start, latency

@@ -227,8 +227,12 @@ class Scheduler:
                 or not (self.decoding or self.batches)):
             return None
         k = limit
-        if self.decoding:
-            k = min(k, min(r.max_tokens - len(r.output_token_ids) for r in self.decoding))
+        decode = []
+        for r in self.decoding:
+            left = r.max_tokens - len(r.output_token_ids)
+            if left < k:
+                k = left
+            decode.append(Segment(r.request_id, r.num_computed, 1, (), True))
         stages: tuple[StageWork, ...] = ()
         bounds: tuple[tuple[int, int], ...] = ()
         if self.batches:
@@ -239,8 +243,8 @@ class Scheduler:
             bounds = tuple(b.bounds)
         while k > 1 and len(self._run_growth(k)) > self.blocks.num_free:
             k //= 2  # iteration 0 needs no more blocks (prepared): k = 1 always fits
-        decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True) for r in self.decoding)
-        return IterationRun(self.iteration, self.mode, self.num_layers, decode, stages, bounds, k)
+        return IterationRun(self.iteration, self.mode, self.num_layers, tuple(decode), stages,
+                            bounds, k)
 
     def _run_growth(self, iterations: int) -> list[Request]:
         """The requests given a block by the first ``iterations`` of a run, in the

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class ActionCodec:
     group_choices: tuple[int, ...]
     admission_levels: int = 4
     allow_stagger: bool = True
+    # The last mask computed, by view identity: the env asks for it several times per step
+    # (decision point, decode, action_masks, info) and views are immutable.
+    _memo: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.group_choices or any(g < 1 for g in self.group_choices):
@@ -71,6 +74,14 @@ class ActionCodec:
 
     def masks(self, view: SchedulerView | None, can_wait: bool = True) -> np.ndarray:
         """Flat boolean mask over the three components (``sum(nvec)`` entries)."""
+        memo = self._memo
+        if memo and memo[0] is view and memo[1] == can_wait:
+            return memo[2].copy()
+        mask = self._masks(view, can_wait)
+        memo[:] = (view, can_wait, mask)
+        return mask.copy()
+
+    def _masks(self, view: SchedulerView | None, can_wait: bool) -> np.ndarray:
         g_mask = np.ones(len(self.group_choices), dtype=bool)
         if view is None:
             levels = np.zeros(self.admission_levels, dtype=bool)
