@@ -188,7 +188,8 @@ class Engine:
             finished=outcome.finished, preempted=list(self.scheduler.preempted_last),
             logits=result.logits)
 
-    def step_run(self, until: float, limit: int = 512) -> RunReport | None:
+    def step_run(self, until: float, decision: Decision | None = None, limit: int = 512
+                 ) -> RunReport | None:
         """Several iterations at once, each exactly as ``step`` would run it, up to the first
         that would start at or after ``until`` (the caller's next event: an arrival, a
         horizon). Only where none needs a decision (``Scheduler.plan_run``), the executor
@@ -198,7 +199,7 @@ class Engine:
         start = self.clock.now()
         if execute_run is None or not isinstance(self.clock, VirtualClock) or start >= until:
             return None
-        run = self.scheduler.plan_run(start, limit)
+        run = self.scheduler.plan_run(start, limit, decision)
         if run is None:
             return None
         result = execute_run(run, start, until)

@@ -81,6 +81,26 @@ class SimExecutor:
         return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
                                traffic=traffic)
 
+    def _run_edge(self, run: IterationRun, k: int) -> Traffic | None:
+        """The embedding and LM-head traffic of each of a run's iterations where it changes
+        (None where it does not): a batch embeds its rows at its first stage and samples at
+        its last. Weight bytes and dense FLOPs only."""
+        if not run.stages:
+            return None
+        st = run.stages[0]
+        stage = st.stage + np.arange(k)
+        kind = (stage == 0) + 2 * (stage == st.num_groups - 1)
+        present = np.unique(kind)
+        if len(present) == 1:
+            return None
+        weight, flops = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64)
+        for value in present.tolist():
+            at = kind == value
+            edge = edge_traffic(self.config, run.plan(int(np.argmax(at)), positions=False),
+                                self.cost.dtype_bytes)
+            weight[at], flops[at] = edge.weight_bytes, edge.flops
+        return Traffic(0, weight, 0, flops)
+
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price
         it alone (the same cost model on arrays, the same noise draws), and keep those that
@@ -89,17 +109,7 @@ class SimExecutor:
         classes = run_classes(run, self.config, k)
         groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
                    c.count) for c in classes]
-        edge = None
-        if run.stages:  # the LM head also runs for the batch's sampled rows at its last stage
-            last = run.stages[0].num_groups - 1 - run.stages[0].stage
-            if last < k:
-                at_last = np.arange(k) == last
-                first, end = (edge_traffic(self.config, run.plan(i, positions=False),
-                                           self.cost.dtype_bytes) for i in (0, last))
-                # (embedding rows and the LM head: weight bytes and dense FLOPs only)
-                edge = Traffic(0, np.where(at_last, end.weight_bytes, first.weight_bytes), 0,
-                               np.where(at_last, end.flops, first.flops))
-        latency, traffic = self.cost.price_groups(run.plan(), groups, edge)
+        latency, traffic = self.cost.price_groups(run.plan(), groups, self._run_edge(run, k))
         times = np.empty(k + 1)
         times[0], times[1:] = start, latency
         noise_state = None

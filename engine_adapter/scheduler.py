@@ -172,27 +172,9 @@ class Scheduler:
         """The next iteration's plan. In layered mode ``decision`` (or, if None, the policy's)
         says whether and how a new prefill batch starts."""
         self.prepare(now)
-        capped = self.at_cap
-        if capped and decision is not None and decision.admit:
-            raise InvalidDecision(
-                f"{len(self.batches)} prefill batches are in flight, the most "
-                f"max_batches_in_flight={self.max_in_flight} allows: none can start")
-        self._prepared = False
+        self._check_cap(decision)
         cancelled = self._cancelled
-        cached, self._view = self._view, None
-        if self.waiting and not capped:
-            view = cached if cached is not None and cached.now == now else self.view(now)
-            if self.mode == "chunked":
-                decision = Decision(1, view.fcfs_admission())
-            elif decision is None:
-                if self.decide is None:
-                    raise InvalidDecision("requests wait and there is no policy to decide")
-                decision = self.decide(view)
-            if not isinstance(decision, Decision):
-                raise InvalidDecision(
-                    f"a policy must return a Decision, got {type(decision).__name__}")
-            if decision.admit:
-                self._start_batch(view, decision)
+        self._take_decision(now, decision)
         if not self.decoding and not self.batches:
             return None
         if self.with_data:
@@ -215,18 +197,31 @@ class Scheduler:
         self.iteration += 1
         return plan
 
-    def plan_run(self, now: float, limit: int) -> IterationRun | None:
-        """The coming iterations as one run, where none of them needs a decision or changes
-        anything but positions and stages (None otherwise): nothing waits (or no batch can
-        start: ``max_in_flight``), at most one prefill batch is in flight, and the run stops
-        at that batch's last stage, at its first decode request's last token and where its KV
-        growth would outrun the free blocks. Each of its iterations is then the plan
-        ``schedule`` would make; ``commit_run`` applies as many as ran."""
+    def plan_run(self, now: float, limit: int, decision: Decision | None = None
+                 ) -> IterationRun | None:
+        """The coming iterations as one run, where none after the first needs a decision and
+        nothing changes but positions and stages (None otherwise: ``schedule`` goes on). The
+        first may take ``decision`` (a layered batch of more than one stage starting now).
+        Then nothing waits (or no batch can start: ``max_in_flight``), at most one batch is in
+        flight, and the run stops at that batch's last stage, at the last token of its first
+        decode request to finish and where its KV growth would outrun the free blocks. Each of
+        its iterations is the plan ``schedule`` would make; ``commit_run`` applies as many as
+        ran."""
         self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
-        if ((self.waiting and not self.at_cap) or len(self.batches) > 1
-                or not (self.decoding or self.batches)):
+        self._check_cap(decision)
+        if self.preempted_last or len(self.batches) > 1:
             return None
-        k = limit
+        due = bool(self.waiting) and not self.at_cap  # a decision is due this iteration
+        starts = due and decision is not None and bool(decision.admit)
+        if due and (decision is None or self.mode == "chunked"):
+            return None  # the policy (or first come, first served) decides in ``schedule``
+        if starts and (self.batches or decision.num_groups == 1):
+            return None  # two batches in flight, or one that ends in its first iteration
+        if not (self.decoding or self.batches or starts):
+            return None
+        if due:
+            self._take_decision(now, decision)
+        k = 1 if self.waiting and not self.at_cap else limit  # a decision due next: just one
         decode = []
         for r in self.decoding:
             left = r.max_tokens - len(r.output_token_ids)
@@ -280,6 +275,32 @@ class Scheduler:
         self.iteration += iterations
         self._prepared, self._view, self._cancelled = False, None, []
         return out
+
+    def _check_cap(self, decision: Decision | None) -> None:
+        if self.at_cap and decision is not None and decision.admit:
+            raise InvalidDecision(
+                f"{len(self.batches)} prefill batches are in flight, the most "
+                f"max_batches_in_flight={self.max_in_flight} allows: none can start")
+
+    def _take_decision(self, now: float, decision: Decision | None) -> None:
+        """The coming iteration's decision (``decision``, the policy's, or first come first
+        served in chunked mode), where one is due: its batch starts."""
+        self._prepared = False
+        cached, self._view = self._view, None
+        if not self.waiting or self.at_cap:
+            return
+        view = cached if cached is not None and cached.now == now else self.view(now)
+        if self.mode == "chunked":
+            decision = Decision(1, view.fcfs_admission())
+        elif decision is None:
+            if self.decide is None:
+                raise InvalidDecision("requests wait and there is no policy to decide")
+            decision = self.decide(view)
+        if not isinstance(decision, Decision):
+            raise InvalidDecision(
+                f"a policy must return a Decision, got {type(decision).__name__}")
+        if decision.admit:
+            self._start_batch(view, decision)
 
     def view(self, now: float) -> SchedulerView:
         budget = self.prefill_budget

@@ -98,17 +98,16 @@ class Episode:
             view = self.engine.decision_view()
             if view is not None and is_point(view):
                 return view
-            if view is None and self.fast_forward and self._step_run():
-                continue
             self.apply(Decision.wait() if view is not None else None)
 
-    def _step_run(self) -> bool:
-        """Run the iterations up to the next arrival or the horizon that need no decision in
-        one go, where the engine can; False where it cannot (then one ``apply`` goes on)."""
+    def _step_run(self, decision: Decision | None) -> bool:
+        """Run the coming iterations that need no decision (the first may take ``decision``)
+        up to the next arrival or the horizon in one go, where the engine can; False where it
+        cannot (then one ``step`` goes on)."""
         until = self.pending[0].arrival_time if self.pending else float("inf")
         if self.horizon_s is not None:
             until = min(until, self.horizon_s)
-        report = self.engine.step_run(until)
+        report = self.engine.step_run(until, decision)
         if report is None:
             return False
         self.last_report = report
@@ -119,7 +118,10 @@ class Episode:
         return True
 
     def apply(self, decision: Decision | None) -> None:
-        """One engine iteration with ``decision``; an idle engine jumps to the next arrival."""
+        """One engine iteration with ``decision`` (or a run of them, where the ones after the
+        first need none); an idle engine jumps to the next arrival."""
+        if self.fast_forward and self._step_run(decision):
+            return
         report = self.engine.step(decision)
         if report is None:
             if not self.pending:

@@ -138,17 +138,20 @@ def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, staggered, 
 
 @pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
                                           (QWEN, PADDED)])
-@pytest.mark.parametrize("rows,batch", [(9, False), (9, True), (0, True), (1, False)])
+@pytest.mark.parametrize("rows,batch", [(9, None), (9, (1, 48)), (0, (1, 48)), (1, None),
+                                        (7, (0, 5)), (0, (0, 3))])
 def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
     cost = CostModel(mcfg, profile, 2)
     rng = np.random.default_rng(rows)
     starts = rng.integers(0, 3000, rows).tolist()
     decode = tuple(Segment(f"r{j}", s, 1, (), True) for j, s in enumerate(starts))
     stages, bounds, k = (), (), 40
-    if batch:  # a batch of two pieces in 48 groups (1-layer stages: some kinds uncovered)
-        bounds = layer_groups(mcfg.num_layers, 48)
+    if batch:  # (first stage, G) of a batch of two pieces: from its first or a later stage
+        # to its last; 48 groups are 1-layer stages, leaving some layer kinds uncovered
+        stage, groups = batch
+        bounds = layer_groups(mcfg.num_layers, groups)
         segs = (Segment("p0", 0, 700, (), True), Segment("p1", 1200, 300, (), False))
-        stages, k = (StageWork(9, 1, 48, *bounds[1], segs),), 46
+        stages, k = (StageWork(9, stage, groups, *bounds[stage], segs),), groups - stage
     run = IterationRun(7, "layered", mcfg.num_layers, decode, stages, bounds, k)
     executor = SimExecutor(mcfg, cost, noise=False)
     result = executor.execute_run(run, 5.0, float("inf"))
@@ -159,8 +162,8 @@ def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
         for field in ("expert_bytes", "weight_bytes", "kv_bytes", "flops"):
             assert getattr(result.traffic, field)[i] == getattr(alone.traffic, field), field
     # Cut at a deadline: only the iterations starting before it.
-    until = float(result.times[12]) + 1e-9
-    assert executor.execute_run(run, 5.0, until).iterations == 13
+    until = float(result.times[k // 2]) + 1e-9
+    assert executor.execute_run(run, 5.0, until).iterations == k // 2 + 1
 
 
 def test_runs_with_requests_running_out_of_time_inside_them(monkeypatch):
