@@ -19,7 +19,7 @@ from engine_adapter.routing import RoutingModel
 from engine_adapter.traffic import (
     TRAFFIC_FIELDS,
     Traffic,
-    edge_traffic,
+    edge_traffic_of,
     layer_classes,
     per_layer,
     run_classes,
@@ -82,24 +82,16 @@ class SimExecutor:
                                traffic=traffic)
 
     def _run_edge(self, run: IterationRun, k: int) -> Traffic | None:
-        """The embedding and LM-head traffic of each of a run's iterations where it changes
+        """The embedding and LM-head traffic of each of a run's iterations, where it changes
         (None where it does not): a batch embeds its rows at its first stage and samples at
-        its last. Weight bytes and dense FLOPs only."""
+        its last."""
         if not run.stages:
             return None
-        st = run.stages[0]
+        st, n = run.stages[0], len(run.decode)
         stage = st.stage + np.arange(k)
-        kind = (stage == 0) + 2 * (stage == st.num_groups - 1)
-        present = np.unique(kind)
-        if len(present) == 1:
-            return None
-        weight, flops = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64)
-        for value in present.tolist():
-            at = kind == value
-            edge = edge_traffic(self.config, run.plan(int(np.argmax(at)), positions=False),
-                                self.cost.dtype_bytes)
-            weight[at], flops[at] = edge.weight_bytes, edge.flops
-        return Traffic(0, weight, 0, flops)
+        return edge_traffic_of(self.config, n + st.num_tokens * (stage == 0),
+                               n + sum(s.sample for s in st.segments) * (
+                                   stage == st.num_groups - 1), self.cost.dtype_bytes)
 
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price

@@ -283,16 +283,19 @@ def layer_traffic(config: ModelConfig, layer: int, stats: RowStats,
 
 def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> Traffic:
     """Embedding rows gathered and the LM head (on sampled rows only)."""
-    h = config.hidden_size
     embedded = len(plan.decode) + sum(st.num_tokens for st in plan.stages if st.is_first)
-    weight_bytes = embedded * h * dtype_bytes
-    flops = 0
     sampled = len(plan.decode) + sum(
         1 for st in plan.stages if st.is_last for s in st.segments if s.sample)
-    if sampled:
-        weight_bytes += (config.vocab_size * h + h) * dtype_bytes
-        flops += 2 * sampled * config.vocab_size * h
-    return Traffic(0, weight_bytes, 0, flops)
+    return edge_traffic_of(config, embedded, sampled, dtype_bytes)
+
+
+def edge_traffic_of(config: ModelConfig, embedded, sampled, dtype_bytes: int) -> Traffic:
+    """``edge_traffic`` of ``embedded`` rows and ``sampled`` ones (counts, or arrays of them
+    over a run's iterations): the LM head's weights are read where any row is sampled."""
+    h, vocab = config.hidden_size, config.vocab_size
+    head = (vocab * h + h) * dtype_bytes
+    return Traffic(0, embedded * h * dtype_bytes + (sampled > 0) * head, 0,
+                   2 * sampled * vocab * h)
 
 
 def alike_layers(plan: IterationPlan, config: ModelConfig,

@@ -139,7 +139,7 @@ def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, staggered, 
 @pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
                                           (QWEN, PADDED)])
 @pytest.mark.parametrize("rows,batch", [(9, None), (9, (1, 48)), (0, (1, 48)), (1, None),
-                                        (7, (0, 5)), (0, (0, 3))])
+                                        (7, (0, 5)), (0, (0, 3)), (5, (0, 2))])
 def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
     cost = CostModel(mcfg, profile, 2)
     rng = np.random.default_rng(rows)
