@@ -236,8 +236,10 @@ class Scheduler:
             stages = (StageWork(b.batch_id, b.stage, b.num_groups, *b.bounds[b.stage],
                                 b.segments),)
             bounds = tuple(b.bounds)
-        while k > 1 and len(self._run_growth(k)) > self.blocks.num_free:
-            k //= 2  # iteration 0 needs no more blocks (prepared): k = 1 always fits
+        # (each request grows at most every block_size iterations: mostly, room to spare)
+        if len(self.decoding) * (k // self.blocks.block_size + 1) > self.blocks.num_free:
+            while k > 1 and len(self._run_growth(k)) > self.blocks.num_free:
+                k //= 2  # iteration 0 needs no more blocks (prepared): k = 1 always fits
         return IterationRun(self.iteration, self.mode, self.num_layers, tuple(decode), stages,
                             bounds, k)
 

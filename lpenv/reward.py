@@ -87,10 +87,13 @@ class RewardAccountant:
         self._sync_open()
         in_run = set(report.request_ids)
         # The others, each with what its time runs from (``_late``'s test, as it stands).
-        silent = [(rid, rec.token_times[-1], tbt) if rec.token_times
-                  else (rid, rec.arrival_time, ttft)
-                  for rid, rec in self._open.items()
-                  if rid not in in_run and not rec.finished and not rec.rejected]
+        silent = []
+        for rid, rec in list(self._open.items()):
+            if rid in self.missed or rec.finished or rec.rejected:
+                del self._open[rid]  # nothing more to find out
+            elif rid not in in_run:
+                silent.append((rid, rec.token_times[-1], tbt) if rec.token_times
+                              else (rid, rec.arrival_time, ttft))
         emitted = {rid for rid, _ in report.emitted}
         last = len(report.energy_j) - 1
         for i, joules in enumerate(report.energy_j):
