@@ -101,10 +101,13 @@ def test_bench_sim_writes_its_fields(tmp_path):
     from scripts.bench_sim import main
 
     out = tmp_path / "sim.json"
-    main(["--out", str(out), "--seconds", "10", "--warmup", "2", "--env-steps", "30"])
+    main(["--out", str(out), "--seconds", "10", "--warmup", "2", "--env-steps", "30",
+          "--repeats", "2"])
     result = json.loads(out.read_text())
     for key in ("realtime_factor", "env_steps_per_s", "wall_s", "simulated_s"):
         assert result[key] > 0, key
+    assert len(result["realtime_factor_runs"]) == 2 and len(result["env_steps_per_s_runs"]) == 2
+    assert result["one_by_one"]["identical"]  # runs change the speed, not the result
 
 
 def test_gpt_oss_windows_sinks_and_sim_only():
