@@ -217,6 +217,9 @@ class Scheduler:
             return None  # the policy (or first come, first served) decides in ``schedule``
         if starts and (self.batches or decision.num_groups == 1):
             return None  # two batches in flight, or one that ends in its first iteration
+        capped_after = self.max_in_flight is not None and self.max_in_flight <= 1
+        if due and (not starts or len(decision.admit) < len(self.waiting) and not capped_after):
+            return None  # requests would wait with a decision due next: one iteration alone
         if not (self.decoding or self.batches or starts):
             return None
         if due:
