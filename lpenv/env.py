@@ -76,7 +76,10 @@ class LayeredPrefillEnv(gym.Env):
     ``uniform``, ``zipf:S`` or ``empirical:PATH``; a calibrated profile's latency scatter is
     drawn from a stream seeded by ``reset(seed=...)`` (``latency_noise=False`` turns it off).
     ``workload={"duration_s": 600, "warmup_s": 60, ...}``: arrivals over a window whose first
-    ``warmup_s`` seconds are left out of ``info["summary"]``'s request metrics.
+    ``warmup_s`` seconds are left out of ``info["summary"]``'s request metrics. On the sim
+    backend the iterations between decision points go in runs (``Engine.step_run``), with
+    the same results as one by one; ``allow_stagger=False`` caps the engine at one batch in
+    flight (``max_batches_in_flight``), so no step stops where the only choice is to wait.
 
     ## Version History
     * v0: initial version.
