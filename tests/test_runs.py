@@ -24,6 +24,7 @@ from engine_adapter.scheduler import layer_groups
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardAccountant, RewardConfig
 from lpenv.workload import WorkloadConfig, generate
+from policies.chunked import ChunkedPrefill
 from policies.fixed import FixedGroups
 from policies.paper_rule import PaperRule
 
@@ -42,7 +43,8 @@ def _episode(mcfg: ModelConfig, profile, workload: WorkloadConfig, fast: bool, p
              cap: int | None = None) -> tuple[Episode, dict]:
     cfg = EngineConfig(model=mcfg.name, prefill_budget=8192, kv_cache_tokens=kv_tokens,
                        max_num_seqs=256, max_model_len=min(32768, kv_tokens),
-                       dtype="bfloat16", max_batches_in_flight=cap)
+                       dtype="bfloat16", max_batches_in_flight=cap, mode=policy.mode,
+                       chunk_tokens=getattr(policy, "chunk_tokens", 512))
     executor = SimExecutor(mcfg, CostModel(mcfg, profile, 2), seed=3)
     engine = Engine(cfg, executor=executor, clock=VirtualClock(), model_config=mcfg)
     rng = np.random.default_rng(seed)
@@ -106,6 +108,15 @@ def test_runs_change_nothing(case):
     _assert_identical(uncapped, slow, su, ss)
     # The policy is asked only where a batch can start.
     assert sf["decisions"] < su["decisions"] == ss["decisions"]
+
+
+def test_runs_in_chunked_mode():
+    # The engine admits first come, first served itself: runs only where nothing waits.
+    workload = WorkloadConfig(lengths="sharegpt", rate=6.0, num_requests=50, max_output=200)
+    fast, sf = _episode(QWEN, NOISY, workload, True, ChunkedPrefill(512))
+    slow, ss = _episode(QWEN, NOISY, workload, False, ChunkedPrefill(512))
+    _assert_identical(fast, slow, sf, ss)
+    assert sf["requests_finished"] == 50
 
 
 def test_runs_under_kv_pressure_and_a_horizon():
