@@ -65,13 +65,16 @@ class RewardAccountant:
     def iteration(self, report: IterationReport) -> None:
         self._pending -= self.config.energy_weight * report.energy_j / self.planned_tokens
         for ev in report.events:
-            rec = self.recorder.requests[ev.request_id]
-            times = rec.token_times  # the recorder has appended this event already
-            late = (ev.time - rec.arrival_time > self.slo.ttft_s if ev.index == 0
-                    else times[ev.index] - times[ev.index - 1] > self.slo.tbt_s)
-            if late:
+            if self._late_token(self.recorder.requests[ev.request_id], ev.index, ev.time):
                 self._miss(ev.request_id)
         self.deadlines(report.end_time)
+
+    def _late_token(self, rec: RequestRecord, index: int, time: float) -> bool:
+        """Whether ``rec``'s ``index``-th token, at ``time``, is late: the first against the
+        TTFT SLO, the others by the gap from the one before."""
+        if index == 0:
+            return time - rec.arrival_time > self.slo.ttft_s
+        return time - rec.token_times[index - 1] > self.slo.tbt_s
 
     def iteration_run(self, report: RunReport) -> None:
         """A run's iterations, paid exactly as ``iteration`` would pay them one by one. Call
@@ -101,16 +104,14 @@ class RewardAccountant:
             end = times[i + 1]
             if i == 0:
                 for rid, index in zip(report.request_ids, report.first_token_index):
-                    if end - records[rid].token_times[index - 1] > tbt:
+                    if self._late_token(records[rid], index, end):
                         self._miss(rid)
             elif end - times[i] > tbt:
                 for rid in report.request_ids:
                     self._miss(rid)
             if i == last:
                 for rid, index in report.emitted:
-                    rec = records[rid]
-                    if (end - rec.arrival_time > ttft if index == 0
-                            else end - rec.token_times[index - 1] > tbt):
+                    if self._late_token(records[rid], index, end):
                         self._miss(rid)
             for rid, since, slo in silent:
                 # (one given a token at this iteration's end is not late at it)
