@@ -171,7 +171,7 @@ class CostModel:
         memory = hw.memory_time(t.weight_bytes, kv_bytes)
         if not hw.overlap:
             return compute + memory
-        if isinstance(compute, np.ndarray):  # a decode run's iterations at once
+        if isinstance(compute, np.ndarray):  # a run's iterations at once
             return np.maximum(compute, memory)
         return max(compute, memory)
 

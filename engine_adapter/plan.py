@@ -105,15 +105,13 @@ class IterationRun:
         """Rows in each of its iterations."""
         return len(self.decode) + sum(st.num_tokens for st in self.stages)
 
-    def plan(self, i: int = 0, positions: bool = True) -> IterationPlan:
-        """Its ``i``-th iteration, as ``Scheduler.schedule`` would plan it (``positions``
-        False: the decode rows keep the first iteration's, for what does not depend on them)."""
+    def plan(self, i: int = 0) -> IterationPlan:
+        """Its ``i``-th iteration, as ``Scheduler.schedule`` would plan it."""
         if i == 0:
             return IterationPlan(self.first_iteration, self.mode, self.num_layers, self.decode,
                                  self.stages)
-        decode = self.decode if not positions else tuple(
-            Segment(s.request_id, s.start + i, 1, s.block_table, s.sample, s.token_ids)
-            for s in self.decode)
+        decode = tuple(Segment(s.request_id, s.start + i, 1, s.block_table, s.sample,
+                               s.token_ids) for s in self.decode)
         stages = tuple(StageWork(st.batch_id, st.stage + i, st.num_groups,
                                  *self.stage_bounds[st.stage + i], st.segments)
                        for st in self.stages)
