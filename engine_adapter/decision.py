@@ -97,7 +97,7 @@ class SchedulerView:
                     f"of {self.prefill_budget} tokens")
             tokens = min(w.num_uncomputed, budget)
             budget -= tokens
-            blocks += -(-(w.num_computed + tokens) // self.block_size) - w.blocks_held
+            blocks += self._blocks_to_admit(w, tokens)
             new_seqs += w.blocks_held == 0
             allotment.append((w, tokens))
         if blocks > self.free_blocks:
@@ -119,7 +119,7 @@ class SchedulerView:
             if budget <= 0:
                 break
             tokens = min(w.num_uncomputed, budget)
-            need = -(-(w.num_computed + tokens) // self.block_size) - w.blocks_held
+            need = self._blocks_to_admit(w, tokens)
             if need > blocks or (w.blocks_held == 0 and seqs >= self.max_num_seqs):
                 break
             admitted.append(w.request_id)
@@ -127,6 +127,19 @@ class SchedulerView:
             blocks -= need
             seqs += w.blocks_held == 0
         return tuple(admitted)
+
+    def admits_any(self, budget: int | None = None) -> bool:
+        """Whether ``fcfs_admission(budget)`` admits anyone: whether the queue's head fits."""
+        budget = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
+        if not self.waiting or budget <= 0:
+            return False
+        w = self.waiting[0]
+        return (self._blocks_to_admit(w, min(w.num_uncomputed, budget)) <= self.free_blocks
+                and (w.blocks_held > 0 or self.num_running < self.max_num_seqs))
+
+    def _blocks_to_admit(self, w: WaitingRequest, tokens: int) -> int:
+        """KV blocks ``w`` must add to take ``tokens`` more of its prompt."""
+        return -(-(w.num_computed + tokens) // self.block_size) - w.blocks_held
 
     def tokens_of(self, admit: Sequence[str]) -> int:
         return sum(t for _, t in self.allot(Decision(1, tuple(admit))))

@@ -86,7 +86,7 @@ class ActionCodec:
         if view is None:
             levels = np.zeros(self.admission_levels, dtype=bool)
         else:
-            levels = np.array([bool(self.admission(view, i))
+            levels = np.array([view.admits_any(self.level_budget(view, i))
                                for i in range(self.admission_levels)])
         can_start = bool(levels.any()) and (
             view is not None and (self.allow_stagger or not view.in_flight))

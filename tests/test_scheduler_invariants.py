@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine_adapter.config import EngineConfig
-from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.decision import Decision, SchedulerView, WaitingRequest
 from engine_adapter.engine import Engine
 from engine_adapter.errors import InvalidDecision
 from engine_adapter.model_config import ModelConfig
@@ -171,3 +171,21 @@ def test_statuses_after_run():
     engine.run()
     assert req.status == RequestStatus.FINISHED and not req.block_table
     assert torch.tensor(req.output_token_ids).numel() == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(waiting=st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 2000), st.integers(0, 40)),
+                        max_size=4),
+       free=st.integers(0, 300), running=st.integers(0, 8), max_seqs=st.integers(1, 8),
+       budget=st.integers(-5, 5000), block_size=st.sampled_from([1, 16]))
+def test_admits_any_is_whether_fcfs_admits(waiting, free, running, max_seqs, budget,
+                                           block_size):
+    # The env's masks ask admits_any for each level; it must agree with the admission itself.
+    view = SchedulerView(
+        now=0.0, iteration=0, mode="layered", num_layers=4, prefill_budget=4096,
+        block_size=block_size, free_blocks=free, max_num_seqs=max_seqs, num_running=running,
+        num_blocks=1000,
+        waiting=tuple(WaitingRequest(f"r{i}", 0.0, left + done, done, left, held)
+                      for i, (left, done, held) in enumerate(waiting)),
+        decode_context_lens=(), in_flight=())
+    assert view.admits_any(budget) == bool(view.fcfs_admission(budget))
