@@ -14,7 +14,10 @@
    error of iteration latency (with the routers' own distinct experts, and with the routing
    model's), and the episode-level error of TTFT, end-to-end time and SLO attainment.
 
-Writes ``<out>/<name>.json`` (the report) and ``<out>/<name>_fidelity.png``.
+Writes ``<out>/<name>.json`` (the report), ``<out>/<name>_fidelity.png`` and
+``<out>/<name>_record.json``: every measurement (``engine_adapter.calibration_record``), so that
+``lpenv-calibrate --refit <out>/<name>_record.json`` fits and reports again anywhere, without
+the device (measure on a borrowed GPU for minutes, fit at leisure).
 Run it on an otherwise idle machine: another process on the same cores changes the timings.
 """
 
@@ -41,6 +44,7 @@ from engine_adapter.calibration import (
     profile_grid,
     routing_observations,
 )
+from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, coefficients, term_names
 from engine_adapter.engine import Engine, build_model, warm_up
@@ -89,7 +93,7 @@ def held_out_episode(engine_cfg: EngineConfig, mc: ModelConfig, label: str, exec
 
 
 def _episode_errors(runs: dict) -> dict:
-    measured, simulated = runs["measured"][0], runs["simulated"][0]
+    measured, simulated = runs["measured"], runs["simulated"]
     keys = ("ttft_mean_s", "ttft_p90_s", "e2e_mean_s", "iteration_p50_s", "slo_attainment")
     row = {f"{k}_{side}": s[k] for k in keys for side, s in
            (("measured", measured), ("simulated", simulated))}
@@ -123,7 +127,14 @@ def plot_fidelity(samples, cost: CostModel, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def calibrate(args: argparse.Namespace) -> dict:
+def held_out_config(model: str, dtype: str, device: str = "cpu") -> EngineConfig:
+    """The engine the held-out episodes run on (on the device, and on the simulator)."""
+    return EngineConfig(model=model, device=device, dtype=dtype, prefill_budget=1024,
+                        chunk_tokens=64, kv_cache_tokens=32768, max_num_seqs=64)
+
+
+def measure(args: argparse.Namespace) -> CalibrationRecord:
+    """Everything that needs the device: peaks, the grid and the held-out episodes."""
     grid = CalibrationGrid.quick() if args.quick else CalibrationGrid()
     if args.repeats:
         grid = replace(grid, repeats=args.repeats)
@@ -131,58 +142,67 @@ def calibrate(args: argparse.Namespace) -> dict:
                               prefill_budget=grid.prefill_budget, kv_cache_tokens=65536)
     mc = ModelConfig.load(args.model)
     device = engine_cfg.torch_device
-    name = args.name or f"{device.type}-auto"
-    started = time.perf_counter()
     executor = TorchExecutor(build_model(engine_cfg, mc), engine_cfg.num_kv_blocks,
                              engine_cfg.block_size)
     warm_up(executor, engine_cfg, mc)
-
     flops, bandwidth = measure_peaks(device, engine_cfg.torch_dtype)
-    like = DATASHEET_PROFILES["cpu-generic" if device.type == "cpu" else "h100-sxm"]
-    base = base_profile(name, flops, bandwidth, like)
-    cost_base = CostModel(mc, base, engine_cfg.torch_dtype.itemsize)
 
     # Two passes over the grid with the held-out runs between them: a shared machine's speed
     # drifts over minutes, and this way the drift reaches the fit and the test alike.
     passes = max(1, grid.repeats)
     one = replace(grid, repeats=1)
-    held_cfg = replace(engine_cfg, prefill_budget=1024, chunk_tokens=64, kv_cache_tokens=32768,
-                       max_num_seqs=64)
+    held_cfg = held_out_config(args.model, args.dtype, args.device)
     bar = tqdm(total=grid.size(mc.num_layers), desc="grid", unit="probe")
     samples = profile_grid(engine_cfg, mc, executor, one, seed=args.seed, on_probe=bar.update)
-    measured = {}
+    held_out = {}
     for label in HELD_OUT_POLICIES:
         executor.reset()
-        measured[label] = held_out_episode(held_cfg, mc, label, RecordingExecutor(executor),
-                                           args.seed + 1000)
+        summary, recorder = held_out_episode(held_cfg, mc, label, RecordingExecutor(executor),
+                                             args.seed + 1000)
+        held_out[label] = {"summary": summary, "samples": recorder.samples}
     for i in range(1, passes):
         executor.reset()
         samples += profile_grid(engine_cfg, mc, executor, one, seed=args.seed + i,
                                 on_probe=bar.update)
     bar.close()
     flops_after, bandwidth_after = measure_peaks(device, engine_cfg.torch_dtype)
-
     source = (f"lpenv-calibrate on {platform.node() or 'this machine'} ({device.type}, "
-              f"{os.cpu_count()} CPUs visible), {time.strftime('%Y-%m-%d')}, model {mc.name}, "
-              f"{len(samples)} iterations")
-    profile = fit_profile(base, cost_base, samples, name, source)
-    out_dir = Path(args.profile_dir) if args.profile_dir else profile_dir()
-    profile_path = write_profile(profile, out_dir / f"{name}.json")
+              f"{os.cpu_count()} CPUs visible), {time.strftime('%Y-%m-%d')}, model {mc.name}")
+    return CalibrationRecord(
+        model=mc.name, device=device.type, dtype=args.dtype, source=source,
+        peaks={"flops": flops, "bandwidth": bandwidth, "flops_after": flops_after,
+               "bandwidth_after": bandwidth_after},
+        grid={**asdict(grid), "quick": args.quick}, seed=args.seed, grid_samples=samples,
+        held_out=held_out)
+
+
+def fit(record: CalibrationRecord, name: str, profile_dir: Path, out: Path) -> dict:
+    """Fit the profile to a record, write it and its routing table, and test both on the
+    record's held-out episodes (no device needed)."""
+    mc = ModelConfig.load(record.model)
+    dtype_bytes = EngineConfig(model=record.model, dtype=record.dtype).torch_dtype.itemsize
+    like = DATASHEET_PROFILES["cpu-generic" if record.device == "cpu" else "h100-sxm"]
+    peaks = record.peaks
+    base = base_profile(name, peaks["flops"], peaks["bandwidth"], like)
+    samples = record.grid_samples
+    profile = fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
+                          f"{record.source}, {len(samples)} iterations")
+    profile_path = write_profile(profile, profile_dir / f"{name}.json")
     routing = record_routing(routing_observations(samples, mc), mc)
-    routing_path = out_dir / "routing" / f"{mc.name}.json"
+    routing_path = profile_dir / "routing" / f"{mc.name}.json"
     routing_path.parent.mkdir(parents=True, exist_ok=True)
     routing_path.write_text(json.dumps(routing, indent=1) + "\n")
 
-    fitted = CostModel(mc, profile, engine_cfg.torch_dtype.itemsize)
-    fit_err = percentage_errors(fitted, samples)
+    fitted = CostModel(mc, profile, dtype_bytes)
+    held_cfg = held_out_config(record.model, record.dtype)
     episodes = {}
-    for label, real in measured.items():
-        sim = SimExecutor(mc, CostModel(mc, str(profile_path), engine_cfg.torch_dtype.itemsize),
-                          f"empirical:{routing_path}", str(profile_path), seed=args.seed)
-        episodes[label] = {"measured": real,
+    for label, real in record.held_out.items():
+        sim = SimExecutor(mc, CostModel(mc, str(profile_path), dtype_bytes),
+                          f"empirical:{routing_path}", str(profile_path), seed=record.seed)
+        episodes[label] = {"measured": real["summary"],
                            "simulated": held_out_episode(held_cfg, mc, label, sim,
-                                                         args.seed + 1000)}
-    held = [s for runs in episodes.values() for s in runs["measured"][1].samples]
+                                                         record.seed + 1000)[0]}
+    held = [s for real in record.held_out.values() for s in real["samples"]]
     routing_model = RoutingModel(mc, f"empirical:{routing_path}")
 
     def modeled_distinct(s):
@@ -193,24 +213,25 @@ def calibrate(args: argparse.Namespace) -> dict:
 
     report = {
         "name": name, "profile_path": str(profile_path), "routing_path": str(routing_path),
-        "model": mc.name, "device": str(device), "dtype": args.dtype, "quick": args.quick,
-        "measured_peak_flops": flops, "measured_bandwidth": bandwidth,
+        "model": mc.name, "device": record.device, "dtype": record.dtype,
+        "quick": record.grid.get("quick", False),
+        "measured_peak_flops": peaks["flops"], "measured_bandwidth": peaks["bandwidth"],
         # The same measurements at the end: how much the machine's speed moved meanwhile.
-        "measured_peak_flops_after": flops_after, "measured_bandwidth_after": bandwidth_after,
-        "grid": asdict(grid), "grid_iterations": len(samples),
+        "measured_peak_flops_after": peaks["flops_after"],
+        "measured_bandwidth_after": peaks["bandwidth_after"],
+        "grid": record.grid, "grid_iterations": len(samples),
         "coefficients": dict(zip(term_names(profile), coefficients(profile).tolist())),
         "profile": profile.to_json(),
-        "fit_error": _percentiles(fit_err),
-        "held_out_workload": {**asdict(HELD_OUT), "seed": args.seed + 1000,
+        "fit_error": _percentiles(percentage_errors(fitted, samples)),
+        "held_out_workload": {**asdict(HELD_OUT), "seed": record.seed + 1000,
                               "ttft_slo_s": HELD_OUT_SLO.ttft_s, "tbt_slo_s": HELD_OUT_SLO.tbt_s},
         "held_out_iteration_error": _percentiles(percentage_errors(fitted, held)),
         "held_out_iteration_error_routing_model": _percentiles(
             percentage_errors(fitted, held, modeled_distinct)),
         "held_out_episodes": {label: _episode_errors(runs) for label, runs in episodes.items()},
-        "wall_s": time.perf_counter() - started,
     }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    plot_fidelity(held, fitted, Path(args.out) / f"{name}_fidelity.png",
+    out.mkdir(parents=True, exist_ok=True)
+    plot_fidelity(held, fitted, out / f"{name}_fidelity.png",
                   f"{name}: held-out iterations ({mc.name})")
     return report
 
@@ -260,15 +281,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
     p.add_argument("--repeats", type=int, default=None,
                    help="passes over the grid (default 2; 1 halves the time)")
+    p.add_argument("--refit", default=None, metavar="RECORD",
+                   help="fit and report from a record an earlier run wrote (<out>/<name>_record"
+                        ".json; no device needed) instead of measuring")
     args = p.parse_args(argv)
+    started = time.perf_counter()
     try:
-        report = calibrate(args)
+        if args.refit:
+            record = CalibrationRecord.read(args.refit)
+        else:
+            record = measure(args)
+        name = args.name or f"{record.device}-auto"
+        out = Path(args.out)
+        if not args.refit:
+            record_path = record.write(out / f"{name}_record.json")
+        report = fit(record, name, Path(args.profile_dir) if args.profile_dir else profile_dir(),
+                     out)
     except (ConfigError, ValueError) as exc:  # a bad model, device or dtype: say so, briefly
         p.exit(2, f"lpenv-calibrate: {exc}\n")
-    path = Path(args.out) / f"{report['name']}.json"
+    report["record_path"] = str(Path(args.refit) if args.refit else record_path)
+    report["wall_s"] = time.perf_counter() - started
+    path = out / f"{name}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
-    print(f"wrote {path} in {report['wall_s']:.0f} s")
+    print(f"wrote {path} in {report['wall_s']:.0f} s (measurements: {report['record_path']})")
 
 
 if __name__ == "__main__":

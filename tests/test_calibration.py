@@ -22,6 +22,7 @@ from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.hardware import DATASHEET_PROFILES, resolve_profile
 from engine_adapter.model_config import ModelConfig
+from engine_adapter.plan import IterationPlan, Segment, StageWork
 from engine_adapter.routing import RoutingModel, record_routing
 from tests.sim_episode import play_trivially
 
@@ -114,6 +115,18 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     assert set(report["held_out_episodes"]) == {"layered (paper rule)", "chunked (64)"}
     assert (tmp_path / "out" / "cpu-auto_fidelity.png").stat().st_size > 0
 
+    # Refit from the record, as on a machine without the device: the same fit and fidelity.
+    record = report["record_path"]
+    assert record == str(tmp_path / "out" / "cpu-auto_record.json")
+    main(["--refit", record, "--name", "refit", "--out", str(tmp_path / "again"),
+          "--profile-dir", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "refit.json").read_text())
+    for key in ("coefficients", "fit_error", "held_out_iteration_error",
+                "held_out_iteration_error_routing_model", "held_out_episodes", "grid",
+                "measured_peak_flops"):
+        assert again[key] == report[key], key
+    assert again["record_path"] == record
+
     import gymnasium as gym
 
     import lpenv
@@ -137,3 +150,44 @@ def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):
     assert exc.value.code == 2
     assert "sim backend only" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
+def test_refit_refuses_what_is_not_a_record(tmp_path, capsys):
+    from scripts.calibrate import main
+
+    bad = tmp_path / "report.json"
+    bad.write_text(json.dumps({"name": "cpu-auto"}))
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--refit", str(path), "--out", str(tmp_path / "out"),
+                  "--profile-dir", str(tmp_path)])
+        assert exc.value.code == 2
+        assert "calibration record" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_record_keeps_every_plan_the_cost_model_prices(tmp_path):
+    """Plans of every shape (decode rows, pieces of a prompt, several stages) survive the
+    record's JSON with the same price."""
+    from engine_adapter.calibration import Sample
+    from engine_adapter.calibration_record import CalibrationRecord
+
+    mc = ModelConfig.load("qwen3-moe-tiny")
+    cost = CostModel(mc, "cpu-generic", 4)
+    decode = tuple(Segment(f"d{i}", n, 1, (0, 1), True, (5,)) for i, n in enumerate((3, 40)))
+    stages = (StageWork(0, 1, 3, 1, 2, (Segment("a", 0, 9, (), False, None),
+                                        Segment("b", 16, 5, (2,), True, None))),
+              StageWork(1, 0, 2, 0, 1, (Segment("c", 0, 7, (), True, (1,) * 7),)))
+    plans = [IterationPlan(4, "layered", mc.num_layers, decode, stages),
+             IterationPlan(5, "chunked", mc.num_layers, (), stages[1:]),
+             IterationPlan(6, "layered", mc.num_layers, decode, ())]
+    samples = [Sample(p, (3,) * mc.num_layers, 0.01 * i + 0.001) for i, p in enumerate(plans)]
+    rec = CalibrationRecord("qwen3-moe-tiny", "cpu", "float32", "test", {}, {}, 0, samples,
+                            {"x": {"summary": {"ttft_mean_s": 1.5}, "samples": samples[:1]}})
+    back = CalibrationRecord.read(rec.write(tmp_path / "r.json"))
+    for a, b in zip(samples + samples[:1], back.grid_samples + back.held_out["x"]["samples"]):
+        assert b.plan.schedule_key() == a.plan.schedule_key()
+        assert b.distinct_experts == a.distinct_experts and b.measured_s == a.measured_s
+        assert (cost.iteration_latency(b.plan, b.distinct_experts)
+                == cost.iteration_latency(a.plan, a.distinct_experts))
+    assert back.held_out["x"]["summary"] == {"ttft_mean_s": 1.5}

@@ -1,0 +1,102 @@
+"""A calibration record: everything ``lpenv-calibrate`` measured on a device, in JSON.
+
+Measuring needs the device (a GPU is often lent for minutes); fitting does not. The record
+keeps each iteration's plan (what ran through which layers), the distinct experts its routers
+loaded and its measured latency, the device's peaks and the held-out episodes' summaries, so
+that ``lpenv-calibrate --refit RECORD`` fits and reports anywhere, as often as wanted.
+
+Plans are stored by their shape alone: token ids and block tables do not enter the cost
+model. JSON, not pickle: a record from elsewhere is data, never code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine_adapter.calibration import Sample
+from engine_adapter.errors import ConfigError
+from engine_adapter.plan import IterationPlan, Segment, StageWork
+
+FORMAT = "lpenv-calibration-record/1"
+
+
+def _segments_json(segments: Sequence[Segment]) -> list:
+    return [[s.request_id, s.start, s.length, int(s.sample)] for s in segments]
+
+
+def _segments(rows: list) -> tuple[Segment, ...]:
+    return tuple(Segment(rid, start, length, (), bool(sample))
+                 for rid, start, length, sample in rows)
+
+
+def plan_json(plan: IterationPlan) -> dict:
+    return {"iteration": plan.iteration, "mode": plan.mode, "num_layers": plan.num_layers,
+            "decode": _segments_json(plan.decode),
+            "stages": [[st.batch_id, st.stage, st.num_groups, st.layer_start, st.layer_end,
+                        _segments_json(st.segments)] for st in plan.stages]}
+
+
+def plan_from_json(d: dict) -> IterationPlan:
+    return IterationPlan(
+        d["iteration"], d["mode"], d["num_layers"], _segments(d["decode"]),
+        tuple(StageWork(b, stage, g, lo, hi, _segments(segs))
+              for b, stage, g, lo, hi, segs in d["stages"]))
+
+
+def samples_json(samples: Sequence[Sample]) -> list:
+    return [{"plan": plan_json(s.plan), "distinct_experts": list(s.distinct_experts),
+             "measured_s": s.measured_s} for s in samples]
+
+
+def samples_from_json(rows: list) -> list[Sample]:
+    return [Sample(plan_from_json(r["plan"]), tuple(r["distinct_experts"]), r["measured_s"])
+            for r in rows]
+
+
+@dataclass
+class CalibrationRecord:
+    """What one ``lpenv-calibrate`` run measured."""
+
+    model: str
+    device: str  # the torch device type: cpu, cuda
+    dtype: str
+    source: str  # where and when, for the profile's ``source``
+    peaks: dict  # measured peak FLOP/s and bandwidth, at the start and at the end
+    grid: dict
+    seed: int
+    grid_samples: list[Sample]
+    # per held-out policy label: the real engine's episode summary and its iterations
+    held_out: dict[str, dict] = field(default_factory=dict)
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"format": FORMAT, "model": self.model, "device": self.device,
+                "dtype": self.dtype, "source": self.source, "peaks": self.peaks,
+                "grid": self.grid, "seed": self.seed,
+                "grid_samples": samples_json(self.grid_samples),
+                "held_out": {label: {"summary": h["summary"],
+                                     "samples": samples_json(h["samples"])}
+                             for label, h in self.held_out.items()}}
+        path.write_text(json.dumps(body) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> CalibrationRecord:
+        path = Path(path)
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read calibration record {path}: {exc}") from exc
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ConfigError(f"{path} is not a calibration record ({FORMAT}): "
+                              "lpenv-calibrate writes one beside each report")
+        return cls(body["model"], body["device"], body["dtype"], body["source"],
+                   body["peaks"], body["grid"], body["seed"],
+                   samples_from_json(body["grid_samples"]),
+                   {label: {"summary": h["summary"],
+                            "samples": samples_from_json(h["samples"])}
+                    for label, h in body["held_out"].items()})
