@@ -192,6 +192,23 @@ def percentage_errors(cost: CostModel, samples: Sequence[Sample],
     return np.abs(pred - measured) / measured
 
 
+def pass_drift(samples: Sequence[Sample], passes: int) -> float | None:
+    """Median ratio of each grid iteration's latency in the last pass to the same iteration
+    (same shape) in the first: 1.0 on a steady machine. None with one pass, or where the
+    passes' iterations do not pair up."""
+    if passes < 2 or len(samples) % passes:
+        return None
+    n = len(samples) // passes
+
+    def shape(s: Sample) -> tuple:
+        return (len(s.plan.decode), s.plan.num_prefill_tokens,
+                tuple((st.layer_start, st.layer_end) for st in s.plan.stages))
+
+    ratios = [b.measured_s / a.measured_s for a, b in zip(samples[:n], samples[-n:])
+              if shape(a) == shape(b)]
+    return float(np.median(ratios)) if len(ratios) >= n // 2 else None
+
+
 def routing_observations(samples: Iterable[Sample], model_config: ModelConfig
                          ) -> list[tuple[int, int]]:
     """(rows, distinct experts) at every MoE layer invocation the samples saw."""

@@ -11,6 +11,7 @@ model. JSON, not pickle: a record from elsewhere is data, never code.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,15 +82,20 @@ class CalibrationRecord:
                 "held_out": {label: {"summary": h["summary"],
                                      "samples": samples_json(h["samples"])}
                              for label, h in self.held_out.items()}}
-        path.write_text(json.dumps(body) + "\n")
+        text = json.dumps(body) + "\n"
+        if path.suffix == ".gz":  # records kept in a repository are better compressed
+            path.write_bytes(gzip.compress(text.encode()))
+        else:
+            path.write_text(text)
         return path
 
     @classmethod
     def read(cls, path: str | Path) -> CalibrationRecord:
         path = Path(path)
         try:
-            body = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            data = path.read_bytes()
+            body = json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+        except (OSError, ValueError, EOFError) as exc:
             raise ConfigError(f"cannot read calibration record {path}: {exc}") from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ConfigError(f"{path} is not a calibration record ({FORMAT}): "

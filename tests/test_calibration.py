@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,28 @@ def test_a_record_keeps_every_plan_the_cost_model_prices(tmp_path):
         assert (cost.iteration_latency(b.plan, b.distinct_experts)
                 == cost.iteration_latency(a.plan, a.distinct_experts))
     assert back.held_out["x"]["summary"] == {"ttft_mean_s": 1.5}
+
+
+H200_RECORDS = Path(__file__).parent / "data"
+
+
+def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
+    """Records measured on an H200 (``lpenv-calibrate --device cuda``, float32, qwen3-moe-cpu):
+    refit here, they give the README's figures. The one measured without ``--settle-s`` shows
+    the drift that setting removes."""
+    from scripts.calibrate import main
+
+    main(["--refit", str(H200_RECORDS / "h200_qwen3-moe-cpu_record.json.gz"), "--out",
+          str(tmp_path), "--profile-dir", str(tmp_path)])
+    settled = json.loads((tmp_path / "cuda-auto.json").read_text())
+    assert settled["grid_iterations"] == 1604 and settled["device"] == "cuda"
+    assert settled["grid_pass_drift"] == pytest.approx(0.99, abs=0.01)
+    assert settled["held_out_iteration_error"]["median"] == pytest.approx(0.079, abs=0.002)
+    layered = settled["held_out_episodes"]["layered (paper rule)"]
+    assert layered["ttft_mean_s_error"] < 0.01 and layered["e2e_mean_s_error"] < 0.05
+
+    main(["--refit", str(H200_RECORDS / "h200_qwen3-moe-cpu_unsettled_record.json.gz"),
+          "--name", "unsettled", "--out", str(tmp_path), "--profile-dir", str(tmp_path)])
+    unsettled = json.loads((tmp_path / "unsettled.json").read_text())
+    assert unsettled["grid_pass_drift"] == pytest.approx(0.77, abs=0.01)
+    assert unsettled["held_out_iteration_error"]["median"] == pytest.approx(0.193, abs=0.002)
