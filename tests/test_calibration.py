@@ -104,7 +104,7 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     from scripts.calibrate import main
 
     monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path / "profiles"))
-    main(["--quick", "--model", "qwen3-moe-tiny", "--device", "cpu", "--out",
+    main(["--quick", "--settle-s", "0.2", "--model", "qwen3-moe-tiny", "--device", "cpu", "--out",
           str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "cpu-auto.json").read_text())
     profile = resolve_profile("cpu-auto")
