@@ -85,7 +85,7 @@ class SimExecutor:
         """The embedding and LM-head traffic of each of a run's iterations, where it changes
         (None where it does not): a batch embeds its rows at its first stage and samples at
         its last."""
-        if not run.stages:
+        if not run.stages or run.chunk:  # (a chunk is its batch's first and last stage)
             return None
         st, n = run.stages[0], len(run.decode)
         stage = st.stage + np.arange(k)

@@ -89,8 +89,9 @@ class IterationRun:
     """Up to ``max_iterations`` iterations that need no decision and change nothing but
     positions and stages: the same decode rows, each one position further per iteration, and at
     most one prefill batch in flight, one stage further per iteration (up to its last stage,
-    whose end changes the decode batch). What the simulator prices in one call instead of
-    one plan per iteration (``Scheduler.plan_run``)."""
+    whose end changes the decode batch), or in chunked mode one prompt's chunks, one per
+    iteration, up to before its last. What the simulator prices in one call instead of one
+    plan per iteration (``Scheduler.plan_run``)."""
 
     first_iteration: int
     mode: str
@@ -99,6 +100,9 @@ class IterationRun:
     stages: tuple[StageWork, ...]  # the first iteration's stage (none, or one batch's)
     stage_bounds: tuple[tuple[int, int], ...]  # that batch's layer groups
     max_iterations: int
+    # Chunked mode: each iteration's stage is a new one-stage batch (the next id) taking the
+    # next ``chunk`` tokens of the same prompt (none of them its last).
+    chunk: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -112,9 +116,14 @@ class IterationRun:
                                  self.stages)
         decode = tuple(Segment(s.request_id, s.start + i, 1, s.block_table, s.sample,
                                s.token_ids) for s in self.decode)
-        stages = tuple(StageWork(st.batch_id, st.stage + i, st.num_groups,
-                                 *self.stage_bounds[st.stage + i], st.segments)
-                       for st in self.stages)
+        if self.chunk:
+            stages = tuple(StageWork(st.batch_id + i, 0, 1, st.layer_start, st.layer_end, tuple(
+                Segment(s.request_id, s.start + i * self.chunk, s.length, s.block_table,
+                        False, s.token_ids) for s in st.segments)) for st in self.stages)
+        else:
+            stages = tuple(StageWork(st.batch_id, st.stage + i, st.num_groups,
+                                     *self.stage_bounds[st.stage + i], st.segments)
+                           for st in self.stages)
         return IterationPlan(self.first_iteration + i, self.mode, self.num_layers, decode,
                              stages)
 

@@ -212,6 +212,8 @@ class Scheduler:
         if self.preempted_last or len(self.batches) > 1:
             return None
         due = bool(self.waiting) and not self.at_cap  # a decision is due this iteration
+        if due and self.mode == "chunked" and decision is None:
+            return self._plan_chunks(now, limit)
         starts = due and decision is not None and bool(decision.admit)
         if due and (decision is None or self.mode == "chunked"):
             return None  # the policy (or first come, first served) decides in ``schedule``
@@ -246,13 +248,45 @@ class Scheduler:
         return IterationRun(self.iteration, self.mode, self.num_layers, tuple(decode), stages,
                             bounds, k)
 
-    def _run_growth(self, iterations: int) -> list[Request]:
-        """The requests given a block by the first ``iterations`` of a run, in the
-        order ``_grow_decodes`` would give them: iteration by iteration, in decode order."""
+    def _plan_chunks(self, now: float, limit: int) -> IterationRun | None:
+        """Chunked mode's run: the queue's head alone fills each iteration's chunk budget,
+        one chunk after the other, up to before its prompt's last (which samples its first
+        token and joins the decode batch)."""
+        if self.batches:
+            return None
+        view = self._view if self._view is not None and self._view.now == now else self.view(now)
+        if len(view.fcfs_admission()) != 1:
+            return None  # nobody fits, or the chunk takes more than one request
+        head, chunk = self.waiting[0], view.prefill_budget
+        k = min(limit, (head.num_uncomputed - 1) // chunk)
+        for r in self.decoding:
+            k = min(k, r.max_tokens - len(r.output_token_ids))
+        if k < 1:
+            return None
+        while k > 1 and len(self._run_growth(k, head, chunk)) > self.blocks.num_free:
+            k //= 2  # the first chunk fits (first come, first served admitted it)
+        segment = Segment(head.request_id, head.num_computed, chunk, (), False, ())
+        decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True) for r in self.decoding)
+        return IterationRun(self.iteration, self.mode, self.num_layers, decode, (StageWork(
+            self._next_batch_id, 0, 1, 0, self.num_layers, (segment,)),),
+            ((0, self.num_layers),), k, chunk)
+
+    def _run_growth(self, iterations: int, head: Request | None = None, chunk: int = 0
+                    ) -> list[Request]:
+        """The requests given a block by the first ``iterations`` of a run, in the order one
+        iteration after the other would give them: in each, ``_grow_decodes`` in decode order,
+        then (a chunked run) the blocks ``head``'s chunk needs."""
         bs = self.blocks.block_size
-        grows = sorted((i, j) for j, r in enumerate(self.decoding)
-                       for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs))
-        return [self.decoding[j] for _, j in grows]
+        grows = [(i, 0, j) for j, r in enumerate(self.decoding)
+                 for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs)]
+        if head is not None:
+            held = len(head.block_table)
+            for i in range(iterations):
+                need = -(-(head.num_computed + (i + 1) * chunk) // bs)
+                grows += [(i, 1, 0)] * (need - held)
+                held = max(held, need)
+        grows.sort()
+        return [head if kind else self.decoding[j] for _, kind, j in grows]
 
     def commit_run(self, run: IterationRun, iterations: int, token: int) -> StepOutcome:
         """Apply the first ``iterations`` of ``run`` as that many ``schedule`` and
@@ -262,7 +296,12 @@ class Scheduler:
         if not 1 <= iterations <= run.max_iterations or run.first_iteration != self.iteration:
             raise ValueError(f"cannot commit {iterations} iterations of a run of "
                              f"{run.max_iterations} planned at iteration {run.first_iteration}")
-        self.blocks.add_one(self._run_growth(iterations))
+        head = self.waiting[0] if run.chunk else None
+        self.blocks.add_one(self._run_growth(iterations, head, run.chunk))
+        if head is not None:  # its chunks, each a batch of one stage, as _start_batch made them
+            head.num_computed += iterations * run.chunk
+            self._note_admitted(head)
+            self._next_batch_id += iterations
         emitted = [token] * iterations
         done = []
         for req in self.decoding:
@@ -440,6 +479,12 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.preempted_last.append(req.request_id)
 
+    def _note_admitted(self, req: Request) -> None:
+        """Its place in the admission order (preemption takes the latest first)."""
+        if req.request_id not in self._admit_order:
+            self._admit_order[req.request_id] = self._admit_counter
+            self._admit_counter += 1
+
     def _start_batch(self, view: SchedulerView, decision: Decision) -> None:
         allotment = view.allot(decision)
         batch_id = self._next_batch_id
@@ -450,9 +495,7 @@ class Scheduler:
             self.waiting.remove(req)
             start = req.num_computed
             self.blocks.grow(req, start + tokens)
-            if req.request_id not in self._admit_order:
-                self._admit_order[req.request_id] = self._admit_counter
-                self._admit_counter += 1
+            self._note_admitted(req)
             req.status = RequestStatus.PREFILLING
             req.batch_id = batch_id
             data = self.with_data

@@ -78,16 +78,23 @@ NO_ROWS = RowStats()
 def _attended_keys(seg: Segment, window: int | None, sinks: bool) -> tuple[int, int]:
     """(sum over the segment's queries of keys attended, keys read once for the segment).
     A sink is one more logit per query (GPT-OSS), read from the weights, not the cache."""
-    first, last = seg.start + 1, seg.end  # query at position p attends p + 1 keys
+    return _attended(seg.start, seg.length, window, sinks)
+
+
+def _attended(start, length: int, window: int | None, sinks: bool, lo=min, hi=max):
+    """``_attended_keys`` of ``length`` queries from ``start`` on: one segment (ints, with
+    ``min``/``max``), or one per iteration of a run (``start`` an array, with
+    ``np.minimum``/``np.maximum``)."""
+    first, last = start + 1, start + length  # query at position p attends p + 1 keys
     if window is None:
-        scores, keys = (first + last) * seg.length // 2, seg.end
+        scores, keys = (first + last) * length // 2, last
     else:
         # min(p, w) summed over p in [first, last]: a ramp up to w, then flat
-        ramp_end = min(last, window)
-        ramp = (first + ramp_end) * (ramp_end - first + 1) // 2 if first <= ramp_end else 0
-        scores = ramp + window * (last - max(first - 1, ramp_end))
-        keys = min(seg.end, window + seg.length - 1)
-    return scores + (seg.length if sinks else 0), keys
+        ramp_end = lo(last, window)
+        ramp = (first + ramp_end) * hi(ramp_end - first + 1, 0) // 2
+        scores = ramp + window * (last - hi(first - 1, ramp_end))
+        keys = lo(last, window + length - 1)
+    return scores + (length if sinks else 0), keys
 
 
 def row_stats(segments: Sequence[Segment], window: int | None, sinks: bool = False,
@@ -137,6 +144,19 @@ def decode_run_stats(segments: Sequence[Segment], window: int | None, sinks: boo
         return RowStats(1, scores, keys, scores, keys, 1)
     padded = rows * (max(ends) + step)
     return RowStats(rows, scores, keys, padded, padded, 1)
+
+
+def chunk_run_stats(seg: Segment, window: int | None, sinks: bool, iterations: int,
+                    chunk: int) -> RowStats:
+    """``row_stats`` of a chunked run's prompt chunk (``seg``, then ``chunk`` positions
+    further at each iteration), the attention fields arrays over the iterations."""
+    start = seg.start + chunk * np.arange(iterations, dtype=np.int64)
+    scores, keys = _attended(start, seg.length, window, sinks, np.minimum, np.maximum)
+    end = start + seg.length
+    # (SDPA's causal path only for a first chunk, without a window: as row_stats)
+    padded = np.where(start == 0, scores, seg.length * end) if window is None else (
+        seg.length * end)
+    return RowStats(seg.length, scores, keys, padded, end, 1)
 
 
 def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
@@ -214,6 +234,11 @@ def run_classes(run: IterationRun, config: ModelConfig, iterations: int) -> list
         return [LayerClass(window, moe, len(layers), layers[0], (), decode[window])
                 for (window, moe), layers in kinds.items()]
     st = run.stages[0]
+    if run.chunk:  # every layer, each iteration's chunk beside the decode rows
+        (seg,) = st.segments
+        return [LayerClass(window, moe, len(layers), layers[0], (), decode[window]
+                           + chunk_run_stats(seg, window, sinks, iterations, run.chunk))
+                for (window, moe), layers in kinds.items()]
     bounds = run.stage_bounds[st.stage:st.stage + iterations]
     outside, inside = [], []
     for (window, moe), layers in kinds.items():

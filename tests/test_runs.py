@@ -110,13 +110,54 @@ def test_runs_change_nothing(case):
     assert sf["decisions"] < su["decisions"] == ss["decisions"]
 
 
-def test_runs_in_chunked_mode():
-    # The engine admits first come, first served itself: runs only where nothing waits.
-    workload = WorkloadConfig(lengths="sharegpt", rate=6.0, num_requests=50, max_output=200)
-    fast, sf = _episode(QWEN, NOISY, workload, True, ChunkedPrefill(512))
-    slow, ss = _episode(QWEN, NOISY, workload, False, ChunkedPrefill(512))
-    _assert_identical(fast, slow, sf, ss)
-    assert sf["requests_finished"] == 50
+def _counting_chunk_runs(monkeypatch) -> dict:
+    """Counts the chunked runs planned (the queue's head prefilled chunk after chunk)."""
+    from engine_adapter.scheduler import Scheduler
+
+    seen = {"chunk_runs": 0, "chunk_iterations": 0}
+    plan = Scheduler._plan_chunks
+
+    def counting(self, now, limit):
+        run = plan(self, now, limit)
+        if run is not None:
+            seen["chunk_runs"] += 1
+            seen["chunk_iterations"] += run.max_iterations
+        return run
+
+    monkeypatch.setattr(Scheduler, "_plan_chunks", counting)
+    return seen
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_runs_in_chunked_mode(case, monkeypatch):
+    # First come, first served: runs where nothing waits, and while the queue's head is
+    # prefilled chunk after chunk (long prompts: the arXiv shape).
+    seen = _counting_chunk_runs(monkeypatch)
+    mcfg, profile, _ = CASES[case]
+    workload = WorkloadConfig(lengths="arxiv", rate=1.5, num_requests=30, max_prompt=16000,
+                              max_output=200)
+    for chunk in (512, 160):  # 160: a budget the decode batch can fill (no chunk at all)
+        fast, sf = _episode(mcfg, profile, workload, True, ChunkedPrefill(chunk))
+        slow, ss = _episode(mcfg, profile, workload, False, ChunkedPrefill(chunk))
+        _assert_identical(fast, slow, sf, ss)
+        assert sf["requests_finished"] == 30
+    assert seen["chunk_runs"] > 10 and seen["chunk_iterations"] > 5 * seen["chunk_runs"]
+
+
+def test_chunked_runs_under_kv_pressure_and_a_horizon(monkeypatch):
+    # Chunks and decode rows growing into a small cache: runs stop where their blocks would
+    # not fit, preemption happens one iteration at a time, and the horizon cuts a run.
+    seen = _counting_chunk_runs(monkeypatch)
+    workload = WorkloadConfig(lengths="arxiv", rate=3.0, num_requests=30, max_prompt=6000,
+                              max_output=300)
+    for horizon in (None, 7.0):
+        fast, sf = _episode(QWEN, NOISY, workload, True, ChunkedPrefill(512), kv_tokens=12000,
+                            horizon_s=horizon, slo=SLO(2.0, 0.05))
+        slow, ss = _episode(QWEN, NOISY, workload, False, ChunkedPrefill(512), kv_tokens=12000,
+                            horizon_s=horizon, slo=SLO(2.0, 0.05))
+        _assert_identical(fast, slow, sf, ss)
+        assert ss["requests_finished"] > 0 and len(slow.rewards.missed) > 0
+    assert seen["chunk_runs"] > 0
 
 
 def test_runs_under_kv_pressure_and_a_horizon():
@@ -147,6 +188,20 @@ def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, staggered, 
     _assert_identical(fast, slow, sf, ss)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rate=st.floats(0.5, 6.0), seed=st.integers(0, 2**16),
+       chunk=st.sampled_from([64, 256, 512]), kv=st.sampled_from([8192, 30000, 1 << 20]),
+       slo=st.sampled_from([SLO(3.0, 0.03), SLO(0.5, 0.125)]))
+def test_chunked_runs_equal_single_steps_on_any_workload(rate, seed, chunk, kv, slo):
+    workload = WorkloadConfig(lengths="arxiv", rate=rate, num_requests=12, max_prompt=7000,
+                              max_output=80)
+    fast, sf = _episode(QWEN, NOISY, workload, True, ChunkedPrefill(chunk), kv_tokens=kv,
+                        slo=slo, seed=seed)
+    slow, ss = _episode(QWEN, NOISY, workload, False, ChunkedPrefill(chunk), kv_tokens=kv,
+                        slo=slo, seed=seed)
+    _assert_identical(fast, slow, sf, ss)
+
+
 @pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
                                           (QWEN, PADDED)])
 @pytest.mark.parametrize("rows,batch", [(9, None), (9, (1, 48)), (0, (1, 48)), (1, None),
@@ -164,6 +219,30 @@ def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
         segs = (Segment("p0", 0, 700, (), True), Segment("p1", 1200, 300, (), False))
         stages, k = (StageWork(9, stage, groups, *bounds[stage], segs),), groups - stage
     run = IterationRun(7, "layered", mcfg.num_layers, decode, stages, bounds, k)
+    _prices_each_iteration_as_alone(mcfg, cost, run)
+
+
+@pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
+                                          (QWEN, PADDED)])
+@pytest.mark.parametrize("rows,start,chunk", [(9, 0, 400), (0, 0, 512), (3, 700, 100),
+                                              (1, 126, 512), (0, 5000, 64)])
+def test_a_chunked_run_prices_each_iteration_as_alone(mcfg, profile, rows, start, chunk):
+    # From a prompt's first chunk (SDPA's causal path on the CPU) or a later one, past
+    # GPT-OSS's 128-token window, with and without decode rows beside it.
+    rng = np.random.default_rng(rows)
+    decode = tuple(Segment(f"r{j}", s, 1, (), True)
+                   for j, s in enumerate(rng.integers(0, 3000, rows).tolist()))
+    stage = StageWork(9, 0, 1, 0, mcfg.num_layers, (Segment("p", start, chunk, (), False, ()),))
+    run = IterationRun(7, "chunked", mcfg.num_layers, decode, (stage,),
+                       ((0, mcfg.num_layers),), 30, chunk)
+    assert run.plan(4).stages[0].segments[0].start == start + 4 * chunk
+    assert run.plan(4).stages[0].batch_id == 13
+    _prices_each_iteration_as_alone(mcfg, CostModel(mcfg, profile, 2), run)
+
+
+def _prices_each_iteration_as_alone(mcfg: ModelConfig, cost: CostModel,
+                                    run: IterationRun) -> None:
+    k = run.max_iterations
     executor = SimExecutor(mcfg, cost, noise=False)
     result = executor.execute_run(run, 5.0, float("inf"))
     assert result.iterations == k
