@@ -108,6 +108,8 @@ def test_bench_sim_writes_its_fields(tmp_path):
         assert result[key] > 0, key
     assert len(result["realtime_factor_runs"]) == 2 and len(result["env_steps_per_s_runs"]) == 2
     assert result["one_by_one"]["identical"]  # runs change the speed, not the result
+    chunked = result["chunked_512"]
+    assert chunked["realtime_factor"] > 0 and chunked["one_by_one"]["identical"]
 
 
 def test_gpt_oss_windows_sinks_and_sim_only():
