@@ -204,9 +204,10 @@ class Scheduler:
         first may take ``decision`` (a layered batch of more than one stage starting now).
         Then nothing waits (or no batch can start: ``max_in_flight``), at most one batch is in
         flight, and the run stops at that batch's last stage, at the last token of its first
-        decode request to finish and where its KV growth would outrun the free blocks. Each of
-        its iterations is the plan ``schedule`` would make; ``commit_run`` applies as many as
-        ran."""
+        decode request to finish and where its KV growth would outrun the free blocks. In
+        chunked mode, while requests wait, the run is the queue's head's chunks
+        (``_plan_chunks``). Each of its iterations is the plan ``schedule`` would make;
+        ``commit_run`` applies as many as ran."""
         self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
         self._check_cap(decision)
         if self.preempted_last or len(self.batches) > 1:
