@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fit and report from a record an earlier run wrote (<out>/<name>_record"
                         ".json; no device needed) instead of measuring")
     args = p.parse_args(argv)
+    if args.refit and (args.quick or args.repeats or args.settle_s is not None):
+        p.error("--quick, --repeats and --settle-s shape a measurement; --refit measures nothing")
     started = time.perf_counter()
     try:
         if args.refit:

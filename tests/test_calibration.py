@@ -165,6 +165,9 @@ def test_refit_refuses_what_is_not_a_record(tmp_path, capsys):
         assert exc.value.code == 2
         assert "calibration record" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["--refit", str(bad), "--quick"])
+    assert exc.value.code == 2 and "--refit measures nothing" in capsys.readouterr().err
 
 
 def test_a_record_keeps_every_plan_the_cost_model_prices(tmp_path):
