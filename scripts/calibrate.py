@@ -193,7 +193,7 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
         held_out=held_out)
 
 
-def fit(record: CalibrationRecord, name: str, profile_dir: Path, out: Path) -> dict:
+def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict:
     """Fit the profile to a record, write it and its routing table, and test both on the
     record's held-out episodes (no device needed)."""
     mc = ModelConfig.load(record.model)
@@ -204,9 +204,9 @@ def fit(record: CalibrationRecord, name: str, profile_dir: Path, out: Path) -> d
     samples = record.grid_samples
     profile = fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
                           f"{record.source}, {len(samples)} iterations")
-    profile_path = write_profile(profile, profile_dir / f"{name}.json")
+    profile_path = write_profile(profile, profiles / f"{name}.json")
     routing = record_routing(routing_observations(samples, mc), mc)
-    routing_path = profile_dir / "routing" / f"{mc.name}.json"
+    routing_path = profiles / "routing" / f"{mc.name}.json"
     routing_path.parent.mkdir(parents=True, exist_ok=True)
     routing_path.write_text(json.dumps(routing, indent=1) + "\n")
 
