@@ -56,7 +56,7 @@ calibrate: $(STAMP)
 	$(BIN)/lpenv-calibrate --out results/calibration
 
 # The paper's SLO-attainment-against-rate experiment on the simulator, all four panels
-# (about three minutes); one panel: make paper PANEL=arxiv-qwen.
+# (under two minutes); one panel: make paper PANEL=arxiv-qwen.
 PANEL ?= all
 paper: $(STAMP)
 	$(BIN)/lpenv-paper $(PANEL) --out results/paper

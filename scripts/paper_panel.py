@@ -85,21 +85,35 @@ def run_one(args: tuple[list[str], str]) -> dict:
     return evaluate(cfg, Path(out_dir), overrides_)
 
 
+def run_panels(names: list[str], out: Path, jobs: int, duration_s: float, warmup_s: float,
+               hardware: str, rates: tuple[float, ...] | None = None) -> list[dict]:
+    """Every run of the named panels in one pool of workers (each imports the stack once,
+    and no panel waits for the slowest run of the one before), then each panel's report."""
+    work = {name: [(overrides(PANELS[name], policy, rate, duration_s, warmup_s, hardware),
+                    str(out / name / f"{policy}-{rate:g}"))
+                   for policy in POLICIES for rate in (rates or PANELS[name].rates)]
+            for name in names}
+    summaries: dict[str, list[dict]] = {name: [] for name in names}
+    ctx = multiprocessing.get_context("spawn")  # fork hangs with torch's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(run_one, w): name for name, ws in work.items() for w in ws}
+        for f in tqdm(as_completed(futures), total=len(futures), desc="paper", unit="run"):
+            summaries[futures[f]].append(f.result())
+    return [panel_report(name, out / name, summaries[name], duration_s, warmup_s, hardware)
+            for name in names]
+
+
 def run_panel(name: str, out: Path, jobs: int, duration_s: float, warmup_s: float,
               hardware: str, rates: tuple[float, ...] | None = None) -> dict:
+    return run_panels([name], out, jobs, duration_s, warmup_s, hardware, rates)[0]
+
+
+def panel_report(name: str, folder: Path, summaries: list[dict], duration_s: float,
+                 warmup_s: float, hardware: str) -> dict:
+    """The sweep report (figure, goodput) and ``panel.json`` of one panel's runs."""
     from scripts.sweep_report import report
 
     panel = PANELS[name]
-    folder = out / name
-    work = [(overrides(panel, policy, rate, duration_s, warmup_s, hardware),
-             str(folder / f"{policy}-{rate:g}"))
-            for policy in POLICIES for rate in (rates or panel.rates)]
-    summaries = []
-    ctx = multiprocessing.get_context("spawn")  # fork hangs with torch's threads
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, w) for w in work]
-        for f in tqdm(as_completed(futures), total=len(futures), desc=name, unit="run"):
-            summaries.append(f.result())
     result = report([folder], folder)
     print(result["table"])
     keys = ("policy", "rate", "slo_attainment", "ttft_mean_s", "e2e_mean_s", "expert_bytes",
@@ -164,9 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         p.error(str(exc))
     names = list(PANELS) if args.panel == "all" else [args.panel]
-    panels = [run_panel(name, Path(args.out), args.jobs, args.duration, args.warmup,
+    panels = run_panels(names, Path(args.out), args.jobs, args.duration, args.warmup,
                         args.hardware, tuple(args.rates) if args.rates else None)
-              for name in names]
     print(f"predicted on the simulator ({args.hardware}); energy modeled")
     for panel in panels:
         print(format_figures(panel["panel"], panel["policies"]))
