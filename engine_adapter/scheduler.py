@@ -242,12 +242,8 @@ class Scheduler:
             stages = (StageWork(b.batch_id, b.stage, b.num_groups, *b.bounds[b.stage],
                                 b.segments),)
             bounds = tuple(b.bounds)
-        # (each request grows at most every block_size iterations: mostly, room to spare)
-        if len(self.decoding) * (k // self.blocks.block_size + 1) > self.blocks.num_free:
-            while k > 1 and len(self._run_growth(k)) > self.blocks.num_free:
-                k //= 2  # iteration 0 needs no more blocks (prepared): k = 1 always fits
         return IterationRun(self.iteration, self.mode, self.num_layers, tuple(decode), stages,
-                            bounds, k)
+                            bounds, self._fitting(k))
 
     def _plan_chunks(self, now: float, limit: int) -> IterationRun | None:
         """Chunked mode's run: the queue's head alone fills each iteration's chunk budget,
@@ -264,13 +260,26 @@ class Scheduler:
             k = min(k, r.max_tokens - len(r.output_token_ids))
         if k < 1:
             return None
-        while k > 1 and len(self._run_growth(k, head, chunk)) > self.blocks.num_free:
-            k //= 2  # the first chunk fits (first come, first served admitted it)
+        k = self._fitting(k, head, chunk)
         segment = Segment(head.request_id, head.num_computed, chunk, (), False, ())
         decode = tuple(Segment(r.request_id, r.num_computed, 1, (), True) for r in self.decoding)
         return IterationRun(self.iteration, self.mode, self.num_layers, decode, (StageWork(
             self._next_batch_id, 0, 1, 0, self.num_layers, (segment,)),),
             ((0, self.num_layers),), k, chunk)
+
+    def _fitting(self, k: int, head: Request | None = None, chunk: int = 0) -> int:
+        """The most of ``k`` iterations whose KV growth (``_run_growth``) the free blocks
+        hold, halving. Iteration 0 always fits: its decode slots are prepared, and first come,
+        first served admitted a chunk's blocks."""
+        bs, free = self.blocks.block_size, self.blocks.num_free
+        # (each row grows at most every block_size iterations: mostly, room to spare)
+        bound = len(self.decoding) * (k // bs + 1)
+        if head is not None:
+            bound += -(-(head.num_computed + k * chunk) // bs) - len(head.block_table)
+        if bound > free:
+            while k > 1 and len(self._run_growth(k, head, chunk)) > free:
+                k //= 2
+        return k
 
     def _run_growth(self, iterations: int, head: Request | None = None, chunk: int = 0
                     ) -> list[Request]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 from collections import defaultdict
@@ -181,7 +182,7 @@ def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
             rates = [rates[i] for i in picks]
         panels.append((scenario, by_policy, rates))
     ncols = max(len(p[2]) for p in panels)
-    requests: dict[str, list[RequestRecord]] = {}  # per run folder, read once for both plots
+    requests_of = functools.cache(read_requests)  # each run's, read once for both plots
     for what, path in (("ttft", ttft_path), ("tbt", tbt_path)):
         fig, axes = plt.subplots(len(panels), ncols, figsize=(4.5 * ncols, 3.6 * len(panels)),
                                  squeeze=False)
@@ -193,11 +194,8 @@ def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
                     ax.set_visible(False)
                     continue
                 for policy, by_rate in sorted(by_policy.items()):
-                    for run in by_rate.get(rates[col], []):
-                        if run["run_dir"] not in requests:
-                            requests[run["run_dir"]] = read_requests(run["run_dir"])
                     recs = [rec for run in by_rate.get(rates[col], [])
-                            for rec in requests[run["run_dir"]]]
+                            for rec in requests_of(run["run_dir"])]
                     if what == "ttft":
                         values = np.array([r.ttft for r in recs if r.ttft is not None])
                     else:
