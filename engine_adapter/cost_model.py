@@ -28,6 +28,7 @@ from engine_adapter.routing import RoutingModel
 from engine_adapter.scheduler import layer_groups
 from engine_adapter.traffic import (
     LayerClass,
+    LayerShape,
     RowStats,
     Traffic,
     alike_layers,
@@ -78,8 +79,13 @@ class CostModel:
     def __init__(self, config: ModelConfig, profile: HardwareProfile | str = "cpu-generic",
                  dtype_bytes: int = 4) -> None:
         self.config = config
-        self.profile = resolve_profile(profile)
+        self.profile = hw = resolve_profile(profile)
         self.dtype_bytes = dtype_bytes
+        # What every iteration's pricing reads: per-layer sizes by kind, the device totals.
+        self._shapes = {moe: LayerShape.of(config, moe, dtype_bytes) for moe in (False, True)}
+        self._peak = hw.peak_flops * hw.tensor_parallel
+        self._bandwidth = hw.bandwidth * hw.tensor_parallel
+        self._tensor_parallel = hw.tensor_parallel > 1
         self.routing = RoutingModel(config, "uniform")  # for plans priced without routers
 
     def iteration_latency(self, plan: IterationPlan,
@@ -110,25 +116,41 @@ class CostModel:
         if edge is None:
             edge = edge_traffic(cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
+        eb, wb, kb, fl, xf, af = (edge.expert_bytes, edge.weight_bytes, edge.kv_bytes,
+                                  edge.flops, edge.expert_flops, edge.attention_flops)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
-                   + self._time(edge, edge.attention_flops, edge.kv_bytes))
-        total = edge
+                   + self._time(fl - xf - af, xf, af, wb, kb))
+        shapes, padded, curve = self._shapes, hw.padded_attention, hw.expert_curve_knots
         for c, distinct, count in groups:
             st = c.stats
-            if not st.rows:
+            r = st.rows
+            if not r:
                 continue
-            t = layer_traffic(cfg, c.first, st, distinct, self.dtype_bytes)
-            attention, kv = self._attention_work(st, t)
+            shape = shapes[c.moe]
+            t_eb, t_wb, t_kb, t_dense, t_xf, t_af = shape.fields(r, st.scores, st.keys_read,
+                                                                 distinct)
+            if padded:  # the torch engine's plain attention (``_attention_work``)
+                attention = shape.score_flops * st.padded_scores
+                kv = (st.padded_keys + r) * shape.kv_row
+            else:
+                attention, kv = t_af, t_kb
+            # (terms that are zero, a curve or all-reduces the profile lacks, are left out:
+            # adding 0 changes no sum)
             one = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
-                   + (distinct or 0) * hw.expert_overhead_s
-                   + (hw.expert_curve_time(distinct, st.rows * cfg.top_k / distinct)
-                      if distinct else 0.0)
-                   + self._time(t, attention, kv)
-                   + hw.allreduce_time(st.rows, cfg.hidden_size, self.dtype_bytes))
+                   + (distinct or 0) * hw.expert_overhead_s)
+            if distinct and curve:
+                one = one + hw.expert_curve_time(distinct, r * cfg.top_k / distinct)
+            one = one + self._time(t_dense, t_xf, attention, t_wb, kv)
+            if self._tensor_parallel:
+                one = one + hw.allreduce_time(r, cfg.hidden_size, self.dtype_bytes)
             latency += count * one
-            # (a run's layer counts are arrays over its iterations)
-            total = total + (t if isinstance(count, int) and count == 1 else t.scaled(count))
-        return latency, total
+            t_fl = t_dense + t_xf + t_af
+            if type(count) is not int or count != 1:  # (a run's layer counts are arrays)
+                t_eb, t_wb, t_kb, t_fl, t_xf, t_af = (t_eb * count, t_wb * count, t_kb * count,
+                                                      t_fl * count, t_xf * count, t_af * count)
+            eb, wb, kb, fl, xf, af = (eb + t_eb, wb + t_wb, kb + t_kb, fl + t_fl, xf + t_xf,
+                                      af + t_af)
+        return latency, Traffic(eb, wb, kb, fl, xf, af)
 
     def terms(self, plan: IterationPlan, distinct_experts: Sequence[int | None]) -> np.ndarray:
         """The quantities the sum form (no overlap, no tensor parallel) is linear in, in
@@ -165,10 +187,15 @@ class CostModel:
         return (4 * cfg.num_heads * cfg.head_dim * st.padded_scores,
                 (st.padded_keys + st.rows) * kv_row)
 
-    def _time(self, t: Traffic, attention_flops: float, kv_bytes: float) -> float:
+    def _time(self, dense_flops, expert_flops, attention_flops, weight_bytes, kv_bytes):
+        """Seconds of compute and memory work: overlapped (their max) or not (their sum);
+        ``HardwareProfile.compute_time`` and ``memory_time``, inlined: it is the simulator's
+        innermost sum."""
         hw = self.profile
-        compute = hw.compute_time(t.dense_flops, t.expert_flops, attention_flops)
-        memory = hw.memory_time(t.weight_bytes, kv_bytes)
+        compute = (dense_flops / hw.matmul_efficiency + expert_flops / hw.expert_efficiency
+                   + attention_flops / hw.attention_efficiency) / self._peak
+        memory = (weight_bytes / hw.weight_efficiency + kv_bytes / hw.kv_efficiency
+                  ) / self._bandwidth
         if not hw.overlap:
             return compute + memory
         if isinstance(compute, np.ndarray):  # a run's iterations at once

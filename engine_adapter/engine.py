@@ -210,10 +210,12 @@ class Engine:
         t = result.traffic
         joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops).tolist()
         latency_list = latencies.tolist()
-        self._update_stats(latency_list, joules, run.num_tokens)
+        self._update_stats(latency_list, joules, run.iteration_tokens(n) if run.joined
+                           else run.num_tokens)
         first_index = tuple(len(self.scheduler.requests[s.request_id].output_token_ids)
                             for s in run.decode)
         outcome = self.scheduler.commit_run(run, n, result.token)
+        end = run.batch_end
         return RunReport(
             first_iteration=run.first_iteration, iterations=n, times=result.times.tolist(),
             latencies=latency_list, request_ids=tuple(s.request_id for s in run.decode),
@@ -221,15 +223,18 @@ class Engine:
             expert_bytes=int(t.expert_bytes.sum()), total_bytes=int((t.weight_bytes
                                                                       + t.kv_bytes).sum()),
             flops=int(t.flops.sum()), energy_source=self.energy.source,
-            finished=outcome.finished, emitted=tuple((rid, i) for rid, i, _ in outcome.emitted))
+            finished=outcome.finished, emitted=tuple((rid, i) for rid, i, _ in outcome.emitted),
+            emitted_at=-1 if end is None or end >= n else end)
 
     def _update_stats(self, latencies: Sequence[float], joules: Sequence[float],
-                      tokens: int) -> None:
-        """Fold iterations (in order; each with ``tokens`` tokens) into the moving averages."""
+                      tokens: int | Sequence[int]) -> None:
+        """Fold iterations (in order; each with ``tokens`` tokens, or its own count) into the
+        moving averages."""
         old = self.scheduler.stats
         a = STATS_SMOOTHING
         latency, per_token = old.iteration_latency_s, old.energy_per_token_j
-        for lat, j in zip(latencies, joules):
+        counts = itertools.repeat(tokens) if isinstance(tokens, int) else tokens
+        for lat, j, tokens in zip(latencies, joules, counts):
             latency = (1 - a) * latency + a * lat
             per_token = (1 - a) * per_token + a * (j / tokens if tokens else per_token)
         self.scheduler.stats = EngineStats(latency, old.arrival_rate, per_token)

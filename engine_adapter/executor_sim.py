@@ -64,16 +64,22 @@ class SimExecutor:
         """Restart the latency noise's random stream (episodes are reproducible by seed)."""
         self._rng = np.random.default_rng(seed)
 
-    def execute(self, plan: IterationPlan) -> ExecutionResult:
+    def _price_plan(self, plan: IterationPlan) -> tuple:
+        """Latency and traffic of one plan, with its layer classes and their distinct
+        experts."""
         classes = layer_classes(plan, self.config)
         hits = [self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None
                 for c in classes]
+        latency, traffic = self.cost.price_groups(
+            plan, [(c, d, c.count) for c, d in zip(classes, hits)])
+        return latency, traffic, classes, hits
+
+    def execute(self, plan: IterationPlan) -> ExecutionResult:
+        latency, traffic, classes, hits = self._price_plan(plan)
         sampled = {s.request_id: 0 for s in plan.decode}
         for st in plan.stages:
             if st.is_last:
                 sampled.update((s.request_id, 0) for s in st.segments if s.sample)
-        latency, traffic = self.cost.price_groups(
-            plan, [(c, d, c.count) for c, d in zip(classes, hits)])
         if self.noise_sd:
             sd = self.noise_sd
             latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
@@ -93,15 +99,36 @@ class SimExecutor:
                                n + sum(s.sample for s in st.segments) * (
                                    stage == st.num_groups - 1), self.cost.dtype_bytes)
 
+    def _price_run(self, run: IterationRun, k: int) -> tuple:
+        """Latency and traffic of a run's first ``k`` iterations (arrays over them, or
+        constants): up to its batch's last stage and, where its requests join the decode rows
+        after it, the rest as a decode-only run of its own."""
+        if k == 1:  # (one iteration: cheaper as the plan alone, and the same)
+            return self._price_plan(run.plan())[:2]
+        end = run.batch_end
+        if run.joined and k > end + 1:
+            before = self._price_run(run, end + 1)
+            after = self._price_run(run.after_batch(), k - end - 1)
+
+            def joined(a, b, dtype):
+                out = np.empty(k, dtype)
+                out[:end + 1], out[end + 1:] = a, b
+                return out
+
+            return joined(before[0], after[0], float), Traffic(*(
+                joined(getattr(before[1], f), getattr(after[1], f), np.int64)
+                for f in TRAFFIC_FIELDS))
+        classes = run_classes(run, self.config, k)
+        groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
+                   c.count) for c in classes]
+        return self.cost.price_groups(run.plan(), groups, self._run_edge(run, k))
+
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price
         it alone (the same cost model on arrays, the same noise draws), and keep those that
         start before ``until`` (the next arrival or the horizon; the first always runs)."""
         k = run.max_iterations
-        classes = run_classes(run, self.config, k)
-        groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
-                   c.count) for c in classes]
-        latency, traffic = self.cost.price_groups(run.plan(), groups, self._run_edge(run, k))
+        latency, traffic = self._price_run(run, k)
         times = np.empty(k + 1)
         times[0], times[1:] = start, latency
         noise_state = None

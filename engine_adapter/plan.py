@@ -88,9 +88,11 @@ class IterationPlan:
 class IterationRun:
     """Up to ``max_iterations`` iterations that need no decision and change nothing but
     positions and stages: the same decode rows, each one position further per iteration, and at
-    most one prefill batch in flight, one stage further per iteration (up to its last stage,
-    whose end changes the decode batch), or in chunked mode one prompt's chunks, one per
-    iteration, up to before its last. What the simulator prices in one call instead of one
+    most one prefill batch in flight, one stage further per iteration up to its last stage
+    (``batch_end``), or in chunked mode one prompt's chunks, one per iteration, up to before
+    its last. Where nothing waits and every request of the batch samples its first token at
+    its last stage, the run goes on past it: those requests (``joined``) decode beside the
+    others from the next iteration on. What the simulator prices in one call instead of one
     plan per iteration (``Scheduler.plan_run``)."""
 
     first_iteration: int
@@ -103,14 +105,46 @@ class IterationRun:
     # Chunked mode: each iteration's stage is a new one-stage batch (the next id) taking the
     # next ``chunk`` tokens of the same prompt (none of them its last).
     chunk: int = 0
+    # The batch's requests as decode rows at their first decode position, where the run goes
+    # on past the batch's last stage (none otherwise).
+    joined: tuple[Segment, ...] = ()
 
     @property
     def num_tokens(self) -> int:
-        """Rows in each of its iterations."""
+        """Rows in each of its iterations up to the batch's last stage."""
         return len(self.decode) + sum(st.num_tokens for st in self.stages)
+
+    @property
+    def batch_end(self) -> int | None:
+        """The iteration (counted from 0) running its batch's last stage (None: no batch, or
+        chunks)."""
+        if not self.stages or self.chunk:
+            return None
+        st = self.stages[0]
+        return st.num_groups - 1 - st.stage
+
+    def after_batch(self) -> IterationRun:
+        """Its iterations after the batch's last stage, as a decode-only run of their own:
+        the decode rows, then the joined ones (the order the scheduler appends them in)."""
+        j = self.batch_end + 1
+        decode = tuple(Segment(s.request_id, s.start + j, 1, s.block_table, s.sample,
+                               s.token_ids) for s in self.decode) + self.joined
+        return IterationRun(self.first_iteration + j, self.mode, self.num_layers, decode, (), (),
+                            self.max_iterations - j)
+
+    def iteration_tokens(self, iterations: int) -> list[int]:
+        """Rows in each of its first ``iterations`` iterations."""
+        before = self.num_tokens
+        if not self.joined:
+            return [before] * iterations
+        j = self.batch_end + 1
+        return [before] * min(j, iterations) + [len(self.decode) + len(self.joined)] * max(
+            0, iterations - j)
 
     def plan(self, i: int = 0) -> IterationPlan:
         """Its ``i``-th iteration, as ``Scheduler.schedule`` would plan it."""
+        if self.joined and i > self.batch_end:
+            return self.after_batch().plan(i - self.batch_end - 1)
         if i == 0:
             return IterationPlan(self.first_iteration, self.mode, self.num_layers, self.decode,
                                  self.stages)
@@ -224,8 +258,10 @@ class RunReport:
     energy_source: str
     finished: list[str] = field(default_factory=list)
     # (request, output index) of the tokens the batch in flight emitted as it ended, at the
-    # last iteration's end
+    # end of iteration ``emitted_at`` (its last stage; counted from 0, -1: the last). Where
+    # that is not the run's last, those requests then emit at every later iteration's end.
     emitted: tuple[tuple[str, int], ...] = ()
+    emitted_at: int = -1
 
     @property
     def start_time(self) -> float:

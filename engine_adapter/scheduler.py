@@ -201,10 +201,11 @@ class Scheduler:
                  ) -> IterationRun | None:
         """The coming iterations as one run, where none after the first needs a decision and
         nothing changes but positions and stages (None otherwise: ``schedule`` goes on). The
-        first may take ``decision`` (a layered batch of more than one stage starting now).
-        Then nothing waits (or no batch can start: ``max_in_flight``), at most one batch is in
-        flight, and the run stops at that batch's last stage, at the last token of its first
-        decode request to finish and where its KV growth would outrun the free blocks. In
+        first may take ``decision`` (a layered batch starting now). Then nothing waits (or no
+        batch can start: ``max_in_flight``), at most one batch is in flight, and the run stops
+        at that batch's last stage (or, where nothing waits and each of its requests samples
+        there, goes on with them decoding: ``IterationRun.joined``), at the last token of its
+        first decode request to finish and where its KV growth would outrun the free blocks. In
         chunked mode, while requests wait, the run is the queue's head's chunks
         (``_plan_chunks``). Each of its iterations is the plan ``schedule`` would make;
         ``commit_run`` applies as many as ran."""
@@ -218,8 +219,8 @@ class Scheduler:
         starts = due and decision is not None and bool(decision.admit)
         if due and (decision is None or self.mode == "chunked"):
             return None  # the policy (or first come, first served) decides in ``schedule``
-        if starts and (self.batches or decision.num_groups == 1):
-            return None  # two batches in flight, or one that ends in its first iteration
+        if starts and self.batches:
+            return None  # two batches in flight
         capped_after = self.max_in_flight is not None and self.max_in_flight <= 1
         if due and (not starts or len(decision.admit) < len(self.waiting) and not capped_after):
             return None  # requests would wait with a decision due next: one iteration alone
@@ -236,14 +237,33 @@ class Scheduler:
             decode.append(Segment(r.request_id, r.num_computed, 1, (), True))
         stages: tuple[StageWork, ...] = ()
         bounds: tuple[tuple[int, int], ...] = ()
+        joined: tuple[Segment, ...] = ()
         if self.batches:
             b = self.batches[0]
-            k = min(k, b.num_groups - b.stage)  # its last stage ends the run
+            end = b.num_groups - b.stage  # iterations up to and including its last stage
             stages = (StageWork(b.batch_id, b.stage, b.num_groups, *b.bounds[b.stage],
                                 b.segments),)
             bounds = tuple(b.bounds)
+            if k > end and self._joins(b):
+                # Its requests decode from the next iteration on, up to the first to finish.
+                for s in b.segments:
+                    r = self.requests[s.request_id]
+                    k = min(k, end - 1 + r.max_tokens - len(r.output_token_ids))
+                joined = tuple(Segment(s.request_id, s.end, 1, (), True) for s in b.segments)
+            else:
+                k = min(k, end)  # its last stage ends the run
         return IterationRun(self.iteration, self.mode, self.num_layers, tuple(decode), stages,
-                            bounds, self._fitting(k))
+                            bounds, self._fitting(k, joined=joined, join_at=len(bounds)
+                                                  - (stages[0].stage if stages else 0)),
+                            joined=joined)
+
+    def _joins(self, batch: PrefillBatch) -> bool:
+        """Whether a run may go on past ``batch``'s last stage: nothing waits (no decision is
+        due after it) and each of its requests samples its first token there (none goes back
+        to the queue, none was aborted)."""
+        return not self.waiting and all(
+            s.sample and self.requests[s.request_id].status == RequestStatus.PREFILLING
+            for s in batch.segments)
 
     def _plan_chunks(self, now: float, limit: int) -> IterationRun | None:
         """Chunked mode's run: the queue's head alone fills each iteration's chunk budget,
@@ -267,28 +287,36 @@ class Scheduler:
             self._next_batch_id, 0, 1, 0, self.num_layers, (segment,)),),
             ((0, self.num_layers),), k, chunk)
 
-    def _fitting(self, k: int, head: Request | None = None, chunk: int = 0) -> int:
+    def _fitting(self, k: int, head: Request | None = None, chunk: int = 0,
+                 joined: tuple[Segment, ...] = (), join_at: int = 0) -> int:
         """The most of ``k`` iterations whose KV growth (``_run_growth``) the free blocks
         hold, halving. Iteration 0 always fits: its decode slots are prepared, and first come,
         first served admitted a chunk's blocks."""
         bs, free = self.blocks.block_size, self.blocks.num_free
         # (each row grows at most every block_size iterations: mostly, room to spare)
-        bound = len(self.decoding) * (k // bs + 1)
+        bound = (len(self.decoding) + len(joined)) * (k // bs + 1)
         if head is not None:
             bound += -(-(head.num_computed + k * chunk) // bs) - len(head.block_table)
         if bound > free:
-            while k > 1 and len(self._run_growth(k, head, chunk)) > free:
+            while k > 1 and len(self._run_growth(k, head, chunk, joined, join_at)) > free:
                 k //= 2
         return k
 
-    def _run_growth(self, iterations: int, head: Request | None = None, chunk: int = 0
-                    ) -> list[Request]:
+    def _run_growth(self, iterations: int, head: Request | None = None, chunk: int = 0,
+                    joined: tuple[Segment, ...] = (), join_at: int = 0) -> list[Request]:
         """The requests given a block by the first ``iterations`` of a run, in the order one
-        iteration after the other would give them: in each, ``_grow_decodes`` in decode order,
-        then (a chunked run) the blocks ``head``'s chunk needs."""
+        iteration after the other would give them: in each, ``_grow_decodes`` in decode order
+        (the ``joined`` rows last, from iteration ``join_at`` on), then (a chunked run) the
+        blocks ``head``'s chunk needs."""
         bs = self.blocks.block_size
         grows = [(i, 0, j) for j, r in enumerate(self.decoding)
                  for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs)]
+        rows = list(self.decoding)
+        for s in joined:  # at iteration i it holds s.start + 1 + (i - join_at) tokens
+            r = self.requests[s.request_id]
+            grows += [(i, 0, len(rows)) for i in range(
+                len(r.block_table) * bs - s.start + join_at, iterations, bs)]
+            rows.append(r)
         if head is not None:
             held = len(head.block_table)
             for i in range(iterations):
@@ -296,18 +324,20 @@ class Scheduler:
                 grows += [(i, 1, 0)] * (need - held)
                 held = max(held, need)
         grows.sort()
-        return [head if kind else self.decoding[j] for _, kind, j in grows]
+        return [head if kind else rows[j] for _, kind, j in grows]
 
     def commit_run(self, run: IterationRun, iterations: int, token: int) -> StepOutcome:
         """Apply the first ``iterations`` of ``run`` as that many ``schedule`` and
         ``postprocess`` calls would (the same KV blocks in the same order, every token
         ``token``). The outcome lists the requests that finished and, where the batch ended
-        in the last iteration, its emissions (the decode rows' tokens are the run's own)."""
+        in the run, its emissions (the decode rows' tokens, and after the batch's end its
+        requests', are the run's own)."""
         if not 1 <= iterations <= run.max_iterations or run.first_iteration != self.iteration:
             raise ValueError(f"cannot commit {iterations} iterations of a run of "
                              f"{run.max_iterations} planned at iteration {run.first_iteration}")
         head = self.waiting[0] if run.chunk else None
-        self.blocks.add_one(self._run_growth(iterations, head, run.chunk))
+        join_at = run.batch_end + 1 if run.joined else 0
+        self.blocks.add_one(self._run_growth(iterations, head, run.chunk, run.joined, join_at))
         if head is not None:  # its chunks, each a batch of one stage, as _start_batch made them
             head.num_computed += iterations * run.chunk
             self._note_admitted(head)
@@ -319,13 +349,30 @@ class Scheduler:
             req.output_token_ids += emitted
             if len(req.output_token_ids) >= req.max_tokens:
                 done.append(req)
-        for req in done:
-            self._retire(req, RequestStatus.FINISHED)
-        out = StepOutcome(finished=[r.request_id for r in done])
+        out = StepOutcome()
+
+        def finish(done: list[Request]) -> None:
+            for req in done:
+                self._retire(req, RequestStatus.FINISHED)
+            out.finished.extend(r.request_id for r in done)
+
+        after = iterations - join_at if run.joined else 0
+        if after <= 0:  # requests finish in the last iteration before a batch ends in it
+            finish(done)
+            done = []
         if self.batches:  # one at most: on to the stage after the run's last
             (b,) = self.batches
-            b.stage += iterations - 1
+            b.stage += min(iterations, b.num_groups - b.stage) - 1
             self._advance_batches({s.request_id: token for s in b.segments}, out)
+            if after > 0:  # its requests then decoded beside the others
+                emitted = [token] * after
+                for s in run.joined:
+                    req = self.requests[s.request_id]
+                    req.num_computed += after
+                    req.output_token_ids += emitted
+                    if len(req.output_token_ids) >= req.max_tokens:
+                        done.append(req)
+        finish(done)
         self.iteration += iterations
         self._prepared, self._view, self._cancelled = False, None, []
         return out

@@ -10,6 +10,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -188,6 +189,16 @@ def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
         return [LayerClass(window, moe, len(layers), layers[0], span,
                            _decode_stats(plan.decode, window, sinks))
                 for (window, moe), layers in config.layer_kinds.items()]
+    if all(st.layer_start == 0 and st.layer_end == plan.num_layers for st in stages):
+        # Batches of one stage each (G = 1): one class per kind as well, their rows added
+        span = ((0, plan.num_layers),)
+        out = []
+        for (window, moe), layers in config.layer_kinds.items():
+            total = _decode_stats(plan.decode, window, sinks)
+            for st in stages:
+                total = total + row_stats(st.segments, window, sinks)
+            out.append(LayerClass(window, moe, len(layers), layers[0], span, total))
+        return out
     cuts = sorted({0, plan.num_layers, *(st.layer_start for st in stages),
                    *(st.layer_end for st in stages)})
     per_window: dict[int | None, tuple[RowStats, list[RowStats]]] = {}
@@ -277,33 +288,56 @@ def per_class(classes: Sequence[LayerClass], values: Sequence, config: ModelConf
     return out
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What one decoder layer of a kind (MoE or dense) reads and computes, per unit of the
+    rows passing it: the one formula ``layer_traffic`` and the cost model's pricing share."""
+
+    weight_bytes: int  # attention, norms, and the router or the dense MLP
+    dense_row_flops: int  # projections and the router or the dense MLP, per row
+    expert_row_flops: int  # expert FFNs per row (its top-k experts)
+    expert_bytes: int  # one expert's weights
+    score_flops: int  # QK^T and PV per attended key
+    kv_row: int  # one token's K and V
+
+    @classmethod
+    @lru_cache(maxsize=64)
+    def of(cls, config: ModelConfig, moe: bool, dtype_bytes: int) -> LayerShape:
+        h, d = config.hidden_size, config.head_dim
+        heads, kv_heads = config.num_heads, config.num_kv_heads
+        attn_params = (heads + 2 * kv_heads) * d * h + heads * d * h  # QKV and output
+        norm_params = 2 * h + (2 * d if config.qk_norm else 0)
+        if moe:
+            expert_params = config.expert_params()
+            extra_params = config.num_experts * h  # the router
+            return cls((attn_params + norm_params + extra_params) * dtype_bytes,
+                       2 * attn_params + 2 * extra_params, 2 * config.top_k * expert_params,
+                       expert_params * dtype_bytes, 4 * config.num_heads * d,
+                       2 * config.num_kv_heads * d * dtype_bytes)
+        dense_params = 3 * h * config.dense_intermediate_size
+        return cls((attn_params + norm_params + dense_params) * dtype_bytes,
+                   2 * attn_params + 2 * dense_params, 0, 0, 4 * config.num_heads * d,
+                   2 * config.num_kv_heads * d * dtype_bytes)
+
+    def fields(self, rows: int, scores, keys_read, distinct_experts: int | None) -> tuple:
+        """(expert bytes, weight bytes, KV bytes, dense FLOPs, expert FLOPs, attention FLOPs)
+        of ``rows`` rows attending ``scores`` keys in all, reading ``keys_read`` context keys
+        (ints, or arrays over a run's iterations)."""
+        expert_bytes = (distinct_experts or 0) * self.expert_bytes
+        return (expert_bytes, self.weight_bytes + expert_bytes, (keys_read + rows) * self.kv_row,
+                rows * self.dense_row_flops, rows * self.expert_row_flops,
+                self.score_flops * scores)
+
+
 def layer_traffic(config: ModelConfig, layer: int, stats: RowStats,
                   distinct_experts: int | None, dtype_bytes: int) -> Traffic:
     """One decoder layer run over rows summed in ``stats`` (nothing if there are none)."""
-    rows = stats.rows
-    if rows == 0:
+    if stats.rows == 0:
         return ZERO
-    h, d = config.hidden_size, config.head_dim
-    attn_params = (config.num_heads + 2 * config.num_kv_heads) * d * h + config.num_heads * d * h
-    norm_params = 2 * h + (2 * d if config.qk_norm else 0)
-    kv_row = 2 * config.num_kv_heads * d * dtype_bytes  # one token's K and V in one layer
-    weight_bytes = (attn_params + norm_params) * dtype_bytes
-    attention_flops = 4 * config.num_heads * d * stats.scores  # QK^T and PV
-    flops = 2 * rows * attn_params + attention_flops
-    expert_flops = 0
-    kv_bytes = (stats.keys_read + rows) * kv_row  # read the context, write the new rows
-    expert_bytes = 0
-    if config.moe_layers[layer]:
-        expert_params = config.expert_params()
-        expert_bytes = (distinct_experts or 0) * expert_params * dtype_bytes
-        weight_bytes += config.num_experts * h * dtype_bytes + expert_bytes  # router, experts
-        expert_flops = 2 * rows * config.top_k * expert_params
-        flops += 2 * rows * h * config.num_experts + expert_flops
-    else:
-        dense_params = 3 * h * config.dense_intermediate_size
-        weight_bytes += dense_params * dtype_bytes
-        flops += 2 * rows * dense_params
-    return Traffic(expert_bytes, weight_bytes, kv_bytes, flops, expert_flops, attention_flops)
+    shape = LayerShape.of(config, config.moe_layers[layer], dtype_bytes)
+    eb, wb, kb, dense, xf, af = shape.fields(stats.rows, stats.scores, stats.keys_read,
+                                             distinct_experts)
+    return Traffic(eb, wb, kb, dense + xf + af, xf, af)
 
 
 def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> Traffic:

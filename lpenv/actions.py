@@ -74,42 +74,51 @@ class ActionCodec:
 
     def masks(self, view: SchedulerView | None, can_wait: bool = True) -> np.ndarray:
         """Flat boolean mask over the three components (``sum(nvec)`` entries)."""
+        return self._mask(view, can_wait).copy()
+
+    def _mask(self, view: SchedulerView | None, can_wait: bool) -> np.ndarray:
+        """``masks``, shared: the caller must not change it."""
         memo = self._memo
         if memo and memo[0] is view and memo[1] == can_wait:
-            return memo[2].copy()
+            return memo[2]
         mask = self._masks(view, can_wait)
         memo[:] = (view, can_wait, mask)
-        return mask.copy()
+        return mask
 
     def _masks(self, view: SchedulerView | None, can_wait: bool) -> np.ndarray:
-        g_mask = np.ones(len(self.group_choices), dtype=bool)
         if view is None:
-            levels = np.zeros(self.admission_levels, dtype=bool)
+            levels = [False] * self.admission_levels
         else:
-            levels = np.array([view.admits_any(self.level_budget(view, i))
-                               for i in range(self.admission_levels)])
-        can_start = bool(levels.any()) and (
+            levels = [view.admits_any(self.level_budget(view, i))
+                      for i in range(self.admission_levels)]
+        can_start = any(levels) and (
             view is not None and (self.allow_stagger or not view.in_flight))
         if not can_start:
-            levels[:] = True  # ignored when waiting; keep the mask non-empty
-        start = np.array([can_wait or not can_start, can_start])
-        return np.concatenate([g_mask, levels, start])
+            levels = [True] * self.admission_levels  # ignored when waiting; keep it non-empty
+        return np.array([True] * len(self.group_choices) + levels
+                        + [can_wait or not can_start, can_start])
 
     def is_decision_point(self, view: SchedulerView | None) -> bool:
-        return view is not None and bool(self.masks(view)[-1])
+        return view is not None and bool(self._mask(view, True)[-1])
 
     def decode(self, action: Sequence[int], view: SchedulerView, can_wait: bool = True) -> Decision:
         a = np.asarray(action).reshape(-1)
-        if a.shape != (3,) or not all(0 <= int(x) < n for x, n in zip(a, self.nvec)):
-            raise InvalidAction(f"action {a.tolist()} is outside MultiDiscrete({self.nvec})")
-        mask = self.masks(view, can_wait)
-        offsets = np.cumsum([0] + self.nvec[:-1])
-        for component, (x, off) in enumerate(zip(a, offsets)):
-            if not mask[off + int(x)]:
+        values = a.tolist()
+        nvec = self.nvec
+        if a.dtype.kind == "f" and np.array_equal(a, np.trunc(a)):
+            values = [int(x) for x in values]  # whole numbers as floats, e.g. from a list
+        if len(values) != 3 or not all(
+                type(x) is int and 0 <= x < n for x, n in zip(values, nvec)):
+            raise InvalidAction(f"action {values} is outside MultiDiscrete({nvec})")
+        mask = self._mask(view, can_wait)
+        off = 0
+        for component, (x, n) in enumerate(zip(values, nvec)):
+            if not mask[off + x]:
                 raise InvalidAction(
-                    f"action {a.tolist()}: component {component} value {int(x)} is masked out "
+                    f"action {values}: component {component} value {x} is masked out "
                     f"here (mask {mask.astype(int).tolist()})")
-        g_idx, level, start = (int(x) for x in a)
+            off += n
+        g_idx, level, start = values
         if start == WAIT:
             return Decision.wait()
         return Decision(min(self.group_choices[g_idx], view.num_layers),

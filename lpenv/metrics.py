@@ -7,7 +7,8 @@ layered-prefill paper's definition). Energy per token = energy / (prompt + gener
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +98,7 @@ class MetricsRecorder:
         ends = report.times[1:]
         tokens = [(rid, index, ends) for rid, index in zip(report.request_ids,
                                                            report.first_token_index)]
-        tokens += [(rid, index, ends[-1:]) for rid, index in report.emitted]
+        tokens += [(rid, index, ends[report.emitted_at:]) for rid, index in report.emitted]
         for rid, index, at in tokens:
             times = self.requests[rid].token_times
             if index != len(times):
@@ -117,9 +118,9 @@ class MetricsRecorder:
         recs = [r for r in self.requests.values() if r.arrival_time >= self.measure_from_s]
         done = [r for r in recs if r.finished]
         ttfts = np.array([r.ttft for r in recs if r.ttft is not None], dtype=float)
-        each_gaps = [r.tbt_gaps for r in recs]  # once per request: attainment uses them too
-        gaps = np.concatenate(each_gaps or [np.zeros(0)])
-        tbt_ok = [r.meets_tbt(tbt_slo, g) for r, g in zip(recs, each_gaps)]
+        gaps, owner = tbt_gaps_of(recs)
+        late = np.bincount(owner[gaps > tbt_slo], minlength=len(recs)).tolist()
+        tbt_ok = [r.finished and not n_late for r, n_late in zip(recs, late)]
         ttft_ok = [r.meets_ttft(ttft_slo) for r in recs]
         lat = np.asarray(self.iteration_latencies, dtype=float)
         tokens = self.tokens()
@@ -154,6 +155,20 @@ class MetricsRecorder:
             "total_bytes": self.total_bytes,
             "sim_time_s": span,
         }
+
+
+def tbt_gaps_of(recs: Sequence[RequestRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """Every TBT gap of ``recs``, request after request (their ``tbt_gaps`` concatenated), and
+    the index in ``recs`` of the request each gap belongs to. At once: per request, the
+    arrays' overhead is most of the work."""
+    counts = np.fromiter((len(r.token_times) for r in recs), np.int64, len(recs))
+    times = np.fromiter(itertools.chain.from_iterable(r.token_times for r in recs), float,
+                        int(counts.sum()))
+    gaps = np.diff(times)
+    keep = np.ones(gaps.size, bool)
+    firsts = (np.cumsum(counts) - counts)[counts > 0][1:]  # each request's first token...
+    keep[firsts - 1] = False  # ...is no gap after the request before it
+    return gaps[keep], np.repeat(np.arange(len(recs)), np.maximum(counts - 1, 0))
 
 
 def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> float | None:

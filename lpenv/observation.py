@@ -62,28 +62,26 @@ class ObservationSpec:
         return asdict(self)
 
     def encode(self, view: SchedulerView | None) -> np.ndarray:
-        obs = np.zeros(self.size, dtype=np.float32)
         if view is None:
-            return obs
+            return np.zeros(self.size, dtype=np.float32)
         budget, seqs, ttft = self.prefill_budget, self.max_num_seqs, self.ttft_slo_s
-        waits = [view.now - w.arrival_time for w in view.waiting]
-        obs[0] = len(view.waiting) / seqs
-        obs[1] = sum(w.num_uncomputed for w in view.waiting) / budget
-        obs[2] = (waits[0] / ttft) if waits else 0.0
-        for k, w in enumerate(view.waiting[: self.queue_slots]):
-            obs[3 + 2 * k] = w.num_uncomputed / budget
-            obs[4 + 2 * k] = waits[k] / ttft
-        i = 3 + 2 * self.queue_slots
-        ctx = view.decode_context_lens
-        obs[i] = len(ctx) / seqs
-        obs[i + 1] = (sum(ctx) / len(ctx) / self.max_model_len) if ctx else 0.0
-        obs[i + 2] = (max(ctx) / self.max_model_len) if ctx else 0.0
-        obs[i + 3] = 1.0 - view.free_blocks / view.num_blocks
-        obs[i + 4] = len(view.in_flight) / self.num_layers
-        obs[i + 5] = sum(b.num_tokens for b in view.in_flight) / budget
-        obs[i + 6] = (min(b.num_groups - b.stage for b in view.in_flight) / self.num_layers
-                      if view.in_flight else 0.0)
-        obs[i + 7] = view.stats.iteration_latency_s / self.tbt_slo_s
-        obs[i + 8] = view.stats.arrival_rate / self.rate_scale
-        obs[i + 9] = view.stats.energy_per_token_j / self.energy_scale
-        return np.clip(obs, 0.0, CLIP)
+        now, waiting = view.now, view.waiting
+        obs = [len(waiting) / seqs, sum(w.num_uncomputed for w in waiting) / budget,
+               (now - waiting[0].arrival_time) / ttft if waiting else 0.0]
+        for w in waiting[: self.queue_slots]:
+            obs += (w.num_uncomputed / budget, (now - w.arrival_time) / ttft)
+        obs += (0.0, 0.0) * (self.queue_slots - min(len(waiting), self.queue_slots))
+        ctx, in_flight, stats = view.decode_context_lens, view.in_flight, view.stats
+        obs += (len(ctx) / seqs,
+                (sum(ctx) / len(ctx) / self.max_model_len) if ctx else 0.0,
+                (max(ctx) / self.max_model_len) if ctx else 0.0,
+                1.0 - view.free_blocks / view.num_blocks,
+                len(in_flight) / self.num_layers,
+                sum(b.num_tokens for b in in_flight) / budget,
+                (min(b.num_groups - b.stage for b in in_flight) / self.num_layers
+                 if in_flight else 0.0),
+                stats.iteration_latency_s / self.tbt_slo_s,
+                stats.arrival_rate / self.rate_scale,
+                stats.energy_per_token_j / self.energy_scale)
+        out = np.array(obs, dtype=np.float32)
+        return np.clip(out, 0.0, CLIP, out=out)

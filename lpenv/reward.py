@@ -82,7 +82,7 @@ class RewardAccountant:
         when the run began. Every decode row gets a token at every iteration's end, so a late
         gap is late for all of them at once; the others (waiting, or in the batch in flight)
         can run out of time at any iteration's end, and the batch's requests get their tokens
-        at the last."""
+        at its last stage's (``emitted_at``) and, in the iterations after it, at each one's."""
         weight, planned = self.config.energy_weight, self.planned_tokens
         ttft, tbt = self.slo.ttft_s, self.slo.tbt_s
         records = self.recorder.requests
@@ -98,7 +98,8 @@ class RewardAccountant:
                 silent.append((rid, rec.token_times[-1], tbt) if rec.token_times
                               else (rid, rec.arrival_time, ttft))
         emitted = {rid for rid, _ in report.emitted}
-        last = len(report.energy_j) - 1
+        # The batch's end; its requests then get a token at every iteration's end
+        at = report.emitted_at % len(report.energy_j)
         for i, joules in enumerate(report.energy_j):
             self._pending -= weight * joules / planned
             end = times[i + 1]
@@ -109,13 +110,16 @@ class RewardAccountant:
             elif end - times[i] > tbt:
                 for rid in report.request_ids:
                     self._miss(rid)
-            if i == last:
+                if i > at:
+                    for rid in emitted:
+                        self._miss(rid)
+            if i == at:
                 for rid, index in report.emitted:
                     if self._late_token(records[rid], index, end):
                         self._miss(rid)
             for rid, since, slo in silent:
                 # (one given a token at this iteration's end is not late at it)
-                if end - since > slo and not (i == last and rid in emitted):
+                if end - since > slo and not (i >= at and rid in emitted):
                     self._miss(rid)
 
     def _sync_open(self) -> None:

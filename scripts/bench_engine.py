@@ -66,7 +66,7 @@ from engine_adapter.engine import warm_up as warm_up_executor
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
-from lpenv.metrics import MetricsRecorder
+from lpenv.metrics import MetricsRecorder, tbt_gaps_of
 from policies.paper_rule import PaperRule
 
 # Deciles (0th, 10th, ..., 100th percentile) of num_prefill_tokens in
@@ -347,7 +347,7 @@ def write_plots(runs: dict[str, ModeDriver], setup: WorkloadSetup, folder: Path)
     for mode, run in runs.items():
         recs = run.recorder.requests.values()
         _cdf(ax_ttft, np.array([r.ttft for r in recs if r.ttft is not None]), mode)
-        _cdf(ax_tbt, np.concatenate([r.tbt_gaps for r in recs] or [np.zeros(0)]) * 1e3, mode)
+        _cdf(ax_tbt, tbt_gaps_of(recs)[0] * 1e3, mode)
     ax_ttft.axvline(setup.ttft_slo_s, color="grey", ls="--", lw=1, label="SLO")
     ax_tbt.axvline(setup.tbt_slo_s * 1e3, color="grey", ls="--", lw=1, label="SLO")
     ax_ttft.set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpenv.metrics import RequestRecord, goodput
+from lpenv.metrics import RequestRecord, goodput, tbt_gaps_of
 
 TARGET = 0.9
 SCENARIO_KEYS = ("workload", "model", "engine", "latency", "ttft_slo_s", "tbt_slo_s")
@@ -199,7 +199,7 @@ def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
                     if what == "ttft":
                         values = np.array([r.ttft for r in recs if r.ttft is not None])
                     else:
-                        values = np.concatenate([r.tbt_gaps for r in recs] or [np.zeros(0)]) * 1e3
+                        values = tbt_gaps_of(recs)[0] * 1e3
                     _cdf(ax, values, policy)
                 slo = s["ttft_slo_s"] if what == "ttft" else (s["tbt_slo_s"] or 0) * 1e3
                 if slo:
