@@ -19,9 +19,17 @@ from engine_adapter.engine import Engine
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.hardware import resolve_profile
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import IterationRun, RunReport, Segment, StageWork
+from engine_adapter.plan import (
+    IterationReport,
+    IterationRun,
+    RunReport,
+    Segment,
+    StageWork,
+    TokenEvent,
+)
 from engine_adapter.scheduler import layer_groups
 from lpenv.episode import Episode
+from lpenv.metrics import MetricsRecorder
 from lpenv.reward import SLO, RewardAccountant, RewardConfig
 from lpenv.workload import WorkloadConfig, generate
 from policies.chunked import ChunkedPrefill
@@ -220,6 +228,94 @@ def test_a_run_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
         stages, k = (StageWork(9, stage, groups, *bounds[stage], segs),), groups - stage
     run = IterationRun(7, "layered", mcfg.num_layers, decode, stages, bounds, k)
     _prices_each_iteration_as_alone(mcfg, cost, run)
+
+
+@pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
+                                          (QWEN, PADDED)])
+@pytest.mark.parametrize("rows,batch", [(9, (0, 1)), (0, (0, 1)), (4, (1, 3)), (3, (47, 48))])
+def test_a_run_past_its_batch_prices_each_iteration_as_alone(mcfg, profile, rows, batch):
+    # The batch's requests join the decode rows after its last stage: from its first stage
+    # (G = 1: that is iteration 0) or a later one, with or without other decode rows.
+    rng = np.random.default_rng(rows)
+    decode = tuple(Segment(f"r{j}", s, 1, (), True)
+                   for j, s in enumerate(rng.integers(0, 3000, rows).tolist()))
+    stage, groups = batch
+    bounds = layer_groups(mcfg.num_layers, groups)
+    segs = (Segment("p0", 0, 700, (), True), Segment("p1", 1200, 300, (), True))
+    joined = tuple(Segment(s.request_id, s.end, 1, (), True) for s in segs)
+    run = IterationRun(7, "layered", mcfg.num_layers, decode,
+                       (StageWork(9, stage, groups, *bounds[stage], segs),), bounds,
+                       groups - stage + 30, joined=joined)
+    end = run.batch_end
+    assert end == groups - 1 - stage
+    assert run.plan(end).stages and not run.plan(end + 1).stages
+    assert [s.start for s in run.plan(end + 3).decode[-2:]] == [702, 1502]
+    assert run.iteration_tokens(end + 3) == [rows + 1000] * (end + 1) + [rows + 2] * 2
+    _prices_each_iteration_as_alone(mcfg, CostModel(mcfg, profile, 2), run)
+
+
+def test_runs_go_on_past_a_batch_where_nothing_waits(monkeypatch):
+    # G = 1 (the batch ends in the run's first iteration) and G = 8: its requests decode in
+    # the same run; KV pressure stops such runs where the joined rows' blocks run out.
+    from engine_adapter.scheduler import Scheduler
+
+    seen = {"joined": 0}
+    plan = Scheduler.plan_run
+
+    def counting(self, *args, **kwargs):
+        run = plan(self, *args, **kwargs)
+        seen["joined"] += run is not None and bool(run.joined) and run.max_iterations > (
+            run.batch_end + 1)
+        return run
+
+    monkeypatch.setattr(Scheduler, "plan_run", counting)
+    workload = WorkloadConfig(lengths="sharegpt", rate=3.0, num_requests=40, max_output=200)
+    for groups, kv in ((1, 1 << 20), (8, 1 << 20), (1, 5000)):
+        fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups), kv_tokens=kv,
+                            slo=SLO(1.0, 0.05))
+        slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups), kv_tokens=kv,
+                            slo=SLO(1.0, 0.05))
+        _assert_identical(fast, slow, sf, ss)
+    assert seen["joined"] > 20
+
+
+@pytest.mark.parametrize("emitted_at", [0, 1, 3])
+def test_a_run_past_its_batch_is_paid_as_one_iteration_after_the_other(emitted_at):
+    # Request "d" decodes throughout; "b" (arrived at 0.3) gets its first token as its batch
+    # ends (iteration ``emitted_at``), then one per iteration. Against a TBT SLO of 0.05 s
+    # only the gap ending iteration 1 is late, and "w" waits throughout (its TTFT runs out in
+    # the run).
+    times = [1.0, 1.02, 1.10, 1.12, 1.14, 1.15]
+    n = len(times) - 1
+
+    def accountant():
+        recorder = MetricsRecorder()
+        recorder.arrival("d", 0.0, 10, 50)
+        recorder.requests["d"].token_times += [0.5, 0.99]
+        recorder.arrival("b", 0.3, 10, 50)
+        recorder.arrival("w", 0.1, 10, 50)
+        return recorder, RewardAccountant(RewardConfig(), SLO(1.0, 0.05), recorder, 3, 180)
+
+    recorder, rewards = accountant()
+    report = RunReport(0, n, times, np.diff(times).tolist(), ("d",), (2,), [0.25] * n, 0, 0, 0,
+                       "modeled", emitted=(("b", 0),), emitted_at=emitted_at)
+    rewards.iteration_run(report)
+    recorder.iteration_run(report)
+
+    one_recorder, one_rewards = accountant()
+    for i in range(n):
+        events = [TokenEvent("d", 2 + i, 0, times[i + 1])]
+        if i >= emitted_at:
+            events.append(TokenEvent("b", i - emitted_at, 0, times[i + 1]))
+        single = IterationReport(i, "layered", times[i], times[i + 1] - times[i], 1, 0, [],
+                                 [], 0, 0, 0, 0, 0.25, "modeled", events)
+        one_rewards.iteration(single)
+        one_recorder.iteration(single)
+    assert rewards.missed == one_rewards.missed and "w" in rewards.missed
+    assert ("b" in rewards.missed) == (emitted_at == 0)
+    assert rewards.take() == one_rewards.take()
+    for rid in ("d", "b", "w"):
+        assert recorder.requests[rid].token_times == one_recorder.requests[rid].token_times
 
 
 @pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
