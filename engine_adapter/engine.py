@@ -208,7 +208,8 @@ class Engine:
         times = result.times
         latencies = times[1:] - times[:-1]  # as step() reports them: end - start on the clock
         t = result.traffic
-        joules = self.energy.stop(latencies, t.weight_bytes + t.kv_bytes, t.flops).tolist()
+        moved = t.weight_bytes + t.kv_bytes
+        joules = self.energy.stop(latencies, moved, t.flops).tolist()
         latency_list = latencies.tolist()
         self._update_stats(latency_list, joules, run.iteration_tokens(n) if run.joined
                            else run.num_tokens)
@@ -220,9 +221,8 @@ class Engine:
             first_iteration=run.first_iteration, iterations=n, times=result.times.tolist(),
             latencies=latency_list, request_ids=tuple(s.request_id for s in run.decode),
             first_token_index=first_index, energy_j=joules,
-            expert_bytes=int(t.expert_bytes.sum()), total_bytes=int((t.weight_bytes
-                                                                      + t.kv_bytes).sum()),
-            flops=int(t.flops.sum()), energy_source=self.energy.source,
+            expert_bytes=_total(t.expert_bytes, n), total_bytes=_total(moved, n),
+            flops=_total(t.flops, n), energy_source=self.energy.source,
             finished=outcome.finished, emitted=tuple((rid, i) for rid, i, _ in outcome.emitted),
             emitted_at=-1 if end is None or end >= n else end)
 
@@ -259,6 +259,11 @@ class Engine:
                 raise RuntimeError("requests are queued but none can be scheduled")
             reports.append(report)
         return reports
+
+
+def _total(value, iterations: int) -> int:
+    """A run's sum of a field: an array over its iterations, or a constant of each."""
+    return int(value.sum()) if isinstance(value, np.ndarray) else int(value) * iterations
 
 
 def warm_up(executor, config: EngineConfig, model_config: ModelConfig, tokens: int = 32) -> None:

@@ -143,8 +143,8 @@ class SimExecutor:
             self._rng.bit_generator.state = noise_state
             self._rng.standard_normal(ran)
 
-        def first(x):  # a field over the iterations that ran (a constant one repeated)
-            return x[:ran] if isinstance(x, np.ndarray) else np.full(ran, x)
+        def first(x):  # a field over the iterations that ran (a constant one as it is)
+            return x[:ran] if isinstance(x, np.ndarray) else x
 
         return RunResult(times[:ran + 1],
                          Traffic(*(first(getattr(traffic, f)) for f in TRAFFIC_FIELDS)))

@@ -200,7 +200,7 @@ class RunResult:
     before the run's deadline)."""
 
     times: Any  # float array: the run's start, then each iteration's end
-    traffic: Any  # a Traffic whose fields are arrays over those iterations
+    traffic: Any  # a Traffic whose fields are arrays over those iterations (or constants)
     token: int = 0  # the token each iteration emits per request (the simulator's placeholder)
 
     @property

@@ -17,6 +17,7 @@ So the return is ``attained / N - energy_weight x energy / tokens``, the summary
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from engine_adapter.plan import IterationReport, RunReport
@@ -98,29 +99,38 @@ class RewardAccountant:
                 silent.append((rid, rec.token_times[-1], tbt) if rec.token_times
                               else (rid, rec.arrival_time, ttft))
         emitted = {rid for rid, _ in report.emitted}
-        # The batch's end; its requests then get a token at every iteration's end
-        at = report.emitted_at % len(report.energy_j)
+        n = len(report.energy_j)
+        at = report.emitted_at % n  # the batch's end: then its requests get tokens each time
+        ends = times[1:]
+        found: dict[str, int] = {}  # the iteration at whose end each is first found late
+
+        def late(rid: str, i: int) -> None:
+            if i < found.get(rid, n):
+                found[rid] = i
+
+        late_gaps = [i for i in range(1, n) if times[i + 1] - times[i] > tbt]
+        for rid, index in zip(report.request_ids, report.first_token_index):
+            late(rid, 0 if self._late_token(records[rid], index, ends[0])
+                 else late_gaps[0] if late_gaps else n)
+        if report.emitted:
+            after = next((i for i in late_gaps if i > at), n)
+            for rid, index in report.emitted:
+                late(rid, at if self._late_token(records[rid], index, ends[at]) else after)
+        for rid, since, slo in silent:
+            # (from ``at`` on, one of the batch's gets a token at each iteration's end: not
+            # late at it); ends only grow, so the first late one is found by bisection
+            stop = at if rid in emitted else n
+            i = bisect_left(range(stop), True, key=lambda i: ends[i] - since > slo)
+            if i < stop:
+                late(rid, i)
+        misses = sorted((i, rid) for rid, i in found.items())
+        # Paid in the order one iteration after the other pays: its energy, then its misses.
+        m = 0
         for i, joules in enumerate(report.energy_j):
             self._pending -= weight * joules / planned
-            end = times[i + 1]
-            if i == 0:
-                for rid, index in zip(report.request_ids, report.first_token_index):
-                    if self._late_token(records[rid], index, end):
-                        self._miss(rid)
-            elif end - times[i] > tbt:
-                for rid in report.request_ids:
-                    self._miss(rid)
-                if i > at:
-                    for rid in emitted:
-                        self._miss(rid)
-            if i == at:
-                for rid, index in report.emitted:
-                    if self._late_token(records[rid], index, end):
-                        self._miss(rid)
-            for rid, since, slo in silent:
-                # (one given a token at this iteration's end is not late at it)
-                if end - since > slo and not (i >= at and rid in emitted):
-                    self._miss(rid)
+            while m < len(misses) and misses[m][0] == i:
+                self._miss(misses[m][1])
+                m += 1
 
     def _sync_open(self) -> None:
         records = self.recorder.requests
