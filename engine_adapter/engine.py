@@ -233,10 +233,15 @@ class Engine:
         old = self.scheduler.stats
         a = STATS_SMOOTHING
         latency, per_token = old.iteration_latency_s, old.energy_per_token_j
-        counts = itertools.repeat(tokens) if isinstance(tokens, int) else tokens
-        for lat, j, tokens in zip(latencies, joules, counts):
-            latency = (1 - a) * latency + a * lat
-            per_token = (1 - a) * per_token + a * (j / tokens if tokens else per_token)
+        b = 1 - a
+        if isinstance(tokens, int):
+            for lat, j in zip(latencies, joules):
+                latency = b * latency + a * lat
+                per_token = b * per_token + a * (j / tokens if tokens else per_token)
+        else:
+            for lat, j, count in zip(latencies, joules, tokens):
+                latency = b * latency + a * lat
+                per_token = b * per_token + a * (j / count if count else per_token)
         self.scheduler.stats = EngineStats(latency, old.arrival_rate, per_token)
 
     def _note_arrival(self, t: float) -> None:

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """Consecutive positions ``[start, start + length)`` of one request.
 
     ``token_ids`` are filled where the rows must be embedded (decode rows and a batch's first
-    stage). ``sample`` marks a segment whose last row yields the request's next token.
+    stage). ``sample`` marks a segment whose last row yields the request's next token. (A
+    named tuple: the scheduler makes one per decode row per iteration, three times faster
+    than a frozen dataclass.)
     """
 
     request_id: str

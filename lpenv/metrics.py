@@ -89,8 +89,10 @@ class MetricsRecorder:
     def iteration_run(self, report: RunReport) -> None:
         """A run's iterations, exactly as ``iteration`` would take them one by one."""
         self.iteration_latencies += report.latencies
+        energy = self.energy_j
         for joules in report.energy_j:  # in order: the same sum as one by one
-            self.energy_j += joules
+            energy += joules
+        self.energy_j = energy
         self.energy_sources.add(report.energy_source)
         self.expert_bytes += report.expert_bytes
         self.total_bytes += report.total_bytes

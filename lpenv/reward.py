@@ -102,16 +102,17 @@ class RewardAccountant:
         n = len(report.energy_j)
         at = report.emitted_at % n  # the batch's end: then its requests get tokens each time
         ends = times[1:]
+        missed = self.missed
         found: dict[str, int] = {}  # the iteration at whose end each is first found late
 
         def late(rid: str, i: int) -> None:
-            if i < found.get(rid, n):
+            if i < found.get(rid, n) and rid not in missed:
                 found[rid] = i
 
-        late_gaps = [i for i in range(1, n) if times[i + 1] - times[i] > tbt]
+        late_gaps = [i for i, gap in enumerate(report.latencies) if gap > tbt and i]
+        first_gap = late_gaps[0] if late_gaps else n
         for rid, index in zip(report.request_ids, report.first_token_index):
-            late(rid, 0 if self._late_token(records[rid], index, ends[0])
-                 else late_gaps[0] if late_gaps else n)
+            late(rid, 0 if self._late_token(records[rid], index, ends[0]) else first_gap)
         if report.emitted:
             after = next((i for i in late_gaps if i > at), n)
             for rid, index in report.emitted:
@@ -123,14 +124,19 @@ class RewardAccountant:
             i = bisect_left(range(stop), True, key=lambda i: ends[i] - since > slo)
             if i < stop:
                 late(rid, i)
-        misses = sorted((i, rid) for rid, i in found.items())
         # Paid in the order one iteration after the other pays: its energy, then its misses.
-        m = 0
+        pending, unit = self._pending, 1.0 / self.planned_requests
+        misses = sorted((i, rid) for rid, i in found.items())
+        misses.append((n, ""))
+        m, due = 0, misses[0][0]
         for i, joules in enumerate(report.energy_j):
-            self._pending -= weight * joules / planned
-            while m < len(misses) and misses[m][0] == i:
-                self._miss(misses[m][1])
+            pending -= weight * joules / planned
+            while i == due:
+                missed.add(misses[m][1])
+                pending -= unit  # (as ``_miss``)
                 m += 1
+                due = misses[m][0]
+        self._pending = pending
 
     def _sync_open(self) -> None:
         records = self.recorder.requests
