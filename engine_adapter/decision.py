@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine_adapter.errors import InvalidDecision
 
@@ -28,8 +29,10 @@ class Decision:
         return cls()
 
 
-@dataclass(frozen=True)
-class WaitingRequest:
+class WaitingRequest(NamedTuple):
+    """A request in the queue, as a policy sees it. (The view's records are named tuples:
+    one view per decision point, made fast.)"""
+
     request_id: str
     arrival_time: float
     prompt_len: int
@@ -38,16 +41,14 @@ class WaitingRequest:
     blocks_held: int
 
 
-@dataclass(frozen=True)
-class InFlightBatch:
+class InFlightBatch(NamedTuple):
     batch_id: int
     num_groups: int
     stage: int  # the stage it runs in the coming iteration
     num_tokens: int
 
 
-@dataclass(frozen=True)
-class EngineStats:
+class EngineStats(NamedTuple):
     """Recent engine behaviour, as exponential moving averages (the engine updates them)."""
 
     iteration_latency_s: float = 0.0

@@ -103,7 +103,7 @@ class SimExecutor:
         """Latency and traffic of a run's first ``k`` iterations (arrays over them, or
         constants): up to its batch's last stage and, where its requests join the decode rows
         after it, the rest as a decode-only run of its own."""
-        if k == 1:  # (one iteration: cheaper as the plan alone, and the same)
+        if k == 1:  # (cheaper as the plan alone, and the same)
             return self._price_plan(run.plan())[:2]
         end = run.batch_end
         if run.joined and k > end + 1:
@@ -128,6 +128,12 @@ class SimExecutor:
         it alone (the same cost model on arrays, the same noise draws), and keep those that
         start before ``until`` (the next arrival or the horizon; the first always runs)."""
         k = run.max_iterations
+        if k == 1:  # (as ``execute`` prices it; no arrays to set up)
+            latency, traffic = self._price_plan(run.plan())[:2]
+            if self.noise_sd:
+                sd = self.noise_sd
+                latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
+            return RunResult(np.array((start, start + latency)), traffic)
         latency, traffic = self._price_run(run, k)
         times = np.empty(k + 1)
         times[0], times[1:] = start, latency
