@@ -86,6 +86,7 @@ class CostModel:
         self._peak = hw.peak_flops * hw.tensor_parallel
         self._bandwidth = hw.bandwidth * hw.tensor_parallel
         self._tensor_parallel = hw.tensor_parallel > 1
+        self._decode_edge: dict[int, Traffic] = {}  # by decode batch size
         self.routing = RoutingModel(config, "uniform")  # for plans priced without routers
 
     def iteration_latency(self, plan: IterationPlan,
@@ -114,7 +115,13 @@ class CostModel:
         LM-head traffic per iteration, where it changes)."""
         cfg, hw = self.config, self.profile
         if edge is None:
-            edge = edge_traffic(cfg, plan, self.dtype_bytes)
+            if plan.stages:
+                edge = edge_traffic(cfg, plan, self.dtype_bytes)
+            else:  # decode only (most iterations): the same for the same batch size
+                edge = self._decode_edge.get(len(plan.decode))
+                if edge is None:
+                    edge = self._decode_edge[len(plan.decode)] = edge_traffic(
+                        cfg, plan, self.dtype_bytes)
         rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
         eb, wb, kb, fl, xf, af = (edge.expert_bytes, edge.weight_bytes, edge.kv_bytes,
                                   edge.flops, edge.expert_flops, edge.attention_flops)

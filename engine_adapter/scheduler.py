@@ -309,9 +309,14 @@ class Scheduler:
         (the ``joined`` rows last, from iteration ``join_at`` on), then (a chunked run) the
         blocks ``head``'s chunk needs."""
         bs = self.blocks.block_size
-        grows = [(i, 0, j) for j, r in enumerate(self.decoding)
-                 for i in range(len(r.block_table) * bs - r.num_tokens + 1, iterations, bs)]
-        rows = list(self.decoding)
+        grows = []
+        for j, r in enumerate(self.decoding):
+            first = len(r.block_table) * bs - r.prompt_len - len(r.output_token_ids) + 1
+            if first < iterations:  # (most rows, most runs: room in their last block)
+                grows += [(i, 0, j) for i in range(first, iterations, bs)]
+        rows = self.decoding
+        if joined:
+            rows = list(rows)
         for s in joined:  # at iteration i it holds s.start + 1 + (i - join_at) tokens
             r = self.requests[s.request_id]
             grows += [(i, 0, len(rows)) for i in range(
