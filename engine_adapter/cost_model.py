@@ -81,10 +81,8 @@ class CostModel:
         self.config = config
         self.profile = hw = resolve_profile(profile)
         self.dtype_bytes = dtype_bytes
-        # What every iteration's pricing reads: per-layer sizes by kind, the device totals.
+        # What every iteration's pricing reads: per-layer sizes by kind.
         self._shapes = {moe: LayerShape.of(config, moe, dtype_bytes) for moe in (False, True)}
-        self._peak = hw.peak_flops * hw.tensor_parallel
-        self._bandwidth = hw.bandwidth * hw.tensor_parallel
         self._tensor_parallel = hw.tensor_parallel > 1
         self._decode_edge: dict[int, Traffic] = {}  # by decode batch size
         self.routing = RoutingModel(config, "uniform")  # for plans priced without routers
@@ -127,7 +125,7 @@ class CostModel:
                                   edge.flops, edge.expert_flops, edge.attention_flops)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
                    + self._time(fl - xf - af, xf, af, wb, kb))
-        shapes, padded, curve = self._shapes, hw.padded_attention, hw.expert_curve_knots
+        shapes, curve = self._shapes, hw.expert_curve_knots
         for c, distinct, count in groups:
             st = c.stats
             r = st.rows
@@ -136,11 +134,7 @@ class CostModel:
             shape = shapes[c.moe]
             t_eb, t_wb, t_kb, t_dense, t_xf, t_af = shape.fields(r, st.scores, st.keys_read,
                                                                  distinct)
-            if padded:  # the torch engine's plain attention (``_attention_work``)
-                attention = shape.score_flops * st.padded_scores
-                kv = (st.padded_keys + r) * shape.kv_row
-            else:
-                attention, kv = t_af, t_kb
+            attention, kv = self._attention_work(st, shape, t_af, t_kb)
             # (terms that are zero, a curve or all-reduces the profile lacks, are left out:
             # adding 0 changes no sum)
             one = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
@@ -175,7 +169,8 @@ class CostModel:
             if not st.rows:
                 continue
             t = layer_traffic(cfg, c.first, st, distinct, self.dtype_bytes)
-            attention, kv = self._attention_work(st, t)
+            attention, kv = self._attention_work(st, self._shapes[c.moe], t.attention_flops,
+                                                 t.kv_bytes)
             out[2:len(TERMS)] += count * np.array(
                 (1, st.groups, distinct or 0, t.dense_flops, t.expert_flops, attention,
                  t.weight_bytes, kv), dtype=float)
@@ -184,25 +179,20 @@ class CostModel:
                 out[len(TERMS):] += [count * distinct * min(m, k) for k in knots]
         return out
 
-    def _attention_work(self, st: RowStats, t: Traffic) -> tuple[float, float]:
+    def _attention_work(self, st: RowStats, shape: LayerShape, attention_flops, kv_bytes
+                        ) -> tuple:
         """Attention FLOPs and KV bytes as the profile's kernels do them: exact for fused
-        paged attention, padded for the torch engine's plain attention."""
+        paged attention (``attention_flops`` and ``kv_bytes`` as counted), padded for the
+        torch engine's plain attention."""
         if not self.profile.padded_attention:
-            return t.attention_flops, t.kv_bytes
-        cfg = self.config
-        kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * self.dtype_bytes
-        return (4 * cfg.num_heads * cfg.head_dim * st.padded_scores,
-                (st.padded_keys + st.rows) * kv_row)
+            return attention_flops, kv_bytes
+        return shape.score_flops * st.padded_scores, (st.padded_keys + st.rows) * shape.kv_row
 
     def _time(self, dense_flops, expert_flops, attention_flops, weight_bytes, kv_bytes):
-        """Seconds of compute and memory work: overlapped (their max) or not (their sum);
-        ``HardwareProfile.compute_time`` and ``memory_time``, inlined: it is the simulator's
-        innermost sum."""
+        """Seconds of compute and memory work: overlapped (their max) or not (their sum)."""
         hw = self.profile
-        compute = (dense_flops / hw.matmul_efficiency + expert_flops / hw.expert_efficiency
-                   + attention_flops / hw.attention_efficiency) / self._peak
-        memory = (weight_bytes / hw.weight_efficiency + kv_bytes / hw.kv_efficiency
-                  ) / self._bandwidth
+        compute = hw.compute_time(dense_flops, expert_flops, attention_flops)
+        memory = hw.memory_time(weight_bytes, kv_bytes)
         if not hw.overlap:
             return compute + memory
         if isinstance(compute, np.ndarray):  # a run's iterations at once

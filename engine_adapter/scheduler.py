@@ -238,6 +238,7 @@ class Scheduler:
         stages: tuple[StageWork, ...] = ()
         bounds: tuple[tuple[int, int], ...] = ()
         joined: tuple[Segment, ...] = ()
+        end = 0
         if self.batches:
             b = self.batches[0]
             end = b.num_groups - b.stage  # iterations up to and including its last stage
@@ -253,9 +254,7 @@ class Scheduler:
             else:
                 k = min(k, end)  # its last stage ends the run
         return IterationRun(self.iteration, self.mode, self.num_layers, tuple(decode), stages,
-                            bounds, self._fitting(k, joined=joined, join_at=len(bounds)
-                                                  - (stages[0].stage if stages else 0)),
-                            joined=joined)
+                            bounds, self._fitting(k, joined=joined, join_at=end), joined=joined)
 
     def _joins(self, batch: PrefillBatch) -> bool:
         """Whether a run may go on past ``batch``'s last stage: nothing waits (no decision is

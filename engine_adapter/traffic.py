@@ -312,12 +312,11 @@ class LayerShape:
             extra_params = config.num_experts * h  # the router
             return cls((attn_params + norm_params + extra_params) * dtype_bytes,
                        2 * attn_params + 2 * extra_params, 2 * config.top_k * expert_params,
-                       expert_params * dtype_bytes, 4 * config.num_heads * d,
-                       2 * config.num_kv_heads * d * dtype_bytes)
+                       expert_params * dtype_bytes, 4 * heads * d, 2 * kv_heads * d * dtype_bytes)
         dense_params = 3 * h * config.dense_intermediate_size
         return cls((attn_params + norm_params + dense_params) * dtype_bytes,
-                   2 * attn_params + 2 * dense_params, 0, 0, 4 * config.num_heads * d,
-                   2 * config.num_kv_heads * d * dtype_bytes)
+                   2 * attn_params + 2 * dense_params, 0, 0, 4 * heads * d,
+                   2 * kv_heads * d * dtype_bytes)
 
     def fields(self, rows: int, scores, keys_read, distinct_experts: int | None) -> tuple:
         """(expert bytes, weight bytes, KV bytes, dense FLOPs, expert FLOPs, attention FLOPs)
