@@ -100,33 +100,32 @@ class SimExecutor:
                                    stage == st.num_groups - 1), self.cost.dtype_bytes)
 
     def _price_run(self, run: IterationRun, k: int) -> tuple:
-        """Latency and traffic of a run's first ``k`` iterations (arrays over them, or
-        constants): up to its batch's last stage and, where its requests join the decode rows
-        after it, the rest as a decode-only run of its own."""
+        """Latency and traffic of a run's first ``k`` iterations, none past its batch's last
+        stage unless they are all decode-only (arrays over them, or constants)."""
         if k == 1:  # (cheaper as the plan alone, and the same)
             return self._price_plan(run.plan())[:2]
-        end = run.batch_end
-        if run.joined and k > end + 1:
-            before = self._price_run(run, end + 1)
-            after = self._price_run(run.after_batch(), k - end - 1)
-
-            def joined(a, b, dtype):
-                out = np.empty(k, dtype)
-                out[:end + 1], out[end + 1:] = a, b
-                return out
-
-            return joined(before[0], after[0], float), Traffic(*(
-                joined(getattr(before[1], f), getattr(after[1], f), np.int64)
-                for f in TRAFFIC_FIELDS))
         classes = run_classes(run, self.config, k)
         groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
                    c.count) for c in classes]
         return self.cost.price_groups(run.plan(), groups, self._run_edge(run, k))
 
+    @staticmethod
+    def _times(start: float, latency, factors: np.ndarray | None, k: int) -> np.ndarray:
+        """The run's start, then each of its first ``k`` iterations' end: a sequential sum,
+        the clock's own (``factors``: the latency noise)."""
+        times = np.empty(k + 1)
+        times[0], times[1:] = start, latency
+        if factors is not None:
+            times[1:] *= factors[:k]
+        return np.cumsum(times, out=times)
+
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price
         it alone (the same cost model on arrays, the same noise draws), and keep those that
-        start before ``until`` (the next arrival or the horizon; the first always runs)."""
+        start before ``until`` (the next arrival or the horizon; the first always runs).
+        A run past its batch's last stage is priced up to it first, and after it (the batch's
+        requests decoding beside the others, a decode-only run of its own) only where the
+        batch ends before ``until``."""
         k = run.max_iterations
         if k == 1:  # (as ``execute`` prices it; no arrays to set up)
             latency, traffic = self._price_plan(run.plan())[:2]
@@ -134,15 +133,30 @@ class SimExecutor:
                 sd = self.noise_sd
                 latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
             return RunResult(np.array((start, start + latency)), traffic)
-        latency, traffic = self._price_run(run, k)
-        times = np.empty(k + 1)
-        times[0], times[1:] = start, latency
-        noise_state = None
+        noise_state = factors = None
         if self.noise_sd:
             sd = self.noise_sd
             noise_state = self._rng.bit_generator.state
-            times[1:] *= np.exp(sd * self._rng.standard_normal(k) - sd * sd / 2)
-        np.cumsum(times, out=times)  # a sequential sum: the clock's own
+            factors = np.exp(sd * self._rng.standard_normal(k) - sd * sd / 2)
+        end = run.batch_end
+        if run.joined and k > end + 1:
+            latency, traffic = self._price_run(run, end + 1)
+            times = self._times(start, latency, factors, end + 1)
+            if times[-1] < until:  # the iteration after the batch's end runs
+                after, after_traffic = self._price_run(run.after_batch(), k - end - 1)
+
+                def joined(a, b, dtype):
+                    out = np.empty(k, dtype)
+                    out[:end + 1], out[end + 1:] = a, b
+                    return out
+
+                latency = joined(latency, after, float)
+                traffic = Traffic(*(joined(getattr(traffic, f), getattr(after_traffic, f),
+                                           np.int64) for f in TRAFFIC_FIELDS))
+                times = self._times(start, latency, factors, k)
+        else:
+            latency, traffic = self._price_run(run, k)
+            times = self._times(start, latency, factors, k)
         ran = max(1, int(np.searchsorted(times[:-1], until)))
         if noise_state is not None and ran < k:
             # Leave the noise stream where ``ran`` single iterations would have left it.
