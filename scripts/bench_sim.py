@@ -4,7 +4,8 @@ Writes JSON with ``realtime_factor`` (simulated seconds per wall second) for the
 arXiv Qwen3-30B-A3B run (Poisson 1.5 req/s, 600 s after a 60 s warm-up: requests arriving in
 the first 660 s) under the paper's rule on the ``h100-sxm-tp2`` profile (the paper's
 2 x H100, tensor parallel 2, BF16), ``env_steps_per_s`` for the env on the sim backend
-with a trivial policy, and ``wall_s``. One process, one core. Figures are medians over
+with a trivial policy (``random_policy``: the same under uniformly random valid actions), and
+``wall_s``. One process, one core. Figures are medians over
 ``--repeats`` runs (this machine is shared), each run's figure listed beside them.
 
 The same run one iteration at a time (``Episode(fast_forward=False)``: no runs) is timed
@@ -87,23 +88,37 @@ def repeated(measure, repeats: int, key: str) -> dict:
     return out
 
 
-def env_steps(steps: int, seed: int) -> dict:
+def env_steps(steps: int, seed: int, random: bool = False) -> dict:
+    """The env on the sim backend: the trivial policy (G = 1, the whole budget, start when
+    allowed), or (``random``) uniformly random valid actions, which use every G, admission
+    level and waiting (the choosing is not timed: it is not the env's work)."""
     env = gym.make(lpenv.ENV_ID, engine=PAPER_ENGINE,
                    workload={"lengths": "arxiv", "rate": 1.5, "num_requests": 200,
                              "max_prompt": 32768},
                    slo={"ttft_s": 10.0, "tbt_s": 0.125},
                    backend={"name": "sim", "hardware": "h100-sxm-tp2"})
     env.reset(seed=seed)
-    levels = env.unwrapped.codec.admission_levels
-    done_steps, start = 0, time.perf_counter()
+    codec = env.unwrapped.codec
+    levels, rng = codec.admission_levels, np.random.default_rng(seed)
+    offsets = np.cumsum([0, *codec.nvec[:-1]])
+    done_steps, wall = 0, 0.0
     while done_steps < steps:
-        mask = env.unwrapped.action_masks()
-        _, _, term, trunc, _ = env.step([0, levels - 1, int(mask[-1])])
+        start = time.perf_counter()
+        mask = env.unwrapped.action_masks()  # (the env's work: MaskablePPO asks every step)
+        if random:
+            wall += time.perf_counter() - start
+            action = [int(rng.choice(np.flatnonzero(mask[o:o + n])))
+                      for o, n in zip(offsets, codec.nvec)]
+            start = time.perf_counter()
+        else:
+            action = [0, levels - 1, int(mask[-1])]
+        _, _, term, trunc, _ = env.step(action)
         done_steps += 1
         if term or trunc:
             env.reset()
-    wall = time.perf_counter() - start
-    return {"env_steps": done_steps, "env_wall_s": wall, "env_steps_per_s": done_steps / wall}
+        wall += time.perf_counter() - start
+    key = "env_random_steps_per_s" if random else "env_steps_per_s"
+    return {"env_steps": done_steps, "env_wall_s": wall, key: done_steps / wall}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
               **repeated(run, args.repeats, "realtime_factor"),
               **repeated(lambda: env_steps(args.env_steps, args.seed), args.repeats,
                          "env_steps_per_s")}
+    # Uniformly random valid actions: every G, admission level and waiting (not a target).
+    result["random_policy"] = repeated(lambda: env_steps(args.env_steps, args.seed, True),
+                                       args.repeats, "env_random_steps_per_s")
     same = ("simulated_s", "iterations", "slo_attainment", "energy_j", "return")
 
     def one_by_one(fast: dict, chunked: bool = False) -> dict:

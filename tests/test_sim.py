@@ -107,6 +107,8 @@ def test_bench_sim_writes_its_fields(tmp_path):
     for key in ("realtime_factor", "env_steps_per_s", "wall_s", "simulated_s"):
         assert result[key] > 0, key
     assert len(result["realtime_factor_runs"]) == 2 and len(result["env_steps_per_s_runs"]) == 2
+    assert result["random_policy"]["env_random_steps_per_s"] > 0
+    assert result["random_policy"]["env_steps"] == 30
     assert result["one_by_one"]["identical"]  # runs change the speed, not the result
     chunked = result["chunked_512"]
     assert chunked["realtime_factor"] > 0 and chunked["one_by_one"]["identical"]
