@@ -74,6 +74,12 @@ class SimExecutor:
             plan, [(c, d, c.count) for c, d in zip(classes, hits)])
         return latency, traffic, classes, hits
 
+    def _noise(self, size: int | None = None):
+        """Latency factors drawn from the noise stream (one, or ``size`` in a row): lognormal,
+        mean 1."""
+        sd = self.noise_sd
+        return np.exp(sd * self._rng.standard_normal(size) - sd * sd / 2)
+
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         latency, traffic, classes, hits = self._price_plan(plan)
         sampled = {s.request_id: 0 for s in plan.decode}
@@ -81,8 +87,7 @@ class SimExecutor:
             if st.is_last:
                 sampled.update((s.request_id, 0) for s in st.segments if s.sample)
         if self.noise_sd:
-            sd = self.noise_sd
-            latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
+            latency *= float(self._noise())
         distinct = per_layer(classes, hits, plan.num_layers, self.config)
         return ExecutionResult(latency, sampled, [None] * plan.num_layers, distinct=distinct,
                                traffic=traffic)
@@ -130,14 +135,12 @@ class SimExecutor:
         if k == 1:  # (as ``execute`` prices it; no arrays to set up)
             latency, traffic = self._price_plan(run.plan())[:2]
             if self.noise_sd:
-                sd = self.noise_sd
-                latency *= float(np.exp(sd * self._rng.standard_normal() - sd * sd / 2))
+                latency *= float(self._noise())
             return RunResult(np.array((start, start + latency)), traffic)
         noise_state = factors = None
         if self.noise_sd:
-            sd = self.noise_sd
             noise_state = self._rng.bit_generator.state
-            factors = np.exp(sd * self._rng.standard_normal(k) - sd * sd / 2)
+            factors = self._noise(k)
         end = run.batch_end
         if run.joined and k > end + 1:
             latency, traffic = self._price_run(run, end + 1)
