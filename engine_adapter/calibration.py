@@ -26,10 +26,11 @@ from scipy.optimize import nnls
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, from_coefficients
 from engine_adapter.decision import Decision
+from engine_adapter.energy_fit import EnergyCounter, EnergySpan, measure_span
 from engine_adapter.engine import Engine
 from engine_adapter.hardware import HardwareProfile
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import ExecutionResult, IterationPlan
+from engine_adapter.plan import ExecutionResult, IterationPlan, IterationReport
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,65 @@ def profile_grid(base: EngineConfig, model_config: ModelConfig, executor, grid: 
                     if on_probe:
                         on_probe()
     return recorder.samples
+
+
+@dataclass(frozen=True)
+class EnergyLoads:
+    """Sustained loads for the energy fit (``energy_fit``), each held for at least ``seconds``
+    of the counter's clock: decode batches (batch, context), memory-bound and more FLOPs per
+    byte the larger, and back-to-back prefills of a prompt length (G = 1), compute-bound."""
+
+    decode: tuple[tuple[int, int], ...] = ((1, 256), (8, 256), (32, 256))
+    prefill: tuple[int, ...] = (256, 1024)
+    seconds: float = 2.0
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(decode batch, its context, prompt tokens) per load."""
+        return [(b, c, 0) for b, c in self.decode] + [(0, 0, p) for p in self.prefill]
+
+
+def _sustain(engine: Engine, rng: np.random.Generator, batch: int, context: int, prompt: int
+             ) -> Callable[[], IterationReport]:
+    """One iteration of a steady load per call: ``batch`` requests of ``context`` prompt
+    tokens decoding (topped up as they finish) and, with ``prompt``, a new prompt of that many
+    tokens (one token out) starting whenever none is in flight."""
+    mc, s = engine.model_config, engine.scheduler
+    long = engine.max_model_len - context
+
+    def step() -> IterationReport:
+        while sum(r.max_tokens > 1 for r in s.requests.values()) < batch:
+            engine.add_request(_prompt(rng, context, mc.vocab_size), long)
+        if prompt and not s.waiting and not s.batches:
+            engine.add_request(_prompt(rng, prompt, mc.vocab_size), 1)
+        view = engine.decision_view()
+        report = engine.step(Decision(1, view.fcfs_admission()) if view is not None else None)
+        if report is None:
+            raise RuntimeError("energy load stalled: nothing to run")
+        return report
+
+    return step
+
+
+def energy_spans(base: EngineConfig, model_config: ModelConfig, executor,
+                 counter: EnergyCounter, loads: EnergyLoads, seed: int = 0,
+                 on_span: Callable[[], None] | None = None) -> list[EnergySpan]:
+    """Each load on ``executor`` (the real engine), measured by ``counter``. Lengths are cut
+    to what the model holds (a prompt to its length less one, a context to half of it)."""
+    rng = np.random.default_rng(seed)
+    spans = []
+    for batch, context, prompt in loads.shapes():
+        executor.reset()
+        engine = Engine(replace(base, mode="layered"), executor=executor,
+                        model_config=model_config, decide=lambda view: Decision.wait())
+        context = min(context, engine.max_model_len // 2)
+        prompt = min(prompt, engine.max_model_len - 1)
+        label = f"prefill {prompt}" if prompt else f"decode {batch} x {context}"
+        _setup(engine, batch, context, rng)
+        spans.append(measure_span(_sustain(engine, rng, batch, context, prompt), counter,
+                                  loads.seconds, label))
+        if on_span:
+            on_span()
+    return spans
 
 
 def design_matrix(cost: CostModel, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:

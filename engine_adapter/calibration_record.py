@@ -2,8 +2,9 @@
 
 Measuring needs the device (a GPU is often lent for minutes); fitting does not. The record
 keeps each iteration's plan (what ran through which layers), the distinct experts its routers
-loaded and its measured latency, the device's peaks and the held-out episodes' summaries, so
-that ``lpenv-calibrate --refit RECORD`` fits and reports anywhere, as often as wanted.
+loaded and its measured latency, the device's peaks, the held-out episodes' summaries and,
+where the device has an energy counter, the energy spans (``energy_fit``), so that
+``lpenv-calibrate --refit RECORD`` fits and reports anywhere, as often as wanted.
 
 Plans are stored by their shape alone: token ids and block tables do not enter the cost
 model. JSON, not pickle: a record from elsewhere is data, never code.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine_adapter.calibration import Sample
+from engine_adapter.energy_fit import EnergySpan, spans_from_json
 from engine_adapter.errors import ConfigError
 from engine_adapter.plan import IterationPlan, Segment, StageWork
 
@@ -71,6 +73,9 @@ class CalibrationRecord:
     grid_samples: list[Sample]
     # per held-out policy label: the real engine's episode summary and its iterations
     held_out: dict[str, dict] = field(default_factory=dict)
+    # Sustained loads measured by the device's energy counter (none without one), and which.
+    energy_spans: list[EnergySpan] = field(default_factory=list)
+    energy_counter: str | None = None
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -81,7 +86,9 @@ class CalibrationRecord:
                 "grid_samples": samples_json(self.grid_samples),
                 "held_out": {label: {"summary": h["summary"],
                                      "samples": samples_json(h["samples"])}
-                             for label, h in self.held_out.items()}}
+                             for label, h in self.held_out.items()},
+                "energy_counter": self.energy_counter,
+                "energy_spans": [s.to_json() for s in self.energy_spans]}
         text = json.dumps(body) + "\n"
         if path.suffix == ".gz":  # records kept in a repository are better compressed
             path.write_bytes(gzip.compress(text.encode()))
@@ -105,4 +112,5 @@ class CalibrationRecord:
                    samples_from_json(body["grid_samples"]),
                    {label: {"summary": h["summary"],
                             "samples": samples_from_json(h["samples"])}
-                    for label, h in body["held_out"].items()})
+                    for label, h in body["held_out"].items()},
+                   spans_from_json(body.get("energy_spans", [])), body.get("energy_counter"))

@@ -1,7 +1,8 @@
 """Energy per iteration: measured from NVML on a GPU, modeled elsewhere (and said so).
 
 The model is ``static power x time + energy per byte x bytes + energy per FLOP x FLOPs``.
-Constants and their sources:
+``lpenv-calibrate`` fits the three to the device's own counter where it has one
+(``energy_fit``); the datasheet constants and their sources:
 
 * ``cpu-generic`` (this project's CPU default, a 2-core share of a server socket):
   static 10 W = 2 cores x ~5 W, a server part's TDP over its core count (e.g. 350 W / 60

@@ -13,6 +13,10 @@
    with the new profile and routing table. Reports the median and p90 absolute percentage
    error of iteration latency (with the routers' own distinct experts, and with the routing
    model's), and the episode-level error of TTFT, end-to-end time and SLO attainment.
+6. Where the device has an energy counter (NVML on a GPU), holds sustained loads for
+   ``--energy-s`` seconds each and fits the profile's energy constants (static power, energy
+   per byte and per FLOP) to the counter (``engine_adapter.energy_fit``); elsewhere the
+   profile keeps its datasheet's modeled constants, and the report says which.
 
 Writes ``<out>/<name>.json`` (the report), ``<out>/<name>_fidelity.png`` and
 ``<out>/<name>_record.json``: every measurement (``engine_adapter.calibration_record``), so that
@@ -37,8 +41,10 @@ from tqdm import tqdm
 
 from engine_adapter.calibration import (
     CalibrationGrid,
+    EnergyLoads,
     RecordingExecutor,
     base_profile,
+    energy_spans,
     fit_profile,
     measure_peaks,
     pass_drift,
@@ -49,6 +55,8 @@ from engine_adapter.calibration import (
 from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, coefficients, term_names
+from engine_adapter.energy import EnergyModel
+from engine_adapter.energy_fit import energy_counter, fit_energy
 from engine_adapter.engine import Engine, build_model, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
@@ -179,6 +187,15 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
         samples += profile_grid(engine_cfg, mc, executor, one, seed=args.seed + i,
                                 on_probe=bar.update)
     bar.close()
+    spans, counter = [], None
+    energy_s = args.energy_s if args.energy_s is not None else 2.0
+    if energy_s > 0:
+        counter = energy_counter(device.type, device.index or 0)
+    if counter is not None:
+        loads = replace(EnergyLoads(), seconds=energy_s)
+        with tqdm(total=len(loads.shapes()), desc="energy", unit="load") as energy_bar:
+            spans = energy_spans(engine_cfg, mc, executor, counter, loads, args.seed,
+                                 on_span=energy_bar.update)
     flops_after, bandwidth_after = measure_peaks(device, engine_cfg.torch_dtype)
     where = device.type
     if device.type == "cuda":
@@ -190,7 +207,8 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
         peaks={"flops": flops, "bandwidth": bandwidth, "flops_after": flops_after,
                "bandwidth_after": bandwidth_after},
         grid={**asdict(grid), "quick": args.quick}, seed=args.seed, grid_samples=samples,
-        held_out=held_out)
+        held_out=held_out, energy_spans=spans,
+        energy_counter=counter.source if counter is not None else None)
 
 
 def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict:
@@ -204,6 +222,11 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
     samples = record.grid_samples
     profile = fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
                           f"{record.source}, {len(samples)} iterations")
+    energy_model, energy = _energy(record, name, profile.energy)
+    if record.energy_spans:  # the device's own energy constants
+        profile = replace(profile, energy=energy_model,
+                          source=f"{profile.source}; energy fitted to {record.energy_counter} "
+                                 f"over {len(record.energy_spans)} loads")
     profile_path = write_profile(profile, profiles / f"{name}.json")
     routing = record_routing(routing_observations(samples, mc), mc)
     routing_path = profiles / "routing" / f"{mc.name}.json"
@@ -247,11 +270,26 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         "held_out_iteration_error_routing_model": _percentiles(
             percentage_errors(fitted, held, modeled_distinct)),
         "held_out_episodes": {label: _episode_errors(runs) for label, runs in episodes.items()},
+        "energy": energy,
     }
     out.mkdir(parents=True, exist_ok=True)
     plot_fidelity(held, fitted, out / f"{name}_fidelity.png",
                   f"{name}: held-out iterations ({mc.name})")
     return report
+
+
+def _energy(record: CalibrationRecord, name: str, modeled: EnergyModel
+            ) -> tuple[EnergyModel, dict]:
+    """The profile's energy constants, fitted to the record's energy spans where it has any
+    (the datasheet's ``modeled`` ones otherwise), and what the report says of them."""
+    if not record.energy_spans:
+        return modeled, {"source": f"modeled: {modeled.name} constants (no energy counter on "
+                                   f"{record.device})", **asdict(modeled)}
+    model, errors = fit_energy(record.energy_spans, f"{name}-{record.energy_counter}")
+    return model, {"source": f"fitted to {record.energy_counter} over "
+                             f"{len(record.energy_spans)} sustained loads", **asdict(model),
+                   "span_error": _percentiles(errors),
+                   "spans": [s.to_json() for s in record.energy_spans]}
 
 
 def format_report(r: dict) -> str:
@@ -287,6 +325,11 @@ def format_report(r: dict) -> str:
             f" {x['slo_attainment_measured']:5.0%} vs {x['slo_attainment_simulated']:4.0%}")
         lines.append(f"  {'':22s} error {x['ttft_mean_s_error']:9.1%} error "
                      f"{x['e2e_mean_s_error']:9.1%} {x['slo_attainment_error_points']:8.1f} pts")
+    en = r["energy"]
+    lines.append(f"energy: {en['source']}: static {en['static_w']:.1f} W, "
+                 f"{en['j_per_byte'] * 1e12:.1f} pJ/byte, {en['j_per_flop'] * 1e12:.2f} pJ/FLOP"
+                 + (f"; span error median {en['span_error']['median']:.1%}, p90 "
+                    f"{en['span_error']['p90']:.1%}" if "span_error" in en else ""))
     lines.append(f"use it: backend.hardware={r['name']}"
                  + (" (or hardware=cpu-auto)" if r["name"] == "cpu-auto" else "") + "; "
                  f"routing: backend.routing=empirical:{r['routing_path']}")
@@ -310,12 +353,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="passes over the grid (default 2; 1 halves the time)")
     p.add_argument("--settle-s", type=float, default=None,
                    help="seconds of load before measuring (default 10 on a GPU, 0 on the CPU)")
+    p.add_argument("--energy-s", type=float, default=None,
+                   help="seconds each energy load is held where the device has an energy "
+                        "counter (default 2; 0 skips the energy fit)")
     p.add_argument("--refit", default=None, metavar="RECORD",
                    help="fit and report from a record an earlier run wrote (<out>/<name>_record"
                         ".json; no device needed) instead of measuring")
     args = p.parse_args(argv)
-    if args.refit and (args.quick or args.repeats or args.settle_s is not None):
-        p.error("--quick, --repeats and --settle-s shape a measurement; --refit measures nothing")
+    if args.refit and (args.quick or args.repeats or args.settle_s is not None
+                       or args.energy_s is not None):
+        p.error("--quick, --repeats, --settle-s and --energy-s shape a measurement; --refit "
+                "measures nothing")
     started = time.perf_counter()
     try:
         if args.refit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from engine_adapter.calibration import (
     profile_grid,
     routing_observations,
 )
+from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, coefficients, from_coefficients
 from engine_adapter.errors import ConfigError
@@ -98,14 +100,31 @@ def test_routing_observations_come_from_moe_layers_only():
     assert len(obs) <= len(samples) * per_sample
 
 
+class WallPower:
+    """An energy counter for a device drawing 37 W whatever it does, stepping every 10 ms of
+    the wall clock (this machine has no counter to read)."""
+
+    source = "wall"
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def read(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        return now, 37.0 * (now - self.t0) // 0.01 * 0.01
+
+
 def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch):
     """The real engine (tiny model, quick grid): profile and routing table written, the
-    report has the fidelity figures, and the env runs on the sim backend with the profile."""
+    report has the fidelity figures, the energy constants are fitted to the device's counter
+    (a stand-in here), and the env runs on the sim backend with the profile."""
+    import scripts.calibrate
     from scripts.calibrate import main
 
     monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path / "profiles"))
+    monkeypatch.setattr(scripts.calibrate, "energy_counter", lambda *a: WallPower())
     main(["--quick", "--settle-s", "0.2", "--model", "qwen3-moe-tiny", "--device", "cpu", "--out",
-          str(tmp_path / "out")])
+          str(tmp_path / "out"), "--energy-s", "0.2"])
     report = json.loads((tmp_path / "out" / "cpu-auto.json").read_text())
     profile = resolve_profile("cpu-auto")
     assert profile.source.startswith("lpenv-calibrate") and not profile.overlap
@@ -115,6 +134,12 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
         assert report[key]["samples"] > 0
     assert set(report["held_out_episodes"]) == {"layered (paper rule)", "chunked (64)"}
     assert (tmp_path / "out" / "cpu-auto_fidelity.png").stat().st_size > 0
+    energy = report["energy"]
+    assert energy["source"] == "fitted to wall over 5 sustained loads"
+    assert len(energy["spans"]) == 5 and all(s["seconds"] >= 0.2 for s in energy["spans"])
+    assert profile.energy.name == "cpu-auto-wall"
+    assert profile.energy.static_w == pytest.approx(37.0, rel=0.05)  # all of it static power
+    assert energy["span_error"]["median"] < 0.05
 
     # Refit from the record, as on a machine without the device: the same fit and fidelity.
     record = report["record_path"]
@@ -127,6 +152,16 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
                 "measured_peak_flops"):
         assert again[key] == report[key], key
     assert again["record_path"] == record
+    assert again["energy"] == {**report["energy"], "name": "refit-wall"}
+
+    # Without an energy counter the profile keeps its datasheet's modeled constants.
+    bare = CalibrationRecord.read(record)
+    bare.energy_spans, bare.energy_counter = [], None
+    main(["--refit", str(bare.write(tmp_path / "bare.json")), "--name", "bare", "--out",
+          str(tmp_path / "bare"), "--profile-dir", str(tmp_path / "bare")])
+    modeled = json.loads((tmp_path / "bare" / "bare.json").read_text())["energy"]
+    assert modeled["source"] == "modeled: cpu-generic constants (no energy counter on cpu)"
+    assert modeled["static_w"] == DATASHEET_PROFILES["cpu-generic"].energy.static_w
 
     import gymnasium as gym
 
@@ -139,7 +174,7 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
                             "routing": f"empirical:{report['routing_path']}"})
     summary = play_trivially(env, seed=0)["summary"]
     assert summary["requests_finished"] == 6
-    assert summary["energy_source"] == "modeled:cpu-generic"
+    assert summary["energy_source"] == "modeled:cpu-auto-wall"  # the fitted constants
 
 
 def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):

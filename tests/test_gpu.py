@@ -36,3 +36,24 @@ def test_cuda_matches_cpu():
     assert gpu_tokens == cpu_tokens
     for rid, ref in cpu_logits.items():
         assert (gpu_logits[rid] - ref).abs().max() / ref.abs().max() < 1e-3
+
+
+def test_nvml_energy_fit_on_the_gpu():
+    """On a GPU with NVML's counter: the energy loads run, each span covers whole steps of the
+    counter, and the fitted constants predict each load's joules."""
+    from engine_adapter.calibration import EnergyLoads, energy_spans
+    from engine_adapter.energy_fit import energy_counter, fit_energy
+    from engine_adapter.engine import build_model
+    from engine_adapter.executor_torch import TorchExecutor
+    from engine_adapter.model_config import ModelConfig
+
+    counter = energy_counter("cuda")
+    if counter is None:
+        pytest.skip("NVML's energy counter is not readable (pip install -e .[gpu])")
+    cfg = EngineConfig(model="qwen3-moe-tiny", device="cuda", kv_cache_tokens=65536)
+    mc = ModelConfig.load(cfg.model)
+    executor = TorchExecutor(build_model(cfg, mc), cfg.num_kv_blocks, cfg.block_size)
+    spans = energy_spans(cfg, mc, executor, counter, EnergyLoads(seconds=1.0))
+    assert all(s.seconds >= 1.0 and s.joules > 0 for s in spans)
+    model, errors = fit_energy(spans, "h")
+    assert model.static_w > 0 and float(errors.max()) < 0.2

@@ -1,0 +1,143 @@
+"""Energy constants fitted to an energy counter (NVML's, on a GPU) by ``lpenv-calibrate``.
+
+The simulator charges an iteration ``static_w x seconds + j_per_byte x bytes + j_per_flop x
+FLOPs`` (``engine_adapter.energy``), with datasheet constants. Where the device has an energy
+counter, the three are measured instead: the counter, read around sustained loads of different
+mixes (decode batches of several sizes, back-to-back prefills), gives each load's joules, and
+the engine's own reports give its seconds, bytes and FLOPs.
+
+NVML's counter steps every 20-100 ms, far coarser than an iteration, so no single iteration can
+be measured. A span instead runs one load from one step of the counter to another at least
+``seconds`` later: what its two ends add or miss of an iteration averages out, and is at most
+one iteration's share of the span either way. The fit is a non-negative least squares on
+relative error, as the latency fit is (``calibration.fit_coefficients``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+from scipy.optimize import nnls
+
+from engine_adapter.energy import EnergyModel
+from engine_adapter.plan import IterationReport
+
+
+@dataclass(frozen=True)
+class EnergySpan:
+    """One load, measured between two steps of the counter."""
+
+    load: str
+    seconds: float  # on the counter's clock, between the two steps' readings
+    num_bytes: int  # weight and KV bytes of the iterations in between
+    flops: int
+    joules: float
+    iterations: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class EnergyCounter(Protocol):
+    """A cumulative energy counter and the clock it is read against."""
+
+    source: str
+
+    def read(self) -> tuple[float, float]:
+        """(seconds on its clock, joules counted so far)."""
+        ...
+
+
+class NvmlCounter:
+    """NVML's total-energy counter of one GPU (millijoules since the driver loaded)."""
+
+    source = "nvml"
+
+    def __init__(self, device_index: int = 0) -> None:
+        import pynvml  # from nvidia-ml-py, the `gpu` extra
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self.read()  # fails here, not mid-calibration, where the counter is not readable
+
+    def read(self) -> tuple[float, float]:
+        return (time.perf_counter(),
+                self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1e3)
+
+
+def measure_span(step: Callable[[], IterationReport], counter: EnergyCounter, seconds: float,
+                 load: str, max_iterations: int = 200_000) -> EnergySpan:
+    """Run ``step`` (one iteration of a load, its report back) until the counter steps, then
+    for at least ``seconds`` more and until it steps again: the joules between those two
+    steps, and the seconds, bytes and FLOPs of the iterations run in between."""
+    totals = [0, 0, 0]  # bytes, FLOPs and iterations since the span began
+
+    def one() -> None:
+        report = step()
+        totals[0] += report.weight_bytes + report.kv_bytes
+        totals[1] += report.flops
+        totals[2] += 1
+
+    def until_it_steps(joules: float) -> tuple[float, float]:
+        for _ in range(max_iterations):
+            one()
+            t, now = counter.read()
+            if now != joules:
+                return t, now
+        raise RuntimeError(f"the energy counter ({counter.source}) did not advance in "
+                           f"{max_iterations} iterations of load {load!r}")
+
+    t0, j0 = until_it_steps(counter.read()[1])
+    totals[:] = [0, 0, 0]
+    t, joules = t0, j0
+    while t - t0 < seconds:
+        if totals[2] >= max_iterations:
+            raise RuntimeError(f"load {load!r} ran {max_iterations} iterations in under "
+                               f"{seconds} s of the counter's clock")
+        one()
+        t, joules = counter.read()
+    t1, j1 = until_it_steps(joules)
+    return EnergySpan(load, t1 - t0, totals[0], totals[1], j1 - j0, totals[2])
+
+
+def fit_energy(spans: Sequence[EnergySpan], name: str) -> tuple[EnergyModel, np.ndarray]:
+    """The energy model (static W, J per byte, J per FLOP, none negative) that best predicts
+    the spans' joules in relative terms, and each span's relative error under it."""
+    if len(spans) < 3:
+        raise ValueError(f"fitting static power, energy per byte and per FLOP needs at least "
+                         f"three spans of different loads, got {len(spans)}")
+    terms = np.array([(s.seconds, s.num_bytes, s.flops) for s in spans], dtype=float)
+    joules = np.array([s.joules for s in spans], dtype=float)
+    if np.any(joules <= 0) or np.any(terms[:, 0] <= 0):
+        raise ValueError("every span must have taken time and energy: "
+                         f"{[(s.load, s.seconds, s.joules) for s in spans]}")
+    a = terms / joules[:, None]
+    scale = np.abs(a).max(axis=0)
+    if np.linalg.matrix_rank(a / np.where(scale > 0, scale, 1.0)) < 3:
+        raise ValueError("the loads do not tell static power, bytes and FLOPs apart: their "
+                         "mixes of time, bytes and FLOPs must differ")
+    coef, _ = nnls(a / scale, np.ones(len(spans)))
+    coef = coef / scale
+    model = EnergyModel(name, static_w=float(coef[0]), j_per_byte=float(coef[1]),
+                        j_per_flop=float(coef[2]))
+    return model, np.abs(terms @ coef - joules) / joules
+
+
+def energy_counter(device_type: str, device_index: int = 0) -> EnergyCounter | None:
+    """The device's energy counter where one is readable (NVML on a GPU), None elsewhere: no
+    CPU counter is read (this machine has no RAPL; energy on a CPU stays modeled)."""
+    if device_type != "cuda":
+        return None
+    try:
+        return NvmlCounter(device_index)
+    except Exception:  # no nvidia-ml-py, or a GPU without the counter
+        return None
+
+
+def spans_from_json(rows: list) -> list[EnergySpan]:
+    return [EnergySpan(**row) for row in rows]
