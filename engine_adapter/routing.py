@@ -31,7 +31,13 @@ class RoutingModel:
         if kind == "uniform":
             pass
         elif kind.startswith("zipf:"):
-            s = float(kind.split(":", 1)[1])
+            try:
+                s = float(kind.split(":", 1)[1])
+            except ValueError:
+                s = float("nan")
+            if not s >= 0:  # (NaN too)
+                raise ConfigError(f"routing {kind!r}: zipf:S takes an exponent S >= 0 (0 is "
+                                  "uniform; 1.0 a common skew)")
             weights = 1.0 / np.arange(1, e + 1) ** s
             self.popularity = weights / weights.sum()
         elif kind.startswith("empirical:"):

@@ -4,15 +4,16 @@ for the env's keyword arguments and for Hydra configs."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
 def build_section(cls: type[T], value: Any, name: str) -> T:
-    """``cls`` from itself, a mapping, or None (its defaults); an unknown key is an error that
-    names it and lists the keys ``cls`` takes. The dataclass's own checks run as it is built."""
+    """``cls`` from itself, a mapping, or None (its defaults); an unknown key, or a missing one
+    that has no default, is an error that names it and lists the keys ``cls`` takes. The
+    dataclass's own checks run as it is built."""
     if value is None:
         return cls()
     if isinstance(value, cls):
@@ -25,4 +26,9 @@ def build_section(cls: type[T], value: Any, name: str) -> T:
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                          f"{name} takes: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.init and f.name not in value
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{', '.join(f'{name}.{k}' for k in missing)} must be given (no "
+                         f"default); {name} takes: {', '.join(sorted(known))}")
     return cls(**dict(value))

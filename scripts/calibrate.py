@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                        or args.energy_s is not None):
         p.error("--quick, --repeats, --settle-s and --energy-s shape a measurement; --refit "
                 "measures nothing")
+    if args.energy_s is not None and args.energy_s < 0:
+        p.error(f"--energy-s must be >= 0 (0 skips the energy fit), got {args.energy_s}")
     started = time.perf_counter()
     try:
         if args.refit:

@@ -90,6 +90,9 @@ def test_empirical_routing_interpolates_what_was_recorded(tmp_path):
         RoutingModel(ModelConfig.load("mixtral-tiny"), f"empirical:{path}")
     with pytest.raises(ConfigError, match="does not exist"):
         RoutingModel(mc, f"empirical:{tmp_path / 'none.json'}")
+    for bad in ("zipf:abc", "zipf:-1", "zipf:nan", "zipf:"):
+        with pytest.raises(ConfigError, match="exponent S >= 0"):
+            RoutingModel(mc, bad)
 
 
 def test_routing_observations_come_from_moe_layers_only():
@@ -203,6 +206,10 @@ def test_refit_refuses_what_is_not_a_record(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--refit", str(bad), "--quick"])
     assert exc.value.code == 2 and "--refit measures nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--energy-s", "-1", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--energy-s must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_record_keeps_every_plan_the_cost_model_prices(tmp_path):

@@ -173,6 +173,8 @@ def test_bad_config_is_a_clear_error():
         make(backend={"name": "vllm"})
     with pytest.raises(ValueError, match="layered"):
         make(engine={"model": "qwen3-moe-tiny", "mode": "chunked"})
+    with pytest.raises(ValueError, match=r"slo.tbt_s must be given \(no default\)"):
+        make(slo={"ttft_s": 3.0})
 
 
 def test_subproc_vec_env():
