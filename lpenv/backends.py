@@ -44,6 +44,9 @@ class BackendConfig:
                 "use backend 'torch'")
         if self.latency not in LATENCIES:
             raise ValueError(f"latency must be one of {LATENCIES}, got {self.latency!r}")
+        if not isinstance(self.latency_noise, bool):  # ("false" from a shell is truthy)
+            raise ValueError(f"backend.latency_noise must be true or false, got "
+                             f"{self.latency_noise!r}")
         resolve_profile(self.hardware)  # an unknown or missing profile fails here, clearly
 
     @property

@@ -175,6 +175,8 @@ def test_bad_config_is_a_clear_error():
         make(engine={"model": "qwen3-moe-tiny", "mode": "chunked"})
     with pytest.raises(ValueError, match=r"slo.tbt_s must be given \(no default\)"):
         make(slo={"ttft_s": 3.0})
+    with pytest.raises(ValueError, match="latency_noise must be true or false"):
+        make(backend={"name": "sim", "latency_noise": "false"})
 
 
 def test_subproc_vec_env():
