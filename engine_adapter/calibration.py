@@ -252,10 +252,9 @@ def percentage_errors(cost: CostModel, samples: Sequence[Sample],
     return np.abs(pred - measured) / measured
 
 
-def pass_drift(samples: Sequence[Sample], passes: int) -> float | None:
-    """Median ratio of each grid iteration's latency in the last pass to the same iteration
-    (same shape) in the first: 1.0 on a steady machine. None with one pass, or where the
-    passes' iterations do not pair up."""
+def _pass_ratios(samples: Sequence[Sample], passes: int) -> np.ndarray | None:
+    """Each grid iteration's latency in the last pass over the same iteration (same shape) in
+    the first; None with one pass, or where the passes' iterations do not pair up."""
     if passes < 2 or len(samples) % passes:
         return None
     n = len(samples) // passes
@@ -266,7 +265,26 @@ def pass_drift(samples: Sequence[Sample], passes: int) -> float | None:
 
     ratios = [b.measured_s / a.measured_s for a, b in zip(samples[:n], samples[-n:])
               if shape(a) == shape(b)]
-    return float(np.median(ratios)) if len(ratios) >= n // 2 else None
+    return np.array(ratios) if len(ratios) >= n // 2 else None
+
+
+def pass_drift(samples: Sequence[Sample], passes: int) -> float | None:
+    """Median ratio of each grid iteration's latency in the last pass to the same iteration
+    in the first: 1.0 on a steady machine (None without two passes that pair up)."""
+    ratios = _pass_ratios(samples, passes)
+    return None if ratios is None else float(np.median(ratios))
+
+
+def measurement_scatter(samples: Sequence[Sample], passes: int) -> float | None:
+    """How far one measured iteration strays from what the machine would measure on average:
+    the median of |last / first - 1| over the same grid iterations in the last and the first
+    pass, the drift between them taken out, over sqrt(2) (a pair's difference holds two
+    measurements' scatter). No fit's median error can be expected below it. None without two
+    passes that pair up."""
+    ratios = _pass_ratios(samples, passes)
+    if ratios is None:
+        return None
+    return float(np.median(np.abs(ratios / np.median(ratios) - 1)) / np.sqrt(2))
 
 
 def routing_observations(samples: Iterable[Sample], model_config: ModelConfig

@@ -47,6 +47,7 @@ from engine_adapter.calibration import (
     energy_spans,
     fit_profile,
     measure_peaks,
+    measurement_scatter,
     pass_drift,
     percentage_errors,
     profile_grid,
@@ -261,6 +262,7 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         "measured_bandwidth_after": peaks["bandwidth_after"],
         "grid": record.grid, "grid_iterations": len(samples),
         "grid_pass_drift": pass_drift(samples, record.grid["repeats"]),
+        "measurement_scatter": measurement_scatter(samples, record.grid["repeats"]),
         "coefficients": dict(zip(term_names(profile), coefficients(profile).tolist())),
         "profile": profile.to_json(),
         "fit_error": _percentiles(percentage_errors(fitted, samples)),
@@ -309,6 +311,11 @@ def format_report(r: dict) -> str:
                      "the first" + ("" if abs(drift - 1) < 0.05 else
                                     ": an unsteady machine (other load, or a device out of "
                                     "idle: try --settle-s), and the fit averages over it"))
+    scatter = r.get("measurement_scatter")
+    if scatter is not None:
+        lines.append(f"one measured iteration strays {scatter:.1%} (median) from the machine's "
+                     "own average for it (from the grid's two passes): no fit's error can be "
+                     "expected below that")
     lines += [
         "iteration latency error (|predicted - measured| / measured):",
         f"  fit grid (in sample)          median {e['median']:.1%}  p90 {e['p90']:.1%}",

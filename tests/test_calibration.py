@@ -12,8 +12,11 @@ import pytest
 
 from engine_adapter.calibration import (
     CalibrationGrid,
+    Sample,
     design_matrix,
     fit_coefficients,
+    measurement_scatter,
+    pass_drift,
     percentage_errors,
     profile_grid,
     routing_observations,
@@ -64,6 +67,23 @@ def test_fit_recovers_the_profile_that_made_the_latencies():
     fitted = from_coefficients(TRUE, fit_coefficients(terms, noisy))
     errors = percentage_errors(CostModel(mc, fitted, 4), samples)
     assert np.median(errors) < 0.03
+
+
+def test_measurement_scatter_is_one_measurements_own_noise_whatever_the_drift():
+    """Two passes over the same grid, each iteration measured with its own 5% lognormal noise
+    and the second pass 30% slower throughout: the scatter is one measurement's median
+    deviation (0.674 x 5%), the drift 1.3."""
+    _, _, samples = _sim_samples(TRUE)
+    rng = np.random.default_rng(1)
+
+    def measured(factor: float) -> list[Sample]:
+        return [replace(s, measured_s=s.measured_s * factor * rng.lognormal(0, 0.05))
+                for s in samples]
+
+    two = measured(1.0) + measured(1.3)
+    assert pass_drift(two, 2) == pytest.approx(1.3, rel=0.02)
+    assert measurement_scatter(two, 2) == pytest.approx(0.674 * 0.05, rel=0.15)
+    assert measurement_scatter(two, 1) is None and measurement_scatter(two[:-1], 2) is None
 
 
 def test_grid_covers_layered_stages_chunks_and_decode():
@@ -253,6 +273,7 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
     settled = json.loads((tmp_path / "cuda-auto.json").read_text())
     assert settled["grid_iterations"] == 1604 and settled["device"] == "cuda"
     assert settled["grid_pass_drift"] == pytest.approx(0.99, abs=0.01)
+    assert settled["measurement_scatter"] == pytest.approx(0.072, abs=0.001)  # the fit's floor
     assert settled["held_out_iteration_error"]["median"] == pytest.approx(0.079, abs=0.002)
     layered = settled["held_out_episodes"]["layered (paper rule)"]
     assert layered["ttft_mean_s_error"] < 0.01 and layered["e2e_mean_s_error"] < 0.05
@@ -261,4 +282,5 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
           "--name", "unsettled", "--out", str(tmp_path), "--profile-dir", str(tmp_path)])
     unsettled = json.loads((tmp_path / "unsettled.json").read_text())
     assert unsettled["grid_pass_drift"] == pytest.approx(0.77, abs=0.01)
+    assert unsettled["measurement_scatter"] == pytest.approx(0.120, abs=0.001)
     assert unsettled["held_out_iteration_error"]["median"] == pytest.approx(0.193, abs=0.002)
