@@ -72,6 +72,30 @@ class ModeledEnergy:
         return self.model.joules(seconds, num_bytes, flops)
 
 
+class NvmlCounter:
+    """NVML's total-energy counter of one GPU (millijoules since the driver loaded), read
+    against the host's clock: what the energy meter and the energy fit read."""
+
+    source = "nvml"
+
+    def __init__(self, device_index: int = 0) -> None:
+        import pynvml  # from nvidia-ml-py, the `gpu` extra
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self.read()  # fails here, not mid-run, where the counter is not readable
+
+    def read(self) -> tuple[float, float]:
+        """(seconds on the host's clock, joules counted so far)."""
+        return (time.perf_counter(),
+                self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1e3)
+
+    def power_w(self) -> float:
+        """NVML's instantaneous power reading."""
+        return self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3  # milliwatts
+
+
 class NvmlEnergy:
     """GPU energy from NVML's total-energy counter (millijoules since driver load).
 
@@ -84,26 +108,18 @@ class NvmlEnergy:
     source = "measured:nvml"
 
     def __init__(self, device_index: int = 0) -> None:
-        import pynvml  # from nvidia-ml-py, the `gpu` extra
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        self._last_mj = self._read_mj()
-        self._last_t = time.perf_counter()
-        self._power_w = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3  # milliwatts
-
-    def _read_mj(self) -> int:
-        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        self._counter = NvmlCounter(device_index)
+        self._last_t, self._last_j = self._counter.read()
+        self._power_w = self._counter.power_w()
 
     def start(self) -> None:
         pass
 
     def stop(self, seconds: float, num_bytes: int, flops: int) -> float:
-        now, mj = time.perf_counter(), self._read_mj()
-        if mj != self._last_mj and now > self._last_t:
-            self._power_w = (mj - self._last_mj) / 1e3 / (now - self._last_t)
-            self._last_mj, self._last_t = mj, now
+        now, joules = self._counter.read()
+        if joules != self._last_j and now > self._last_t:
+            self._power_w = (joules - self._last_j) / (now - self._last_t)
+            self._last_j, self._last_t = joules, now
         return self._power_w * seconds
 
 

@@ -15,7 +15,6 @@ relative error, as the latency fit is (``calibration.fit_coefficients``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -23,7 +22,7 @@ from typing import Protocol
 import numpy as np
 from scipy.optimize import nnls
 
-from engine_adapter.energy import EnergyModel
+from engine_adapter.energy import EnergyModel, NvmlCounter
 from engine_adapter.plan import IterationReport
 
 
@@ -52,24 +51,6 @@ class EnergyCounter(Protocol):
         ...
 
 
-class NvmlCounter:
-    """NVML's total-energy counter of one GPU (millijoules since the driver loaded)."""
-
-    source = "nvml"
-
-    def __init__(self, device_index: int = 0) -> None:
-        import pynvml  # from nvidia-ml-py, the `gpu` extra
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        self.read()  # fails here, not mid-calibration, where the counter is not readable
-
-    def read(self) -> tuple[float, float]:
-        return (time.perf_counter(),
-                self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1e3)
-
-
 def measure_span(step: Callable[[], IterationReport], counter: EnergyCounter, seconds: float,
                  load: str, max_iterations: int = 200_000) -> EnergySpan:
     """Run ``step`` (one iteration of a load, its report back) until the counter steps, then
@@ -79,7 +60,7 @@ def measure_span(step: Callable[[], IterationReport], counter: EnergyCounter, se
 
     def one() -> None:
         report = step()
-        totals[0] += report.weight_bytes + report.kv_bytes
+        totals[0] += report.total_bytes
         totals[1] += report.flops
         totals[2] += 1
 

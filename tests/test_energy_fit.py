@@ -13,7 +13,7 @@ from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel
 from engine_adapter.energy import EnergyModel
-from engine_adapter.energy_fit import EnergySpan, fit_energy, measure_span
+from engine_adapter.energy_fit import EnergySpan, energy_counter, fit_energy, measure_span
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationPlan, IterationReport
@@ -122,6 +122,21 @@ def test_the_fit_refuses_what_cannot_tell_the_constants_apart():
         fit_energy([one, EnergySpan("b", 2.0, 2 * 10**9, 2 * 10**12, 300.0, 20), one], "x")
     with pytest.raises(ValueError, match="time and energy"):
         fit_energy([one, one, EnergySpan("c", 1.0, 1, 1, 0.0, 1)], "x")
+
+
+def test_the_counter_is_nvml_on_a_gpu_and_none_elsewhere(monkeypatch):
+    import sys
+    import types
+
+    assert energy_counter("cpu") is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: no counter, no error
+    assert energy_counter("cuda") is None
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetTotalEnergyConsumption=lambda h: 1_234_567)  # millijoules
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    counter = energy_counter("cuda")
+    assert counter.source == "nvml" and counter.read()[1] == pytest.approx(1234.567)
 
 
 def test_a_record_keeps_its_energy_spans(tmp_path):
