@@ -276,11 +276,12 @@ def pass_drift(samples: Sequence[Sample], passes: int) -> float | None:
 
 
 def measurement_scatter(samples: Sequence[Sample], passes: int) -> float | None:
-    """How far one measured iteration strays from what the machine would measure on average:
-    the median of |last / first - 1| over the same grid iterations in the last and the first
-    pass, the drift between them taken out, over sqrt(2) (a pair's difference holds two
-    measurements' scatter). No fit's median error can be expected below it. None without two
-    passes that pair up."""
+    """How far one measured iteration strays when the machine measures it again minutes
+    later: the median of |last / first - 1| over the same grid iterations in the last and the
+    first pass, the drift between them taken out, over sqrt(2) (a pair's difference holds two
+    measurements' scatter). A gauge of how steady the machine was during the calibration, not
+    a floor: iterations measured back to back (a held-out episode) can agree better. None
+    without two passes that pair up."""
     ratios = _pass_ratios(samples, passes)
     if ratios is None:
         return None

@@ -313,9 +313,8 @@ def format_report(r: dict) -> str:
                                     "idle: try --settle-s), and the fit averages over it"))
     scatter = r.get("measurement_scatter")
     if scatter is not None:
-        lines.append(f"one measured iteration strays {scatter:.1%} (median) from the machine's "
-                     "own average for it (from the grid's two passes): no fit's error can be "
-                     "expected below that")
+        lines.append(f"the same grid iteration measured again minutes later strayed "
+                     f"{scatter:.1%} (median, drift aside): how steady the machine was")
     lines += [
         "iteration latency error (|predicted - measured| / measured):",
         f"  fit grid (in sample)          median {e['median']:.1%}  p90 {e['p90']:.1%}",

@@ -273,7 +273,7 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
     settled = json.loads((tmp_path / "cuda-auto.json").read_text())
     assert settled["grid_iterations"] == 1604 and settled["device"] == "cuda"
     assert settled["grid_pass_drift"] == pytest.approx(0.99, abs=0.01)
-    assert settled["measurement_scatter"] == pytest.approx(0.072, abs=0.001)  # the fit's floor
+    assert settled["measurement_scatter"] == pytest.approx(0.072, abs=0.001)
     assert settled["held_out_iteration_error"]["median"] == pytest.approx(0.079, abs=0.002)
     layered = settled["held_out_episodes"]["layered (paper rule)"]
     assert layered["ttft_mean_s_error"] < 0.01 and layered["e2e_mean_s_error"] < 0.05
