@@ -26,6 +26,7 @@ from scipy.optimize import nnls
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, from_coefficients
 from engine_adapter.decision import Decision
+from engine_adapter.energy import EnergyModel
 from engine_adapter.energy_fit import EnergyCounter, EnergySpan, measure_span
 from engine_adapter.engine import Engine
 from engine_adapter.hardware import HardwareProfile
@@ -230,6 +231,28 @@ def fit_coefficients(terms: np.ndarray, measured: np.ndarray) -> np.ndarray:
     scale[scale == 0] = 1.0  # a term no sample exercised stays at zero
     coef, _ = nnls(a / scale, np.ones(len(measured)), maxiter=50 * a.shape[1])
     return coef / scale
+
+
+def fit_energy(spans: Sequence[EnergySpan], name: str) -> tuple[EnergyModel, np.ndarray]:
+    """The energy model (static W, J per byte, J per FLOP, none negative) that best predicts
+    the spans' joules in relative terms (``fit_coefficients``, as the latency fit), and each
+    span's relative error under it."""
+    if len(spans) < 3:
+        raise ValueError(f"fitting static power, energy per byte and per FLOP needs at least "
+                         f"three spans of different loads, got {len(spans)}")
+    terms = np.array([(s.seconds, s.num_bytes, s.flops) for s in spans], dtype=float)
+    joules = np.array([s.joules for s in spans], dtype=float)
+    if np.any(joules <= 0) or np.any(terms[:, 0] <= 0):
+        raise ValueError("every span must have taken time and energy: "
+                         f"{[(s.load, s.seconds, s.joules) for s in spans]}")
+    relative = terms / joules[:, None]
+    if np.linalg.matrix_rank(relative / relative.max(axis=0)) < 3:
+        raise ValueError("the loads do not tell static power, bytes and FLOPs apart: their "
+                         "mixes of time, bytes and FLOPs must differ")
+    coef = fit_coefficients(terms, joules)
+    model = EnergyModel(name, static_w=float(coef[0]), j_per_byte=float(coef[1]),
+                        j_per_flop=float(coef[2]))
+    return model, np.abs(terms @ coef - joules) / joules
 
 
 def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample], name: str,

@@ -9,20 +9,17 @@ the engine's own reports give its seconds, bytes and FLOPs.
 NVML's counter steps every 20-100 ms, far coarser than an iteration, so no single iteration can
 be measured. A span instead runs one load from one step of the counter to another at least
 ``seconds`` later: what its two ends add or miss of an iteration averages out, and is at most
-one iteration's share of the span either way. The fit is a non-negative least squares on
-relative error, as the latency fit is (``calibration.fit_coefficients``).
+one iteration's share of the span either way. The fit to the spans is
+``calibration.fit_energy``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-import numpy as np
-from scipy.optimize import nnls
-
-from engine_adapter.energy import EnergyModel, NvmlCounter
+from engine_adapter.energy import NvmlCounter
 from engine_adapter.plan import IterationReport
 
 
@@ -84,29 +81,6 @@ def measure_span(step: Callable[[], IterationReport], counter: EnergyCounter, se
         t, joules = counter.read()
     t1, j1 = until_it_steps(joules)
     return EnergySpan(load, t1 - t0, totals[0], totals[1], j1 - j0, totals[2])
-
-
-def fit_energy(spans: Sequence[EnergySpan], name: str) -> tuple[EnergyModel, np.ndarray]:
-    """The energy model (static W, J per byte, J per FLOP, none negative) that best predicts
-    the spans' joules in relative terms, and each span's relative error under it."""
-    if len(spans) < 3:
-        raise ValueError(f"fitting static power, energy per byte and per FLOP needs at least "
-                         f"three spans of different loads, got {len(spans)}")
-    terms = np.array([(s.seconds, s.num_bytes, s.flops) for s in spans], dtype=float)
-    joules = np.array([s.joules for s in spans], dtype=float)
-    if np.any(joules <= 0) or np.any(terms[:, 0] <= 0):
-        raise ValueError("every span must have taken time and energy: "
-                         f"{[(s.load, s.seconds, s.joules) for s in spans]}")
-    a = terms / joules[:, None]
-    scale = np.abs(a).max(axis=0)
-    if np.linalg.matrix_rank(a / np.where(scale > 0, scale, 1.0)) < 3:
-        raise ValueError("the loads do not tell static power, bytes and FLOPs apart: their "
-                         "mixes of time, bytes and FLOPs must differ")
-    coef, _ = nnls(a / scale, np.ones(len(spans)))
-    coef = coef / scale
-    model = EnergyModel(name, static_w=float(coef[0]), j_per_byte=float(coef[1]),
-                        j_per_flop=float(coef[2]))
-    return model, np.abs(terms @ coef - joules) / joules
 
 
 def energy_counter(device_type: str, device_index: int = 0) -> EnergyCounter | None:

@@ -45,6 +45,7 @@ from engine_adapter.calibration import (
     RecordingExecutor,
     base_profile,
     energy_spans,
+    fit_energy,
     fit_profile,
     measure_peaks,
     measurement_scatter,
@@ -57,7 +58,7 @@ from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, coefficients, term_names
 from engine_adapter.energy import EnergyModel
-from engine_adapter.energy_fit import energy_counter, fit_energy
+from engine_adapter.energy_fit import energy_counter
 from engine_adapter.engine import Engine, build_model, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor

@@ -8,12 +8,12 @@ from bisect import bisect_right
 import numpy as np
 import pytest
 
-from engine_adapter.calibration import EnergyLoads, energy_spans
+from engine_adapter.calibration import EnergyLoads, energy_spans, fit_energy
 from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel
 from engine_adapter.energy import EnergyModel
-from engine_adapter.energy_fit import EnergySpan, energy_counter, fit_energy, measure_span
+from engine_adapter.energy_fit import EnergySpan, energy_counter, measure_span
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationPlan, IterationReport

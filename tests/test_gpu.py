@@ -41,8 +41,8 @@ def test_cuda_matches_cpu():
 def test_nvml_energy_fit_on_the_gpu():
     """On a GPU with NVML's counter: the energy loads run, each span covers whole steps of the
     counter, and the fitted constants predict each load's joules."""
-    from engine_adapter.calibration import EnergyLoads, energy_spans
-    from engine_adapter.energy_fit import energy_counter, fit_energy
+    from engine_adapter.calibration import EnergyLoads, energy_spans, fit_energy
+    from engine_adapter.energy_fit import energy_counter
     from engine_adapter.engine import build_model
     from engine_adapter.executor_torch import TorchExecutor
     from engine_adapter.model_config import ModelConfig
