@@ -264,15 +264,32 @@ def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample
     return from_coefficients(base, coef, name=name, source=source, latency_noise_sd=spread)
 
 
-def percentage_errors(cost: CostModel, samples: Sequence[Sample],
-                      distinct: Callable[[Sample], Sequence[int | None]] | None = None
-                      ) -> np.ndarray:
-    """|predicted - measured| / measured per sample; distinct experts from the routers unless
+def predicted_latencies(cost: CostModel, samples: Sequence[Sample],
+                        distinct: Callable[[Sample], Sequence[int | None]] | None = None
+                        ) -> np.ndarray:
+    """The cost model's latency per sample; distinct experts from the routers unless
     ``distinct`` supplies others (a routing model's)."""
-    pred = np.array([cost.iteration_latency(s.plan, distinct(s) if distinct else
+    return np.array([cost.iteration_latency(s.plan, distinct(s) if distinct else
                                             s.distinct_experts) for s in samples])
+
+
+def percentage_errors(cost: CostModel, samples: Sequence[Sample],
+                      distinct: Callable[[Sample], Sequence[int | None]] | None = None,
+                      speed: float = 1.0) -> np.ndarray:
+    """|predicted - measured| / measured per sample (``predicted_latencies``), each prediction
+    times ``speed`` (``window_speed``: the machine's speed while they were measured)."""
     measured = np.array([s.measured_s for s in samples])
-    return np.abs(pred - measured) / measured
+    return np.abs(speed * predicted_latencies(cost, samples, distinct) - measured) / measured
+
+
+def window_speed(cost: CostModel, samples: Sequence[Sample]) -> float:
+    """How much longer than the fit predicts the machine took while ``samples`` were measured
+    (one held-out run): the median of measured over predicted latency, 1.0 where it ran at
+    the fit's speed. A shared machine's speed moves by 10-20% from one minute to the next;
+    ``percentage_errors(..., speed=window_speed(...))`` is then what is left of the error: how
+    well the cost model tells which iterations cost more than which."""
+    measured = np.array([s.measured_s for s in samples])
+    return float(np.median(measured / predicted_latencies(cost, samples)))
 
 
 def _pass_ratios(samples: Sequence[Sample], passes: int) -> np.ndarray | None:

@@ -51,8 +51,10 @@ from engine_adapter.calibration import (
     measurement_scatter,
     pass_drift,
     percentage_errors,
+    predicted_latencies,
     profile_grid,
     routing_observations,
+    window_speed,
 )
 from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
@@ -123,8 +125,7 @@ def plot_fidelity(samples, cost: CostModel, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     measured = np.array([s.measured_s for s in samples]) * 1e3
-    predicted = np.array([cost.iteration_latency(s.plan, s.distinct_experts)
-                          for s in samples]) * 1e3
+    predicted = predicted_latencies(cost, samples) * 1e3
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(measured, predicted, s=6, alpha=0.5)
     lo, hi = min(measured.min(), predicted.min()), max(measured.max(), predicted.max())
@@ -202,8 +203,10 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
     where = device.type
     if device.type == "cuda":
         where += f": {torch.cuda.get_device_name(device)}"
+    # (the thread count: on a shared 2-core machine one thread measured steadier than two)
     source = (f"lpenv-calibrate on {platform.node() or 'this machine'} ({where}, "
-              f"{os.cpu_count()} CPUs visible), {time.strftime('%Y-%m-%d')}, model {mc.name}")
+              f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} torch threads), "
+              f"{time.strftime('%Y-%m-%d')}, model {mc.name}")
     return CalibrationRecord(
         model=mc.name, device=device.type, dtype=args.dtype, source=source,
         peaks={"flops": flops, "bandwidth": bandwidth, "flops_after": flops_after,
@@ -245,6 +248,12 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
                            "simulated": held_out_episode(held_cfg, mc, label, sim,
                                                          record.seed + 1000)[0]}
     held = [s for real in record.held_out.values() for s in real["samples"]]
+    # Each held-out run's speed, and the error left with it divided out (``window_speed``).
+    speeds = {label: window_speed(fitted, real["samples"])
+              for label, real in record.held_out.items()}
+    shape_errors = np.concatenate(
+        [percentage_errors(fitted, real["samples"], speed=speeds[label])
+         for label, real in record.held_out.items()]) if held else np.zeros(0)
     routing_model = RoutingModel(mc, f"empirical:{routing_path}")
 
     def modeled_distinct(s):
@@ -272,6 +281,8 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         "held_out_iteration_error": _percentiles(percentage_errors(fitted, held)),
         "held_out_iteration_error_routing_model": _percentiles(
             percentage_errors(fitted, held, modeled_distinct)),
+        "held_out_speed": speeds,
+        "held_out_iteration_error_speed_removed": _percentiles(shape_errors),
         "held_out_episodes": {label: _episode_errors(runs) for label, runs in episodes.items()},
         "energy": energy,
     }
@@ -300,6 +311,7 @@ def format_report(r: dict) -> str:
         "held_out_iteration_error_routing_model"]
     lines = [
         f"profile {r['name']} -> {r['profile_path']}",
+        f"measured by {r['profile']['source']}",
         f"measured peaks: {r['measured_peak_flops'] / 1e9:.1f} GFLOP/s, "
         f"{r['measured_bandwidth'] / 1e9:.1f} GB/s at the start, "
         f"{r['measured_peak_flops_after'] / 1e9:.1f} GFLOP/s, "
@@ -322,6 +334,14 @@ def format_report(r: dict) -> str:
         f"  held-out, routers' experts    median {h['median']:.1%}  p90 {h['p90']:.1%}"
         f"  ({h['samples']} iterations)",
         f"  held-out, routing model       median {m['median']:.1%}  p90 {m['p90']:.1%}",
+    ]
+    w = r.get("held_out_iteration_error_speed_removed")
+    if w is not None and w["samples"]:
+        speeds = ", ".join(f"{v:.2f}x" for v in r["held_out_speed"].values())
+        lines.append(f"  held-out, each run's speed out median {w['median']:.1%}  p90 "
+                     f"{w['p90']:.1%}  (the held-out runs took {speeds} the fitted time: the "
+                     "machine's speed then)")
+    lines += [
         "held-out episodes (real engine vs simulator):",
         f"  {'policy':22s} {'TTFT mean (s)':>16s} {'e2e mean (s)':>16s} {'attainment':>14s}",
     ]

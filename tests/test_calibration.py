@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine_adapter.calibration import (
     CalibrationGrid,
@@ -20,6 +21,7 @@ from engine_adapter.calibration import (
     percentage_errors,
     profile_grid,
     routing_observations,
+    window_speed,
 )
 from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
@@ -67,6 +69,20 @@ def test_fit_recovers_the_profile_that_made_the_latencies():
     fitted = from_coefficients(TRUE, fit_coefficients(terms, noisy))
     errors = percentage_errors(CostModel(mc, fitted, 4), samples)
     assert np.median(errors) < 0.03
+
+
+def test_window_speed_takes_the_machines_speed_out_of_the_error():
+    """Iterations measured while the machine ran 20% slower than at the fit (2% noise): the
+    error against the fit is the 20%, the window's speed is found, and with it divided out
+    only the noise is left."""
+    mc, cost, samples = _sim_samples(TRUE)
+    noise = np.random.default_rng(1).lognormal(0, 0.02, len(samples))
+    slow = [replace(s, measured_s=1.2 * s.measured_s * n) for s, n in zip(samples, noise)]
+    speed = window_speed(cost, slow)
+    assert speed == pytest.approx(1.2, rel=0.01)
+    assert np.median(percentage_errors(cost, slow)) == pytest.approx(0.2 / 1.2, abs=0.01)
+    assert np.median(percentage_errors(cost, slow, speed=speed)) < 0.02
+    assert window_speed(cost, samples) == pytest.approx(1.0, rel=1e-9)
 
 
 def test_measurement_scatter_is_one_measurements_own_noise_whatever_the_drift():
@@ -156,6 +172,11 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
         assert 0 <= report[key]["median"] <= report[key]["p90"]
         assert report[key]["samples"] > 0
     assert set(report["held_out_episodes"]) == {"layered (paper rule)", "chunked (64)"}
+    assert set(report["held_out_speed"]) == set(report["held_out_episodes"])
+    assert all(v > 0 for v in report["held_out_speed"].values())
+    removed = report["held_out_iteration_error_speed_removed"]
+    assert removed["samples"] == report["held_out_iteration_error"]["samples"]
+    assert f"{torch.get_num_threads()} torch threads" in profile.source
     assert (tmp_path / "out" / "cpu-auto_fidelity.png").stat().st_size > 0
     energy = report["energy"]
     assert energy["source"] == "fitted to wall over 5 sustained loads"
@@ -172,7 +193,7 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     again = json.loads((tmp_path / "again" / "refit.json").read_text())
     for key in ("coefficients", "fit_error", "held_out_iteration_error",
                 "held_out_iteration_error_routing_model", "held_out_episodes", "grid",
-                "measured_peak_flops"):
+                "measured_peak_flops", "held_out_speed", "held_out_iteration_error_speed_removed"):
         assert again[key] == report[key], key
     assert again["record_path"] == record
     assert again["energy"] == {**report["energy"], "name": "refit-wall"}
@@ -275,6 +296,10 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
     assert settled["grid_pass_drift"] == pytest.approx(0.99, abs=0.01)
     assert settled["measurement_scatter"] == pytest.approx(0.072, abs=0.001)
     assert settled["held_out_iteration_error"]["median"] == pytest.approx(0.079, abs=0.002)
+    # The held-out runs' speeds against the fit, and the error with them taken out.
+    assert list(settled["held_out_speed"].values()) == pytest.approx([0.933, 0.974], abs=0.001)
+    assert settled["held_out_iteration_error_speed_removed"]["median"] == pytest.approx(
+        0.058, abs=0.002)
     layered = settled["held_out_episodes"]["layered (paper rule)"]
     assert layered["ttft_mean_s_error"] < 0.01 and layered["e2e_mean_s_error"] < 0.05
 
@@ -284,3 +309,8 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
     assert unsettled["grid_pass_drift"] == pytest.approx(0.77, abs=0.01)
     assert unsettled["measurement_scatter"] == pytest.approx(0.120, abs=0.001)
     assert unsettled["held_out_iteration_error"]["median"] == pytest.approx(0.193, abs=0.002)
+    # Its layered run took 1.22x the fitted time, its chunked run 0.87x: most of its error.
+    assert list(unsettled["held_out_speed"].values()) == pytest.approx([1.223, 0.873],
+                                                                       abs=0.001)
+    assert unsettled["held_out_iteration_error_speed_removed"]["median"] == pytest.approx(
+        0.085, abs=0.002)
