@@ -50,8 +50,8 @@ bench: $(STAMP)
 bench-sim: $(STAMP)
 	$(BIN)/python -m scripts.bench_sim --out results/bench_sim.json
 
-# Fit the cost model to the real engine on this machine: writes the cpu-auto profile (about
-# five minutes; run it on an otherwise idle machine).
+# Fit the cost model to the real engine on this machine: writes the cpu-auto profile (5-10
+# minutes; run it on an otherwise idle machine).
 calibrate: $(STAMP)
 	$(BIN)/lpenv-calibrate --out results/calibration
 
