@@ -110,14 +110,18 @@ class SchedulerView:
                 f"max_num_seqs={self.max_num_seqs}")
         return allotment
 
-    def fcfs_admission(self, budget: int | None = None) -> tuple[str, ...]:
+    def fcfs_admission(self, budget: int | None = None, within: int | None = None
+                       ) -> tuple[str, ...]:
         """The longest first-come-first-served prefix of the queue that fits the budget
-        (default: the prefill budget), the free KV blocks and ``max_num_seqs``."""
+        (default: the prefill budget; the last request a piece of its prompt if need be), the
+        free KV blocks and ``max_num_seqs``. With ``within``, only the requests that start
+        within the batch's first ``within`` tokens: fewer, each as much of its prompt as the
+        budget allows (what an env admission level admits)."""
         budget = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
-        blocks, seqs = self.free_blocks, self.num_running
+        blocks, seqs, used = self.free_blocks, self.num_running, 0
         admitted: list[str] = []
         for w in self.waiting:
-            if budget <= 0:
+            if budget <= 0 or (within is not None and used >= within):
                 break
             tokens = min(w.num_uncomputed, budget)
             need = self._blocks_to_admit(w, tokens)
@@ -125,12 +129,14 @@ class SchedulerView:
                 break
             admitted.append(w.request_id)
             budget -= tokens
+            used += tokens
             blocks -= need
             seqs += w.blocks_held == 0
         return tuple(admitted)
 
     def admits_any(self, budget: int | None = None) -> bool:
-        """Whether ``fcfs_admission(budget)`` admits anyone: whether the queue's head fits."""
+        """Whether ``fcfs_admission(budget)`` admits anyone (whatever ``within``): whether
+        the queue's head fits."""
         budget = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
         if not self.waiting or budget <= 0:
             return False

@@ -3,9 +3,13 @@
 * component 0, **G**: index into ``group_choices`` (default: for each distinct largest group
   size ceil(L / G), the smallest G that gives it; for 48 layers 1, 2, 3, 4, 5, 6, 7, 8, 10,
   12, 16, 24, 48);
-* component 1, **admission**: level i admits the longest first-come-first-served prefix of the
-  queue that fits ``(i + 1) / levels`` of the prefill budget (and the free KV blocks and
-  ``max_num_seqs``); the last admitted request may get a partial piece;
+* component 1, **admission**: level i admits the first-come-first-served prefix of the queue
+  whose requests start within the batch's first ``(i + 1) / levels`` of the prefill budget,
+  each with as much of its prompt as the whole budget allows (the top level: the engine's
+  FCFS fill, the last request a piece if need be), as far as the free KV blocks and
+  ``max_num_seqs`` hold them (``SchedulerView.fcfs_admission(within=...)``). Lower levels
+  admit fewer requests, each as the top level would; every level admits at least the queue's
+  head, so they are allowed or not together;
 * component 2, **start**: 0 waits (no batch starts this iteration: lets the queue build up,
   or lets a batch in flight finish), 1 starts the batch now, even while others are in flight.
 
@@ -69,9 +73,6 @@ class ActionCodec:
     def level_budget(self, view: SchedulerView, level: int) -> int:
         return max(1, view.prefill_budget * (level + 1) // self.admission_levels)
 
-    def admission(self, view: SchedulerView, level: int) -> tuple[str, ...]:
-        return view.fcfs_admission(self.level_budget(view, level))
-
     def masks(self, view: SchedulerView | None, can_wait: bool = True) -> np.ndarray:
         """Flat boolean mask over the three components (``sum(nvec)`` entries)."""
         return self._mask(view, can_wait).copy()
@@ -86,16 +87,11 @@ class ActionCodec:
         return mask
 
     def _masks(self, view: SchedulerView | None, can_wait: bool) -> np.ndarray:
-        if view is None:
-            levels = [False] * self.admission_levels
-        else:
-            levels = [view.admits_any(self.level_budget(view, i))
-                      for i in range(self.admission_levels)]
-        can_start = any(levels) and (
-            view is not None and (self.allow_stagger or not view.in_flight))
-        if not can_start:
-            levels = [True] * self.admission_levels  # ignored when waiting; keep it non-empty
-        return np.array([True] * len(self.group_choices) + levels
+        # Every level admits the head first, with as many tokens: all levels or none.
+        can_start = view is not None and view.admits_any() and (
+            self.allow_stagger or not view.in_flight)
+        # (levels are ignored when waiting: the mask keeps them all allowed then)
+        return np.array([True] * (len(self.group_choices) + self.admission_levels)
                         + [can_wait or not can_start, can_start])
 
     def is_decision_point(self, view: SchedulerView | None) -> bool:
@@ -122,7 +118,7 @@ class ActionCodec:
         if start == WAIT:
             return Decision.wait()
         return Decision(min(self.group_choices[g_idx], view.num_layers),
-                        self.admission(view, level))
+                        view.fcfs_admission(within=self.level_budget(view, level)))
 
     def to_json(self) -> dict:
         return {"group_choices": list(self.group_choices),

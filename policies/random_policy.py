@@ -27,8 +27,9 @@ class RandomPolicy:
         if not idle and self.rng.random() >= self.start_prob:
             return Decision.wait()
         level = int(self.rng.integers(self.admission_levels))
-        admit = view.fcfs_admission(max(1, view.prefill_budget * (level + 1)
-                                        // self.admission_levels))
+        # (as the env's admission levels: lpenv.actions.ActionCodec)
+        admit = view.fcfs_admission(within=max(1, view.prefill_budget * (level + 1)
+                                               // self.admission_levels))
         g = int(self.rng.integers(1, view.num_layers + 1))
         return Decision(g, admit) if admit else Decision.wait()
 

@@ -6,6 +6,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lpenv
 from lpenv.actions import InvalidAction, default_group_choices
@@ -120,6 +122,42 @@ def test_masked_or_out_of_range_actions_raise():
         env.step([len(env.unwrapped.codec.group_choices), 0, 1])
     with pytest.raises(InvalidAction, match="outside"):
         env.step([0, 0])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), kv_tokens=st.sampled_from([512, 1024, 4096]),
+       levels=st.integers(1, 5))
+def test_every_action_the_mask_allows_is_taken_as_its_level_says(seed, kv_tokens, levels):
+    """Random mask-allowed actions on the sim backend, with KV blocks often short: none is
+    refused (the mask and the engine agree on the KV blocks), and each level admits the
+    longest FCFS prefix whose requests start within its share of the prefill budget, each as
+    the top level would."""
+    env = gym.make(lpenv.ENV_ID, engine={**SMALL["engine"], "kv_cache_tokens": kv_tokens,
+                                         "max_model_len": 512},
+                   workload={**SMALL["workload"], "scale": 0.06}, slo=SMALL["slo"],
+                   admission_levels=levels, backend={"name": "sim"})
+    env.reset(seed=seed)
+    codec, rng = env.unwrapped.codec, np.random.default_rng(seed)
+    starts = 0
+    while True:
+        mask = env.unwrapped.action_masks()
+        parts = np.split(mask, np.cumsum(codec.nvec)[:-1])
+        action = [int(rng.choice(np.flatnonzero(p))) for p in parts]
+        view, episode = env.unwrapped.view, env.unwrapped.episode
+        decision = codec.decode(action, view, episode.can_wait())
+        if decision.admit:
+            starts += 1
+            tokens = [t for _, t in view.allot(decision)]
+            within, top = codec.level_budget(view, action[1]), view.fcfs_admission()
+            assert decision.admit == top[:len(decision.admit)]
+            assert sum(tokens[:-1]) < within  # the last one starts within the level's share
+            assert len(top) == len(decision.admit) or sum(tokens) >= within  # and no more
+        _, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            break
+    summary = info["summary"]
+    assert starts > 0
+    assert summary["requests_finished"] + summary["requests_rejected"] == 10
 
 
 def test_wait_is_masked_when_nothing_runs_and_nothing_will_arrive():
