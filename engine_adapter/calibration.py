@@ -372,10 +372,12 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int = 3
 EXPERT_CURVE_KNOTS = (2.0, 8.0, 32.0, 128.0)
 
 
-def base_profile(name: str, flops: float, bandwidth: float, like: HardwareProfile
-                 ) -> HardwareProfile:
-    """The measured peaks, on one device, with ``like``'s energy model: the fit's template."""
-    return replace(like, name=name, peak_flops=flops, bandwidth=bandwidth, tensor_parallel=1,
+def base_profile(name: str, flops: float, bandwidth: float, like: HardwareProfile,
+                 memory_bytes: float = 0.0) -> HardwareProfile:
+    """The measured peaks and device memory (0: not checked), on one device, with ``like``'s
+    energy model: the fit's template."""
+    return replace(like, name=name, peak_flops=flops, bandwidth=bandwidth,
+                   memory_bytes=memory_bytes, tensor_parallel=1,
                    link_bandwidth=0.0, allreduce_latency_s=0.0, padded_attention=True,
                    expert_curve_knots=EXPERT_CURVE_KNOTS,
                    expert_curve_s=(0.0,) * len(EXPERT_CURVE_KNOTS))

@@ -70,6 +70,10 @@ class HardwareProfile:
     tensor_parallel: int = 1
     link_bandwidth: float = 0.0  # bytes/s per device per direction
     allreduce_latency_s: float = 0.0
+    # Bytes of one device's memory (datasheet, or measured by lpenv-calibrate on a GPU):
+    # what the model's weights and KV cache must fit in (``engine_adapter.device_memory``).
+    # 0: not checked (the CPU profiles: the engine's tensors live in host memory).
+    memory_bytes: float = 0.0
     energy: EnergyModel = field(default_factory=lambda: ENERGY_MODELS["cpu-generic"])
     source: str = "datasheet"
 
@@ -125,12 +129,14 @@ class HardwareProfile:
         return cls(**data)
 
 
-def _gpu(name: str, peak: float, bandwidth: float, link: float, energy: str) -> HardwareProfile:
+def _gpu(name: str, peak: float, bandwidth: float, link: float, memory: float, energy: str
+         ) -> HardwareProfile:
     return HardwareProfile(
         name, peak, bandwidth, iteration_overhead_s=2e-4, layer_overhead_s=1e-5,
         expert_overhead_s=2e-6, matmul_efficiency=0.6, expert_efficiency=EXPERT_EFFICIENCY,
         attention_efficiency=0.5, weight_efficiency=EXPERT_WEIGHT_EFFICIENCY, kv_efficiency=0.8,
-        link_bandwidth=0.6 * link, allreduce_latency_s=10e-6, energy=ENERGY_MODELS[energy])
+        link_bandwidth=0.6 * link, allreduce_latency_s=10e-6, memory_bytes=memory,
+        energy=ENERGY_MODELS[energy])
 
 
 # The MoE layers' efficiencies come from the paper's own kernel timing (PAPER.md: Qwen3-30B-A3B
@@ -148,15 +154,15 @@ DATASHEET_PROFILES = {
     # ``lpenv-calibrate`` measures and fits this machine instead (``cpu-auto``).
     "cpu-generic": HardwareProfile("cpu-generic", 170e9, 15e9, 1e-3, 2e-4, 3e-5,
                                    overlap=False),
-    # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
-    # both directions together (450 GB/s each way).
-    "h100-sxm": _gpu("h100-sxm", 989e12, 3.35e12, 450e9, "h100-sxm"),
-    # NVIDIA H200 SXM datasheet: the H100's compute (989 TFLOP/s dense BF16), 4.8 TB/s HBM3e,
-    # the same NVLink 4.
-    "h200": _gpu("h200", 989e12, 4.8e12, 450e9, "h200"),
-    # NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s dense BF16, 2,039 GB/s HBM2e, NVLink 3 at
-    # 600 GB/s both directions together (300 GB/s each way).
-    "a100-80g": _gpu("a100-80g", 312e12, 2.039e12, 300e9, "a100-80g"),
+    # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16, 80 GB of HBM3 at 3.35 TB/s, NVLink
+    # 4 at 900 GB/s both directions together (450 GB/s each way).
+    "h100-sxm": _gpu("h100-sxm", 989e12, 3.35e12, 450e9, 80e9, "h100-sxm"),
+    # NVIDIA H200 SXM datasheet: the H100's compute (989 TFLOP/s dense BF16), 141 GB of HBM3e
+    # at 4.8 TB/s, the same NVLink 4.
+    "h200": _gpu("h200", 989e12, 4.8e12, 450e9, 141e9, "h200"),
+    # NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s dense BF16, 80 GB of HBM2e at 2,039 GB/s,
+    # NVLink 3 at 600 GB/s both directions together (300 GB/s each way).
+    "a100-80g": _gpu("a100-80g", 312e12, 2.039e12, 300e9, 80e9, "a100-80g"),
 }
 CALIBRATED_DEFAULT = "cpu-auto"
 _TP = re.compile(r"^(?P<base>.+)-tp(?P<tp>\d+)$")

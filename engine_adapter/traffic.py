@@ -328,6 +328,17 @@ class LayerShape:
                 self.score_flops * scores)
 
 
+def model_weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """All of a model's weights: the embedding, the LM head (unless tied to it), the final
+    norm and every layer's (``LayerShape``), each MoE layer's experts included."""
+    edge = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    total = (edge + config.hidden_size) * dtype_bytes
+    for moe in config.moe_layers:
+        shape = LayerShape.of(config, moe, dtype_bytes)
+        total += shape.weight_bytes + (config.num_experts * shape.expert_bytes if moe else 0)
+    return total
+
+
 def layer_traffic(config: ModelConfig, layer: int, stats: RowStats,
                   distinct_experts: int | None, dtype_bytes: int) -> Traffic:
     """One decoder layer run over rows summed in ``stats`` (nothing if there are none)."""

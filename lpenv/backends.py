@@ -3,7 +3,9 @@
 * ``torch``: the real MoE model (CPU or CUDA). Latency ``measured`` (host timer or CUDA events)
   or ``modeled`` (the cost model prices each plan the real model ran: reproducible episodes).
 * ``sim``: the same engine core with each plan priced by the cost model (``hardware``
-  profile) and distinct experts from a routing model (``routing``): no weights, no tensors.
+  profile) and distinct experts from a routing model (``routing``): no weights, no tensors;
+  refused where the weights and KV cache would not fit the profile's devices
+  (``engine_adapter.device_memory``).
 * ``vllm`` arrives with its own issue; asking for it now is a clear error.
 
 Built models are cached per process, so env resets and several envs share one set of weights.
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, ModeledLatency
+from engine_adapter.device_memory import check_fits
 from engine_adapter.engine import build_model
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
@@ -64,6 +67,8 @@ def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransfor
 def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
     if backend.name == "sim":
         cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
+        # (the real engine finds out for itself; a simulated one must be told)
+        check_fits(cost.profile, model_config, config)
         return SimExecutor(model_config, cost, backend.routing, backend.hardware,
                            noise=backend.latency_noise, seed=config.seed)
     executor = TorchExecutor(shared_model(config, model_config), config.num_kv_blocks,

@@ -210,7 +210,9 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
     return CalibrationRecord(
         model=mc.name, device=device.type, dtype=args.dtype, source=source,
         peaks={"flops": flops, "bandwidth": bandwidth, "flops_after": flops_after,
-               "bandwidth_after": bandwidth_after},
+               "bandwidth_after": bandwidth_after,
+               **({"memory_bytes": torch.cuda.get_device_properties(device).total_memory}
+                  if device.type == "cuda" else {})},
         grid={**asdict(grid), "quick": args.quick}, seed=args.seed, grid_samples=samples,
         held_out=held_out, energy_spans=spans,
         energy_counter=counter.source if counter is not None else None)
@@ -223,7 +225,9 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
     dtype_bytes = EngineConfig(model=record.model, dtype=record.dtype).torch_dtype.itemsize
     like = DATASHEET_PROFILES["cpu-generic" if record.device == "cpu" else "h100-sxm"]
     peaks = record.peaks
-    base = base_profile(name, peaks["flops"], peaks["bandwidth"], like)
+    # (a GPU's memory, where the record has it: the CPU's host memory is not checked)
+    base = base_profile(name, peaks["flops"], peaks["bandwidth"], like,
+                        peaks.get("memory_bytes", 0.0))
     samples = record.grid_samples
     profile = fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
                           f"{record.source}, {len(samples)} iterations")

@@ -85,7 +85,7 @@ def test_env_on_the_sim_backend():
     from gymnasium.utils.env_checker import check_env
 
     env = gym.make(lpenv.ENV_ID, engine={"model": "qwen3-30b-a3b", "prefill_budget": 8192,
-                                         "kv_cache_tokens": 1 << 20},
+                                         "dtype": "bfloat16", "kv_cache_tokens": 100_000},
                    workload={"lengths": "arxiv", "rate": 1.5, "num_requests": 20},
                    slo={"ttft_s": 10.0, "tbt_s": 0.125},
                    backend={"name": "sim", "hardware": "h100-sxm"})
