@@ -64,11 +64,19 @@ def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransfor
     return _MODELS[key]
 
 
+def check_memory(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig
+                 ) -> None:
+    """Refuse, before anything runs, a simulated engine whose weights and KV cache its
+    devices could not hold (``engine_adapter.device_memory``): the real engine finds out for
+    itself, a simulated one must be told."""
+    if backend.name == "sim":
+        check_fits(resolve_profile(backend.hardware), model_config, config)
+
+
 def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
+    check_memory(backend, config, model_config)
     if backend.name == "sim":
         cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
-        # (the real engine finds out for itself; a simulated one must be told)
-        check_fits(cost.profile, model_config, config)
         return SimExecutor(model_config, cost, backend.routing, backend.hardware,
                            noise=backend.latency_noise, seed=config.seed)
     executor = TorchExecutor(shared_model(config, model_config), config.num_kv_blocks,

@@ -15,7 +15,7 @@ from engine_adapter.decision import SchedulerView
 from engine_adapter.engine import Engine
 from engine_adapter.model_config import ModelConfig
 from lpenv.actions import ActionCodec
-from lpenv.backends import BackendConfig, build_executor
+from lpenv.backends import BackendConfig, build_executor, check_memory
 from lpenv.episode import Episode
 from lpenv.observation import CLIP, ObservationSpec
 from lpenv.reward import SLO, RewardConfig
@@ -115,6 +115,7 @@ class LayeredPrefillEnv(gym.Env):
         self.horizon_s, self.max_decisions = horizon_s, max_decisions
 
         self.model_config = ModelConfig.load(self.engine_config.model)
+        check_memory(self.backend, self.engine_config, self.model_config)
         self.max_model_len = min(self.engine_config.max_model_len
                                  or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)

@@ -46,7 +46,7 @@ from engine_adapter.config import EngineConfig
 from engine_adapter.engine import Engine, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
-from lpenv.backends import BackendConfig, build_executor
+from lpenv.backends import BackendConfig, build_executor, check_memory
 from lpenv.config_schema import policy_params, register_configs, to_dataclass
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
@@ -118,6 +118,7 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
         if policy.mode == "chunked":
             mode_settings["chunk_tokens"] = policy.chunk_tokens
         engine = EngineConfig(**{**asdict(engine), **mode_settings})
+        check_memory(parts["backend"], engine, model)
     except (ConfigError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as exc:
         raise ConfigProblem(str(exc)) from exc
     return Setup(engine, model, parts["workload"], parts["slo"], parts["reward"],

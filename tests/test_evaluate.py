@@ -17,7 +17,14 @@ from hydra import compose, initialize_config_dir
 
 from lpenv.metrics import RequestRecord
 from scripts import sweep_report
-from scripts.evaluate import CONFIG_DIR, CSV_COLUMNS, SUMMARY_FIELDS, build, evaluate
+from scripts.evaluate import (
+    CONFIG_DIR,
+    CSV_COLUMNS,
+    SUMMARY_FIELDS,
+    ConfigProblem,
+    build,
+    evaluate,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=qwen3-moe-tiny", "backend.latency=modeled", "workload.num_requests=6",
@@ -190,3 +197,14 @@ def test_a_cdf_is_drawn_through_its_own_steps_both_ends_kept():
     assert np.array_equal(ys, (np.searchsorted(finite, xs, side="right")) / finite.size)
     assert len(few.get_data()[0]) == 49  # small samples are drawn whole
     plt.close(fig)
+
+
+def test_a_simulated_engine_its_devices_cannot_hold_is_a_config_problem():
+    """The paper's engine on one H100 (it needs two): refused before anything runs, saying
+    what would fit."""
+    with pytest.raises(ConfigProblem, match=r"at most 111,244, or use more devices"):
+        build(load(["backend.name=sim", "model=qwen3-30b-a3b", "engine=paper", "hardware=h100",
+                    "engine.device=cpu"]))
+    assert build(load(["backend.name=sim", "model=qwen3-30b-a3b", "engine=paper",
+                       "hardware=h100", "engine.device=cpu",
+                       "backend.hardware=h100-sxm-tp2"])).engine.kv_cache_tokens == 262144
