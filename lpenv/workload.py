@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -67,8 +68,10 @@ class WorkloadConfig:
         if self.trace is None and self.lengths not in LENGTH_TABLES:
             raise ValueError(f"workload.lengths must be one of {LENGTH_TABLES} or set "
                              f"workload.trace to a CSV path, got {self.lengths!r}")
-        if self.trace is not None and not Path(self.trace).is_file():
-            raise ValueError(f"workload.trace {self.trace!r} is not a file")
+        if self.trace is not None:
+            if not Path(self.trace).is_file():
+                raise ValueError(f"workload.trace {self.trace!r} is not a file")
+            _read_trace(self.trace)  # a bad trace fails here, with the config, not mid-run
         prompt_ok = 1 <= self.min_prompt <= self.max_prompt
         if not (prompt_ok and 1 <= self.min_output <= self.max_output):
             raise ValueError("workload length bounds must satisfy 1 <= min <= max")
@@ -84,16 +87,39 @@ def _from_table(table: dict, column: str, u: np.ndarray) -> np.ndarray:
 
 
 def _read_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(prompt tokens, output tokens, arrival times or None) of a trace CSV, checked: a bad
+    row is an error naming its line, never clipped into a length (read once per file
+    version: episodes reset often)."""
+    p = Path(path)
+    return _trace_arrays(str(p), p.stat().st_mtime)
+
+
+@lru_cache(maxsize=8)
+def _trace_arrays(path: str, mtime: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "num_prefill_tokens" not in rows[0] or "num_decode_tokens" not in rows[0]:
-        raise ValueError(f"trace {path} needs columns num_prefill_tokens and num_decode_tokens")
-    prompts = np.array([float(r["num_prefill_tokens"]) for r in rows])
-    outputs = np.array([float(r["num_decode_tokens"]) for r in rows])
-    arrivals = None
-    if "arrival_time_s" in rows[0]:
-        arrivals = np.array([float(r["arrival_time_s"]) for r in rows])
-    return prompts, outputs, arrivals
+        reader = csv.DictReader(f)
+        columns = ["num_prefill_tokens", "num_decode_tokens"]
+        if not {*columns} <= set(reader.fieldnames or ()):
+            raise ValueError(f"trace {path} needs columns num_prefill_tokens and "
+                             f"num_decode_tokens (it has {reader.fieldnames or 'none'})")
+        if "arrival_time_s" in reader.fieldnames:
+            columns.append("arrival_time_s")
+        values = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                v = [float(row[c]) for c in columns]
+            except (TypeError, ValueError):
+                raise ValueError(f"trace {path}, line {line}: {[row.get(c) for c in columns]} "
+                                 f"are not all numbers ({', '.join(columns)})") from None
+            if not all(np.isfinite(v)) or min(v) < 0:
+                raise ValueError(f"trace {path}, line {line}: {dict(zip(columns, v))}: lengths "
+                                 "and arrival times must be finite and non-negative")
+            values.append(v)
+    if not values:
+        raise ValueError(f"trace {path} has no requests")
+    table = np.array(values)
+    table.flags.writeable = False  # shared by every episode that reads it
+    return table[:, 0], table[:, 1], table[:, 2] if len(columns) == 3 else None
 
 
 def _gaps(config: WorkloadConfig, rng: np.random.Generator, n: int) -> np.ndarray:

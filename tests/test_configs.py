@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -132,6 +133,40 @@ def test_workload_lengths_tables_scale_for_the_cpu():
 def test_trace_workload_needs_a_path():
     with pytest.raises(ConfigProblem, match="workload.trace"):
         build(load(["workload=trace"]))
+
+
+@pytest.mark.parametrize("body,error", [
+    ("", "needs columns num_prefill_tokens and num_decode_tokens"),
+    ("prompt,output\n10,2\n", "needs columns"),
+    ("num_prefill_tokens,num_decode_tokens\n", "has no requests"),
+    ("num_prefill_tokens,num_decode_tokens\n100,4\nabc,3\n", r"line 3: \['abc', '3'\] are not"),
+    ("num_prefill_tokens,num_decode_tokens\n-5,3\n", "line 2: .*non-negative"),
+    ("num_prefill_tokens,num_decode_tokens\nnan,3\n", "line 2: .*finite"),
+    ("num_prefill_tokens,num_decode_tokens,arrival_time_s\n100,3,-1\n", "line 2"),
+])
+def test_a_bad_trace_is_refused_with_the_config_naming_its_line(tmp_path, body, error):
+    """Not clipped into a length, not a traceback mid-run: lpenv-eval's configuration
+    problem, and the env's error when it is made."""
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(ConfigProblem, match=error):
+        build(load(["workload=trace", f"workload.trace={path}"]))
+
+
+def test_a_trace_is_read_once_per_version(trace_csv, tmp_path):
+    """Episodes reset often: the trace is parsed once, and again when the file changes."""
+    from lpenv.workload import WorkloadConfig, _trace_arrays, generate
+
+    _trace_arrays.cache_clear()
+    config = WorkloadConfig(trace=str(trace_csv), num_requests=4)
+    for seed in range(3):
+        specs = generate(config, np.random.default_rng(seed))
+        assert {s.prompt_tokens for s in specs} <= {800, 1600, 400}
+    assert _trace_arrays.cache_info().misses == 1
+    changed = tmp_path / "changed.csv"
+    changed.write_text("num_prefill_tokens,num_decode_tokens\n77,5\n")
+    assert {s.prompt_tokens for s in generate(WorkloadConfig(trace=str(changed)),
+                                              np.random.default_rng(0))} == {77}
 
 
 # ---- the sections are the dataclasses ------------------------------------------------------
