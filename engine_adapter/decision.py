@@ -134,6 +134,17 @@ class SchedulerView:
             seqs += w.blocks_held == 0
         return tuple(admitted)
 
+    def level_share(self, level: int, levels: int) -> int:
+        """The batch's first ``(level + 1) / levels`` of the prefill budget (at least 1)."""
+        return max(1, self.prefill_budget * (level + 1) // levels)
+
+    def level_admission(self, level: int, levels: int) -> tuple[str, ...]:
+        """Admission level ``level`` of ``levels``, as the env's action and the policies that
+        choose among the same levels mean it: the FCFS prefix of the requests that start
+        within ``level_share``, each as the whole budget allows (the top level: the engine's
+        FCFS fill). Every level admits the queue's head if it fits (``admits_any``)."""
+        return self.fcfs_admission(within=self.level_share(level, levels))
+
     def admits_any(self, budget: int | None = None) -> bool:
         """Whether ``fcfs_admission(budget)`` admits anyone (whatever ``within``): whether
         the queue's head fits."""

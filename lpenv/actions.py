@@ -7,7 +7,7 @@
   whose requests start within the batch's first ``(i + 1) / levels`` of the prefill budget,
   each with as much of its prompt as the whole budget allows (the top level: the engine's
   FCFS fill, the last request a piece if need be), as far as the free KV blocks and
-  ``max_num_seqs`` hold them (``SchedulerView.fcfs_admission(within=...)``). Lower levels
+  ``max_num_seqs`` hold them (``SchedulerView.level_admission``). Lower levels
   admit fewer requests, each as the top level would; every level admits at least the queue's
   head, so they are allowed or not together;
 * component 2, **start**: 0 waits (no batch starts this iteration: lets the queue build up,
@@ -70,9 +70,6 @@ class ActionCodec:
     def nvec(self) -> list[int]:
         return [len(self.group_choices), self.admission_levels, 2]
 
-    def level_budget(self, view: SchedulerView, level: int) -> int:
-        return max(1, view.prefill_budget * (level + 1) // self.admission_levels)
-
     def masks(self, view: SchedulerView | None, can_wait: bool = True) -> np.ndarray:
         """Flat boolean mask over the three components (``sum(nvec)`` entries)."""
         return self._mask(view, can_wait).copy()
@@ -118,7 +115,7 @@ class ActionCodec:
         if start == WAIT:
             return Decision.wait()
         return Decision(min(self.group_choices[g_idx], view.num_layers),
-                        view.fcfs_admission(within=self.level_budget(view, level)))
+                        view.level_admission(level, self.admission_levels))
 
     def to_json(self) -> dict:
         return {"group_choices": list(self.group_choices),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_adapter.decision import Decision, SchedulerView
+from policies.protocol import check_setting, is_count
 
 
 @dataclass
@@ -15,6 +16,10 @@ class ChunkedPrefill:
     chunk_tokens: int = 512
     name: str = "chunked"
     mode: str = "chunked"
+
+    def __post_init__(self) -> None:
+        check_setting(self.name, "chunk_tokens", self.chunk_tokens,
+                      is_count(self.chunk_tokens), "a positive integer")
 
     def decide(self, view: SchedulerView) -> Decision:
         raise RuntimeError("the chunked baseline runs the engine in chunked mode, which admits "

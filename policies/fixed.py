@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_adapter.decision import Decision, SchedulerView
+from policies.protocol import check_setting, is_count
 
 
 @dataclass
@@ -19,6 +20,13 @@ class FixedGroups:
     staggered: bool = False
     name: str = "fixed"
     mode: str = "layered"
+
+    def __post_init__(self) -> None:
+        # (G above the model's layer count means one layer a group: capped when deciding)
+        check_setting(self.name, "groups", self.groups, is_count(self.groups),
+                      "a positive integer")
+        check_setting(self.name, "budget", self.budget,
+                      self.budget is None or is_count(self.budget), "a positive integer or null")
 
     @property
     def max_in_flight(self) -> int | None:

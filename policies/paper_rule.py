@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_adapter.decision import Decision, SchedulerView
+from policies.protocol import check_setting, is_count
 
 # The paper's thresholds are 512, 1,024, 2,048 and 4,096 prefill tokens: multiples of its
 # 512-token chunk. ``unit`` scales them (a CPU-sized run uses a smaller unit).
@@ -30,6 +31,11 @@ class PaperRule:
     unit: int = PAPER_UNIT
     name: str = "paper"
     mode: str = "layered"
+
+    def __post_init__(self) -> None:
+        for key in ("max_groups", "unit"):
+            value = getattr(self, key)
+            check_setting(self.name, key, value, is_count(value), "a positive integer")
 
     @property
     def max_in_flight(self) -> int:

@@ -28,6 +28,18 @@ class Policy(Protocol):
     def __call__(self, view: SchedulerView) -> Decision: ...
 
 
+def check_setting(policy: str, name: str, value, ok: bool, want: str) -> None:
+    """A policy setting outside its range is a ``ValueError`` naming it (a config mistake),
+    not a surprise mid-run."""
+    if not ok:
+        raise ValueError(f"policy {policy}: {name} must be {want}, got {value!r}")
+
+
+def is_count(value) -> bool:
+    """A positive integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class PolicyContext:
     """What a policy may know about where it runs, besides the views it is shown."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine_adapter.decision import Decision, SchedulerView
+from policies.protocol import check_setting, is_count
 
 
 @dataclass
@@ -20,6 +21,11 @@ class RandomPolicy:
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_setting(self.name, "admission_levels", self.admission_levels,
+                      is_count(self.admission_levels), "a positive integer")
+        check_setting(self.name, "start_prob", self.start_prob,
+                      isinstance(self.start_prob, (int, float)) and 0 <= self.start_prob <= 1,
+                      "a probability in [0, 1]")
         self.rng = np.random.default_rng(self.seed)
 
     def decide(self, view: SchedulerView) -> Decision:
@@ -27,9 +33,7 @@ class RandomPolicy:
         if not idle and self.rng.random() >= self.start_prob:
             return Decision.wait()
         level = int(self.rng.integers(self.admission_levels))
-        # (as the env's admission levels: lpenv.actions.ActionCodec)
-        admit = view.fcfs_admission(within=max(1, view.prefill_budget * (level + 1)
-                                               // self.admission_levels))
+        admit = view.level_admission(level, self.admission_levels)  # as the env's levels
         g = int(self.rng.integers(1, view.num_layers + 1))
         return Decision(g, admit) if admit else Decision.wait()
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from engine_adapter.cost_model import CostModel
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.scheduler import layer_groups
-from policies.protocol import PolicyContext
+from policies.protocol import PolicyContext, check_setting, is_count
 
 
 @dataclass
@@ -38,14 +38,21 @@ class SloAware:
     cost: CostModel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_setting(self.name, "headroom", self.headroom,
+                      isinstance(self.headroom, (int, float)) and self.headroom > 0,
+                      "positive (a share of the TBT SLO)")
+        check_setting(self.name, "urgency", self.urgency,
+                      isinstance(self.urgency, (int, float)) and self.urgency >= 0,
+                      "non-negative (a share of the TTFT SLO)")
+        check_setting(self.name, "admission_levels", self.admission_levels,
+                      is_count(self.admission_levels), "a positive integer")
         c = self.context
         self.cost = CostModel(c.model, c.hardware, c.dtype_bytes)
 
     def _candidates(self, view: SchedulerView) -> list[tuple[str, ...]]:
         seen, out = set(), []
         for level in range(self.admission_levels):
-            budget = max(1, view.prefill_budget * (level + 1) // self.admission_levels)
-            admit = view.fcfs_admission(budget)
+            admit = view.level_admission(level, self.admission_levels)  # as the env's levels
             if admit and (key := (admit, view.tokens_of(admit))) not in seen:
                 seen.add(key)
                 out.append(admit)

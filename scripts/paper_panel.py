@@ -85,6 +85,26 @@ def run_one(args: tuple[list[str], str]) -> dict:
     return evaluate(cfg, Path(out_dir), overrides_)
 
 
+def check_runs(names: list[str], duration_s: float, warmup_s: float, hardware: str,
+               rates: list[float] | None = None) -> str | None:
+    """What is wrong with the panels' runs, as lpenv-eval would say it (each policy's first
+    run, per panel: the rates differ only in the rate), or None."""
+    from hydra import compose, initialize_config_dir
+
+    from scripts.evaluate import CONFIG_DIR, ConfigProblem, build
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        for name in names:
+            for policy in POLICIES:
+                rate = (rates or PANELS[name].rates)[0]
+                try:
+                    build(compose("evaluate", overrides=overrides(
+                        PANELS[name], policy, rate, duration_s, warmup_s, hardware)))
+                except ConfigProblem as exc:
+                    return f"{name}, {LABELS[policy]}: {exc}"
+    return None
+
+
 def run_panels(names: list[str], out: Path, jobs: int, duration_s: float, warmup_s: float,
                hardware: str, rates: tuple[float, ...] | None = None) -> list[dict]:
     """Every run of the named panels in one pool of workers (each imports the stack once,
@@ -170,14 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rates", type=float, nargs="*", default=None,
                    help="override the panel's rates")
     args = p.parse_args(argv)
-    from engine_adapter.errors import ConfigError
-    from engine_adapter.hardware import resolve_profile
-
-    try:
-        resolve_profile(args.hardware)  # before any worker starts
-    except ConfigError as exc:
-        p.error(str(exc))
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.rates is not None and (not args.rates or min(args.rates) <= 0):
+        p.error(f"--rates must be positive request rates, got {args.rates}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
     names = list(PANELS) if args.panel == "all" else [args.panel]
+    problem = check_runs(names, args.duration, args.warmup, args.hardware, args.rates)
+    if problem:
+        p.error(problem)  # before any worker starts: a bad profile, a machine too small
     panels = run_panels(names, Path(args.out), args.jobs, args.duration, args.warmup,
                         args.hardware, tuple(args.rates) if args.rates else None)
     print(f"predicted on the simulator ({args.hardware}); energy modeled")

@@ -148,7 +148,7 @@ def test_every_action_the_mask_allows_is_taken_as_its_level_says(seed, kv_tokens
         if decision.admit:
             starts += 1
             tokens = [t for _, t in view.allot(decision)]
-            within, top = codec.level_budget(view, action[1]), view.fcfs_admission()
+            within, top = view.level_share(action[1], levels), view.fcfs_admission()
             assert decision.admit == top[:len(decision.admit)]
             assert sum(tokens[:-1]) < within  # the last one starts within the level's share
             assert len(top) == len(decision.admit) or sum(tokens) >= within  # and no more

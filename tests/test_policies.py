@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine_adapter.clock import VirtualClock
 from engine_adapter.config import EngineConfig
@@ -123,3 +125,45 @@ def test_learned_policy_for_another_model_is_refused(tmp_path):
                        path=str(folder)).name == "paper"
     with pytest.raises(ValueError, match="num_layers"):
         make_policy("learned", context(), path=str(folder))  # qwen3-moe-tiny: 5 layers
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), kv_tokens=st.sampled_from([128, 256, 512]),
+       budget=st.sampled_from([16, 64, 256]), name=st.sampled_from(["slo_aware", "random"]))
+def test_policies_choosing_admission_levels_never_ask_for_blocks_that_are_not_free(
+        seed, kv_tokens, budget, name):
+    """The SLO-aware and random policies pick among admission levels as the env does
+    (``SchedulerView.level_admission``): with KV blocks short, what they pick the engine can
+    run (the SLO-aware one priced a level's requests at the level's tokens and asked the
+    engine for the whole budget's, which failed when blocks ran short)."""
+    cfg = EngineConfig(model=TINY.name, kv_cache_tokens=kv_tokens, prefill_budget=budget,
+                       max_num_seqs=4, max_model_len=128)
+    engine = Engine(cfg, executor=build_executor(BackendConfig(name="sim"), cfg, TINY),
+                    clock=VirtualClock(), model_config=TINY)
+    rng = np.random.default_rng(seed)
+    workload = WorkloadConfig(lengths="arxiv4k", scale=0.03, rate=30.0, num_requests=8,
+                              max_output=8)
+    policy = make_policy(name, PolicyContext(TINY, 0.5, 0.05))
+    summary = Episode(engine, generate(workload, rng), SLO(0.5, 0.05), RewardConfig(),
+                      rng).run(policy)
+    assert summary["requests_finished"] + summary["requests_rejected"] == 8
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("name,params,error", [
+    ("fixed", {"groups": 0}, "groups must be a positive integer"),
+    ("fixed", {"budget": 0}, "budget must be a positive integer or null"),
+    ("fixed", {"groups": True}, "groups must be a positive integer"),
+    ("paper", {"max_groups": 0}, "max_groups must be a positive integer"),
+    ("paper", {"unit": -512}, "unit must be a positive integer"),
+    ("chunked", {"chunk_tokens": 0}, "chunk_tokens must be a positive integer"),
+    ("random", {"admission_levels": 0}, "admission_levels must be a positive integer"),
+    ("random", {"start_prob": 1.5}, r"start_prob must be a probability in \[0, 1\]"),
+    ("slo_aware", {"headroom": 0}, "headroom must be positive"),
+    ("slo_aware", {"urgency": -1}, "urgency must be non-negative"),
+    ("slo_aware", {"admission_levels": 0}, "admission_levels must be a positive integer"),
+])
+def test_a_policy_setting_out_of_range_is_refused_when_made(name, params, error):
+    """Not a mid-run crash (G = 0, a zero budget that waits forever, no random level)."""
+    with pytest.raises(ValueError, match=f"policy {name}: {error}"):
+        make_policy(name, PolicyContext(TINY, 0.5, 0.05), **params)

@@ -178,13 +178,21 @@ def test_paper_panel_runs_both_policies_and_draws_the_figure(tmp_path):
         assert run["expert_bytes"] > 0
 
 
-def test_paper_panel_refuses_an_unknown_profile_before_running(capsys):
+@pytest.mark.parametrize("args,error", [
+    (["--hardware", "tpu-v9"], "unknown hardware profile 'tpu-v9'"),
+    # The paper's engine needs two H100s: one is refused, saying what would fit.
+    (["--hardware", "h100-sxm"], "arxiv-qwen, chunked-512: qwen3-30b-a3b in bfloat16 needs"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--rates", "0", "1.5"], "--rates must be positive"),
+    (["--duration", "-5"], "workload.duration_s must be positive"),
+])
+def test_paper_panel_refuses_bad_runs_before_running(capsys, args, error):
     from scripts.paper_panel import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["arxiv-qwen", "--hardware", "tpu-v9"])
+        main(["arxiv-qwen", *args])
     assert exc.value.code == 2
-    assert "unknown hardware profile 'tpu-v9'" in capsys.readouterr().err
+    assert error in capsys.readouterr().err
 
 
 def test_calibrated_latency_noise_is_seeded_by_reset(tmp_path, monkeypatch):
