@@ -112,6 +112,12 @@ class LayeredPrefillEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
         self.render_mode = render_mode
+        if horizon_s is not None and not horizon_s > 0:
+            raise ValueError(f"horizon_s must be positive or None, got {horizon_s!r}")
+        if max_decisions is not None and (isinstance(max_decisions, bool) or not isinstance(
+                max_decisions, int) or max_decisions < 1):
+            raise ValueError(f"max_decisions must be a positive integer or None, got "
+                             f"{max_decisions!r}")
         self.horizon_s, self.max_decisions = horizon_s, max_decisions
 
         self.model_config = ModelConfig.load(self.engine_config.model)
@@ -126,7 +132,8 @@ class LayeredPrefillEnv(gym.Env):
             prefill_budget=self.engine_config.prefill_budget,
             max_num_seqs=self.engine_config.max_num_seqs, max_model_len=self.max_model_len,
             num_layers=self.model_config.num_layers, queue_slots=queue_slots,
-            rate_scale=rate_scale or self.workload_config.rate, energy_scale=energy_scale)
+            rate_scale=self.workload_config.rate if rate_scale is None else rate_scale,
+            energy_scale=energy_scale)
         self.action_space = spaces.MultiDiscrete(self.codec.nvec)
         self.observation_space = spaces.Box(0.0, CLIP, (self.obs_spec.size,), np.float32)
         self._executor = None

@@ -46,6 +46,16 @@ class ObservationSpec:
     energy_scale: float = 0.01  # joules per token that maps to 1.0
     version: int = SPEC_VERSION
 
+    def __post_init__(self) -> None:
+        if isinstance(self.queue_slots, bool) or not isinstance(self.queue_slots, int) or (
+                self.queue_slots < 0):
+            raise ValueError(f"queue_slots must be a non-negative integer, got "
+                             f"{self.queue_slots!r}")
+        for key in ("rate_scale", "energy_scale"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and value > 0 and np.isfinite(value)):
+                raise ValueError(f"{key} must be positive (what maps to 1.0), got {value!r}")
+
     @property
     def size(self) -> int:
         return 3 + 2 * self.queue_slots + 10

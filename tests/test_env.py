@@ -217,6 +217,19 @@ def test_bad_config_is_a_clear_error():
         make(backend={"name": "sim", "latency_noise": "false"})
 
 
+@pytest.mark.parametrize("kwargs,error", [
+    ({"energy_scale": 0}, "energy_scale must be positive"),  # was a ZeroDivisionError
+    ({"rate_scale": 0}, "rate_scale must be positive"),  # was the workload's rate, silently
+    ({"rate_scale": -1.0}, "rate_scale must be positive"),
+    ({"queue_slots": -2}, "queue_slots must be a non-negative integer"),
+    ({"horizon_s": 0}, "horizon_s must be positive or None"),  # was an episode of no steps
+    ({"max_decisions": 0}, "max_decisions must be a positive integer or None"),
+])
+def test_env_settings_out_of_range_are_refused_when_made(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        make(**kwargs)
+
+
 def test_subproc_vec_env():
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
