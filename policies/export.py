@@ -400,18 +400,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON: env.unwrapped.config_dict() or gymnasium.make keyword arguments")
     p.add_argument("--out", required=True, help="artifact folder to write")
     args = p.parse_args(argv)
-    config = normalize_config(json.loads(Path(args.env_config).read_text()))
+    try:
+        config = normalize_config(json.loads(Path(args.env_config).read_text()))
+    except (OSError, ValueError) as exc:  # (a JSONDecodeError is a ValueError)
+        p.error(f"--env-config {args.env_config}: {exc}")
     if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            p.error(f"--checkpoint {args.checkpoint} is not a file")
         out = export_sb3(load_sb3(args.checkpoint, args.algo), config, args.out)
     else:
-        params = json.loads(args.params)
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            p.error(f"--params is not JSON ({exc}): {args.params!r}")
         if not isinstance(params, dict):
             p.error(f"--params must be a JSON object, got {args.params!r}")
         cls = HANDWRITTEN[args.policy]
         try:
             policy = (SloAware(policy_context(config), **params) if cls is SloAware
                       else cls(**params))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # unknown names, values out of range
             p.error(f"bad parameters for policy {args.policy!r}: {exc}")
         out = export_handwritten(policy, config, args.out)
     policy = load_policy(out)  # what the server will load: check it does

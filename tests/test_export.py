@@ -296,3 +296,22 @@ def test_command_line(trained, tmp_path, capsys):
         main(["--policy", "paper", "--params", '{"groups": 4}', "--env-config", str(kwargs),
               "--out", str(tmp_path / "bad")])
     assert "bad parameters for policy 'paper'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--policy", "paper", "--params", '{"max_groups": 0}'],
+     "bad parameters for policy 'paper': policy paper: max_groups must be a positive integer"),
+    (["--policy", "paper", "--params", "{bad"], "--params is not JSON"),
+    (["--checkpoint", "/nonexistent/model.zip"], "--checkpoint /nonexistent/model.zip is not"),
+])
+def test_command_line_says_what_is_wrong(tmp_path, capsys, args, error):
+    """A usage error (exit 2) naming the argument, not a traceback."""
+    kwargs = tmp_path / "kwargs.json"
+    kwargs.write_text(json.dumps(KWARGS))
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--env-config", str(kwargs), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and error in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # an env config that is not there, or not JSON
+        main(["--policy", "paper", "--env-config", str(tmp_path / "none.json"), "--out",
+              str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--env-config" in capsys.readouterr().err
