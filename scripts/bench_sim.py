@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
     args = p.parse_args(argv)
+    for key in ("seconds", "rate", "env_steps", "repeats"):
+        if not getattr(args, key) > 0:
+            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     torch.set_num_threads(1)
     start = time.perf_counter()
 

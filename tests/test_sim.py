@@ -95,6 +95,16 @@ def test_env_on_the_sim_backend():
     assert s["energy_source"] == "modeled:h100-sxm" and s["expert_bytes"] > 0
 
 
+@pytest.mark.parametrize("arg,value", [("--repeats", "0"), ("--env-steps", "0"),
+                                       ("--seconds", "0"), ("--warmup", "-1")])
+def test_bench_sim_refuses_what_it_cannot_measure(tmp_path, capsys, arg, value):
+    from scripts.bench_sim import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "sim.json"), arg, value])
+    assert exc.value.code == 2 and arg in capsys.readouterr().err
+
+
 def test_bench_sim_writes_its_fields(tmp_path):
     import json
 
