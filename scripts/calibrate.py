@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
                 "measures nothing")
     if args.energy_s is not None and args.energy_s < 0:
         p.error(f"--energy-s must be >= 0 (0 skips the energy fit), got {args.energy_s}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats must be at least 1 (passes over the grid), got {args.repeats}")
+    if args.settle_s is not None and args.settle_s < 0:
+        p.error(f"--settle-s must be >= 0, got {args.settle_s}")
     started = time.perf_counter()
     try:
         if args.refit:

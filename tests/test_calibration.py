@@ -247,9 +247,12 @@ def test_refit_refuses_what_is_not_a_record(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--refit", str(bad), "--quick"])
     assert exc.value.code == 2 and "--refit measures nothing" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--energy-s", "-1", "--out", str(tmp_path / "out")])
-    assert exc.value.code == 2 and "--energy-s must be >= 0" in capsys.readouterr().err
+    for args, error in ((["--energy-s", "-1"], "--energy-s must be >= 0"),
+                        (["--repeats", "0"], "--repeats must be at least 1"),  # was the default
+                        (["--settle-s", "-1"], "--settle-s must be >= 0")):
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--out", str(tmp_path / "out")])
+        assert exc.value.code == 2 and error in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
