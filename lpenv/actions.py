@@ -60,7 +60,11 @@ class ActionCodec:
     @classmethod
     def for_layers(cls, num_layers: int, group_choices: Sequence[int] | None = None,
                    admission_levels: int = 4, allow_stagger: bool = True) -> ActionCodec:
-        choices = tuple(group_choices) if group_choices else default_group_choices(num_layers)
+        if group_choices is not None and not len(group_choices):
+            raise ValueError("group_choices must list at least one G (None: the default "
+                             "choices)")
+        choices = (tuple(group_choices) if group_choices is not None
+                   else default_group_choices(num_layers))
         too_big = [g for g in choices if g > num_layers]
         if too_big:
             raise ValueError(f"group_choices {too_big} exceed the model's {num_layers} layers")

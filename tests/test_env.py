@@ -224,6 +224,7 @@ def test_bad_config_is_a_clear_error():
     ({"queue_slots": -2}, "queue_slots must be a non-negative integer"),
     ({"horizon_s": 0}, "horizon_s must be positive or None"),  # was an episode of no steps
     ({"max_decisions": 0}, "max_decisions must be a positive integer or None"),
+    ({"group_choices": []}, "group_choices must list at least one G"),  # was the default
 ])
 def test_env_settings_out_of_range_are_refused_when_made(kwargs, error):
     with pytest.raises(ValueError, match=error):
