@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_adapter.errors import ConfigError
+from engine_adapter.errors import ConfigError, is_count
 from engine_adapter.scheduler import MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,10 +49,10 @@ class EngineConfig:
         for key in ("prefill_budget", "chunk_tokens", "block_size", "kv_cache_tokens",
                     "max_num_seqs"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_count(value):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         cap = self.max_batches_in_flight
-        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
+        if cap is not None and not is_count(cap):
             raise ConfigError(f"max_batches_in_flight must be a positive integer or None, got "
                               f"{cap!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:

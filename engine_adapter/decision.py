@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from engine_adapter.errors import InvalidDecision
+from engine_adapter.errors import InvalidDecision, is_count
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class SchedulerView:
     def allot(self, decision: Decision) -> list[tuple[WaitingRequest, int]]:
         """Tokens each admitted request gets, in order; raises InvalidDecision if impossible."""
         g = decision.num_groups
-        if not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_layers:
+        if not is_count(g) or g > self.num_layers:
             raise InvalidDecision(
                 f"num_groups must be an integer in 1..{self.num_layers} (the layer count), "
                 f"got {g!r}")

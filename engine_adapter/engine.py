@@ -12,7 +12,7 @@ from engine_adapter.clock import VirtualClock, WallClock
 from engine_adapter.config import EngineConfig
 from engine_adapter.decision import Decision, DecisionFunction, EngineStats, SchedulerView
 from engine_adapter.energy import EnergyMeter, energy_meter
-from engine_adapter.errors import ConfigError, RequestError
+from engine_adapter.errors import ConfigError, RequestError, is_count
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationReport, RunReport, TokenEvent
@@ -121,13 +121,13 @@ class Engine:
         if self.needs_token_ids:
             raise RequestError("this engine runs a real model: give the prompt's token ids "
                                "(add_request)")
-        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len <= 0:
+        if not is_count(prompt_len):
             raise RequestError(f"prompt_len must be a positive integer, got {prompt_len!r}")
         return self._queue(None, prompt_len, max_tokens, request_id, arrival_time)
 
     def _queue(self, prompt: list[int] | None, prompt_len: int, max_tokens: int,
                request_id: str | None, arrival_time: float | None) -> str:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        if not is_count(max_tokens):
             raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if prompt_len + max_tokens > self.max_model_len:
             raise RequestError(

@@ -1,4 +1,10 @@
-"""Exceptions the engine raises for bad input. Each names the problem it found."""
+"""Exceptions the engine raises for bad input. Each names the problem it found; and the
+one check of a count (a positive integer) that settings across the project share."""
+
+
+def is_count(value: object) -> bool:
+    """A positive integer, not a bool (``True`` is an int to Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class EngineError(Exception):

@@ -13,6 +13,7 @@ from engine_adapter.clock import VirtualClock
 from engine_adapter.config import EngineConfig
 from engine_adapter.decision import SchedulerView
 from engine_adapter.engine import Engine
+from engine_adapter.errors import is_count
 from engine_adapter.model_config import ModelConfig
 from lpenv.actions import ActionCodec
 from lpenv.backends import BackendConfig, build_executor, check_memory
@@ -114,8 +115,7 @@ class LayeredPrefillEnv(gym.Env):
         self.render_mode = render_mode
         if horizon_s is not None and not horizon_s > 0:
             raise ValueError(f"horizon_s must be positive or None, got {horizon_s!r}")
-        if max_decisions is not None and (isinstance(max_decisions, bool) or not isinstance(
-                max_decisions, int) or max_decisions < 1):
+        if max_decisions is not None and not is_count(max_decisions):
             raise ValueError(f"max_decisions must be a positive integer or None, got "
                              f"{max_decisions!r}")
         self.horizon_s, self.max_decisions = horizon_s, max_decisions

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from engine_adapter.decision import SchedulerView
+from engine_adapter.errors import is_count
 
 SPEC_VERSION = 1
 CLIP = 10.0
@@ -47,8 +48,7 @@ class ObservationSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        if isinstance(self.queue_slots, bool) or not isinstance(self.queue_slots, int) or (
-                self.queue_slots < 0):
+        if self.queue_slots != 0 and not is_count(self.queue_slots):
             raise ValueError(f"queue_slots must be a non-negative integer, got "
                              f"{self.queue_slots!r}")
         for key in ("rate_scale", "energy_scale"):

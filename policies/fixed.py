@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_adapter.decision import Decision, SchedulerView
-from policies.protocol import check_setting, is_count
+from engine_adapter.errors import is_count
+from policies.protocol import check_setting
 
 
 @dataclass

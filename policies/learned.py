@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.errors import is_count
 from lpenv.actions import ActionCodec
 from lpenv.observation import ObservationSpec
 
@@ -63,7 +64,7 @@ class NetworkSpec:
             raise ValueError(f"network activation {self.activation!r} is not one of "
                              f"{sorted(ACTIVATIONS)}")
         sizes = (self.input_dim, *self.hidden, *self.output_dims)
-        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+        if not all(is_count(n) for n in sizes):
             raise ValueError(f"network sizes must be positive integers, got input "
                              f"{self.input_dim}, hidden {self.hidden}, outputs {self.output_dims}")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_adapter.decision import Decision, SchedulerView
-from policies.protocol import check_setting, is_count
+from engine_adapter.errors import is_count
+from policies.protocol import check_setting
 
 # The paper's thresholds are 512, 1,024, 2,048 and 4,096 prefill tokens: multiples of its
 # 512-token chunk. ``unit`` scales them (a CPU-sized run uses a smaller unit).

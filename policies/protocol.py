@@ -35,11 +35,6 @@ def check_setting(policy: str, name: str, value, ok: bool, want: str) -> None:
         raise ValueError(f"policy {policy}: {name} must be {want}, got {value!r}")
 
 
-def is_count(value) -> bool:
-    """A positive integer (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 @dataclass(frozen=True)
 class PolicyContext:
     """What a policy may know about where it runs, besides the views it is shown."""

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine_adapter.decision import Decision, SchedulerView
-from policies.protocol import check_setting, is_count
+from engine_adapter.errors import is_count
+from policies.protocol import check_setting
 
 
 @dataclass

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 from engine_adapter.cost_model import CostModel
 from engine_adapter.decision import Decision, SchedulerView
+from engine_adapter.errors import is_count
 from engine_adapter.scheduler import layer_groups
-from policies.protocol import PolicyContext, check_setting, is_count
+from policies.protocol import PolicyContext, check_setting
 
 
 @dataclass
