@@ -19,6 +19,7 @@ from lpenv.actions import ActionCodec
 from lpenv.backends import BackendConfig, build_executor, check_memory
 from lpenv.episode import Episode
 from lpenv.observation import CLIP, ObservationSpec
+from lpenv.render import Frame, FramePainter
 from lpenv.reward import SLO, RewardConfig
 from lpenv.sections import build_section
 from lpenv.workload import WorkloadConfig, generate
@@ -81,12 +82,16 @@ class LayeredPrefillEnv(gym.Env):
     backend the iterations between decision points go in runs (``Engine.step_run``), with
     the same results as one by one; ``allow_stagger=False`` caps the engine at one batch in
     flight (``max_batches_in_flight``), so no step stops where the only choice is to wait.
+    ``render_mode``: ``ansi`` (``render()`` returns the state as text), ``human`` (prints it
+    at every step) or ``rgb_array`` (``render()`` returns a 480 x 640 x 3 image of the queue,
+    the batches in flight and the decode batch: ``lpenv.render``; stable-baselines3's
+    ``make_vec_env`` asks for it, ``VecVideoRecorder`` films it).
 
     ## Version History
     * v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
     def __init__(self, engine: Any = None, workload: Any = None, slo: Any = None,
                  reward: Any = None, backend: Any = None,
@@ -139,6 +144,7 @@ class LayeredPrefillEnv(gym.Env):
         self._executor = None
         self.episode: Episode | None = None
         self.view: SchedulerView | None = None
+        self._painter: FramePainter | None = None
 
     # ---- Gymnasium API ----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -193,7 +199,19 @@ class LayeredPrefillEnv(gym.Env):
             return self.render_text()
         if self.render_mode == "human":
             print(self.render_text())
+        if self.render_mode == "rgb_array":
+            if self.episode is None:
+                raise RuntimeError("call reset() before render()")
+            if self._painter is None:
+                self._painter = FramePainter()
+            return self._painter.paint(Frame.of(self.episode))
         return None
+
+    def close(self) -> None:
+        if self._painter is not None:
+            self._painter.close()
+            self._painter = None
+        super().close()
 
     # ---- helpers ----------------------------------------------------------------------------
     def codec_obs(self) -> np.ndarray:
@@ -215,25 +233,7 @@ class LayeredPrefillEnv(gym.Env):
         return info
 
     def render_text(self) -> str:
-        ep = self.episode
-        if ep is None:
-            return "(not reset)"
-        sched = ep.engine.scheduler
-        lines = [f"t={ep.now:8.3f}s  arrived={len(ep.recorder.requests)}  "
-                 f"pending={len(ep.pending)}  missed={len(ep.rewards.missed)}  "
-                 f"energy={ep.recorder.energy_j:.2f} J"]
-        queue = " ".join(f"{r.request_id}({r.num_uncomputed}t,{ep.now - r.arrival_time:.2f}s)"
-                         for r in list(sched.waiting)[:8])
-        lines.append(f"queue[{len(sched.waiting)}]: {queue or '-'}")
-        for b in sched.batches:
-            bar = "".join("#" if i == b.stage else ("=" if i < b.stage else ".")
-                          for i in range(b.num_groups))
-            members = ",".join(s.request_id for s in b.segments)
-            lines.append(f"batch {b.batch_id}: stage {b.stage + 1}/{b.num_groups} [{bar}] "
-                         f"{sum(s.length for s in b.segments)}t {members}")
-        ctx = [r.num_tokens for r in sched.decoding]
-        lines.append(f"decode[{len(ctx)}]: ctx " + (f"{min(ctx)}..{max(ctx)}" if ctx else "-"))
-        return "\n".join(lines)
+        return "(not reset)" if self.episode is None else Frame.of(self.episode).text()
 
     def config_dict(self) -> dict:
         """The configuration an exported policy records."""

@@ -202,6 +202,40 @@ def test_render_text_shows_queue_batches_and_decodes():
     env.step([len(env.unwrapped.codec.group_choices) - 1, 0, 1])
     text = env.render()
     assert "queue[" in text and "decode[" in text and "batch" in text
+    assert "stage" in text and "/" in text
+
+
+def test_render_rgb_array_draws_the_state_and_passes_gymnasium_render_check():
+    # gymnasium's check_env renders in the env's render_mode and checks the frame.
+    check_env(make(render_mode="rgb_array").unwrapped)
+    env = make(render_mode="rgb_array", workload={**SMALL["workload"], "rate": 1000.0})
+    with pytest.raises(RuntimeError, match="reset"):
+        env.unwrapped.render()
+    env.reset(seed=0)
+    first = env.render()
+    assert first.shape == (480, 640, 3) and first.dtype == np.uint8
+    env.step([len(env.unwrapped.codec.group_choices) - 1, 0, 1])
+    second = env.render()
+    assert second.shape == first.shape and not np.array_equal(first, second)
+    env.close()
+    env.close()  # (twice is harmless)
+
+
+def test_stable_baselines3_make_vec_env_builds_it():
+    """``make_vec_env`` asks for render_mode="rgb_array" by default; MaskablePPO reads each
+    env's masks through ``env_method``."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env(lpenv.ENV_ID, n_envs=2, seed=0, env_kwargs=SMALL)
+    obs = venv.reset()
+    assert obs.shape == (2, *venv.observation_space.shape)
+    masks = venv.env_method("action_masks")
+    assert len(masks) == 2 and all(m.dtype == bool for m in masks)
+    action = np.array([last_valid(m, venv.action_space.nvec) for m in masks])
+    obs, rewards, dones, infos = venv.step(action)
+    assert obs.shape[0] == 2 and len(rewards) == 2
+    assert venv.get_images()[0].shape == (480, 640, 3)
+    venv.close()
 
 
 def test_bad_config_is_a_clear_error():
