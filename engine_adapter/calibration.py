@@ -29,6 +29,7 @@ from engine_adapter.decision import Decision
 from engine_adapter.energy import EnergyModel
 from engine_adapter.energy_fit import EnergyCounter, EnergySpan, measure_span
 from engine_adapter.engine import Engine
+from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.hardware import HardwareProfile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, IterationReport
@@ -41,22 +42,18 @@ class Sample:
     measured_s: float
 
 
-class RecordingExecutor:
+class RecordingExecutor(ExecutorWrapper):
     """Wraps an executor and keeps every plan it ran with the routers' distinct experts and
     the measured latency."""
 
     def __init__(self, inner) -> None:
-        self.inner = inner
-        self.device = getattr(inner, "device", None)
+        super().__init__(inner)
         self.samples: list[Sample] = []
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         result = self.inner.execute(plan)
         self.samples.append(Sample(plan, tuple(result.distinct_experts), result.latency_s))
         return result
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.hardware import HardwareProfile, resolve_profile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, Segment, StageWork
@@ -218,19 +219,15 @@ class CostModel:
                 for lo, hi in layer_groups(self.config.num_layers, num_groups)]
 
 
-class ModeledLatency:
+class ModeledLatency(ExecutorWrapper):
     """Wraps an executor and reports the cost model's latency instead of the measured one,
     so that episodes on the real engine are reproducible."""
 
     def __init__(self, inner, cost: CostModel) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cost = cost
-        self.device = getattr(inner, "device", None)
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
         result = self.inner.execute(plan)
         result.latency_s, result.traffic = self.cost.price(plan, result.distinct_experts)
         return result
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)

@@ -52,9 +52,11 @@ class LayeredPrefillEnv(gym.Env):
     See ``lpenv.observation``; ``info`` carries the raw figures.
 
     ## Rewards
-    Paid so that the episode return equals ``slo_attainment - energy_weight x joules per
-    token`` (``lpenv.reward``): +1 on the first step, -1/N when a request is known to miss its
-    SLO (TTFT, or any TBT gap), and -energy_weight x joules / tokens per iteration.
+    Paid so that the return of an episode that terminates equals ``info["summary"]``'s
+    ``slo_attainment - energy_weight x energy_per_token_j`` (``lpenv.reward``): +1 on the
+    first step, -1/N when a request is known to miss its SLO (TTFT, or any TBT gap; N: the
+    requests arriving after the workload's ``warmup_s``, the ones the summary counts), and
+    -energy_weight x joules / tokens per iteration; the last step settles the rest.
 
     ## Starting State
     ``reset(seed=...)`` draws a new workload (arrival times, lengths, token ids) from the seed
@@ -63,8 +65,12 @@ class LayeredPrefillEnv(gym.Env):
 
     ## Episode End
     Terminated when every request of the workload has arrived and finished. Truncated when the
-    virtual clock passes ``horizon_s`` or after ``max_decisions`` decisions, if set; requests
-    not finished by then count as missing their SLO.
+    virtual clock passes ``horizon_s`` or after ``max_decisions`` decisions, if set: the last
+    observation is the state the episode was cut in, and nothing is settled (the return holds
+    the misses known by then; what the unfinished requests would have attained is for a value
+    estimate to bootstrap, as Gymnasium means truncation); ``info["summary"]`` counts them as
+    missing their SLO. Where ``reset`` finds nothing to decide (every request rejected, or the
+    horizon before the first arrival), the first step ends the episode whatever the action.
 
     ## Arguments
     ``gymnasium.make("lpenv/LayeredPrefill-v0", engine=..., workload=..., slo=..., reward=...,
@@ -152,17 +158,22 @@ class LayeredPrefillEnv(gym.Env):
         if self._executor is None:
             self._executor = build_executor(self.backend, self.engine_config, self.model_config)
         self._executor.reset()
+        # The workload first: one seed, one workload, on every backend.
+        requests = generate(self.workload_config, self.np_random)
         if hasattr(self._executor, "reseed"):  # the simulator's latency noise, by this seed
             self._executor.reseed(int(self.np_random.integers(2**31)))
         engine = Engine(self.engine_config, executor=self._executor, clock=VirtualClock(),
                         model_config=self.model_config)
-        requests = generate(self.workload_config, self.np_random)
         self.episode = Episode(engine, requests, self.slo, self.reward_config, self.np_random,
                                self.horizon_s,
                                measure_from_s=self.workload_config.warmup_s)
         self.view = self.episode.next_decision(self.codec.is_decision_point)
-        if self.view is None:
-            self.episode.close()
+        # Nothing to decide at all (every request rejected, or the horizon before the first
+        # arrival): Gymnasium has no episode that ends at reset, so the next step ends it,
+        # whatever the action.
+        self._ended_at_reset = self.view is None
+        if self._ended_at_reset:
+            self._end()
         self._pending_reward = self.episode.rewards.take()
         if self.render_mode == "human":
             print(self.render_text())
@@ -171,24 +182,42 @@ class LayeredPrefillEnv(gym.Env):
     def step(self, action):
         if self.episode is None:
             raise RuntimeError("call reset() before step()")
-        if self.view is None:
-            raise RuntimeError("the episode is over: call reset()")
         ep = self.episode
-        decision = self.codec.decode(action, self.view, ep.can_wait())
-        ep.decisions += 1
-        ep.apply(decision)
-        self.view = ep.next_decision(self.codec.is_decision_point)
-        truncated = (ep.truncated or (self.max_decisions is not None
-                                      and ep.decisions >= self.max_decisions))
-        terminated = ep.finished
-        if terminated or truncated:
-            self.view = None
-            ep.close()
+        if self.view is None:
+            if not self._ended_at_reset:
+                raise RuntimeError("the episode is over: call reset()")
+            self._ended_at_reset = False
+            terminated, truncated = self._outcome()
+        else:
+            decision = self.codec.decode(action, self.view, ep.can_wait())
+            ep.decisions += 1
+            ep.apply(decision)
+            self.view = ep.next_decision(self.codec.is_decision_point)
+            terminated, truncated = self._outcome()
+            if terminated or truncated:
+                self._end()
         reward = self._pending_reward + ep.rewards.take()
         self._pending_reward = 0.0
         if self.render_mode == "human":
             print(self.render_text())
-        return self.codec_obs(), reward, terminated, truncated and not terminated, self._info()
+        return self.codec_obs(), reward, terminated, truncated, self._info()
+
+    def _outcome(self) -> tuple[bool, bool]:
+        """(terminated, truncated): every request served, or cut short (not both)."""
+        ep = self.episode
+        terminated = ep.finished
+        truncated = not terminated and (ep.truncated or (
+            self.max_decisions is not None and ep.decisions >= self.max_decisions))
+        return terminated, truncated
+
+    def _end(self) -> None:
+        """The episode ends here. Served to the end, the last reward settles the objective;
+        cut short (truncated), nothing is settled: what the requests still to finish would
+        have attained is for the agent's value estimate, as Gymnasium means truncation
+        (``info["summary"]`` counts them as missed, the paper's metric)."""
+        terminated, _ = self._outcome()
+        self.view = None
+        self.episode.close(settle=terminated)
 
     def action_masks(self) -> np.ndarray:
         can_wait = self.episode.can_wait() if self.episode else True
@@ -215,7 +244,10 @@ class LayeredPrefillEnv(gym.Env):
 
     # ---- helpers ----------------------------------------------------------------------------
     def codec_obs(self) -> np.ndarray:
-        return self.obs_spec.encode(self.view)
+        view = self.view
+        if view is None and self.episode is not None:  # the state the episode ended in
+            view = self.episode.engine.scheduler.view(self.episode.now)
+        return self.obs_spec.encode(view)
 
     def _info(self) -> dict:
         ep = self.episode

@@ -35,7 +35,8 @@ class Episode:
         self.pending: deque[RequestSpec] = deque(requests)
         self.recorder = MetricsRecorder(measure_from_s)  # requests after the warm-up
         planned_tokens = sum(r.prompt_tokens + r.output_tokens for r in requests)
-        self.rewards = RewardAccountant(reward, slo, self.recorder, len(requests), planned_tokens)
+        measured = sum(r.arrival_time >= measure_from_s for r in requests)
+        self.rewards = RewardAccountant(reward, slo, self.recorder, measured, planned_tokens)
         self.decisions = 0
         self.closed = False
         self.last_report: IterationReport | RunReport | None = None
@@ -137,10 +138,14 @@ class Episode:
         if self.on_iteration is not None:
             self.on_iteration(report)
 
-    def close(self) -> None:
+    def close(self, settle: bool = True) -> None:
+        """The episode ends; ``settle``: the rewards settle the objective (unfinished requests
+        miss; ``RewardAccountant.close``), as an evaluation does and the env where the
+        episode ends in the task (not where it is cut short)."""
         if not self.closed:
             self.closed = True
-            self.rewards.close()
+            if settle:
+                self.rewards.close()
 
     def run(self, decide: Callable[[SchedulerView], Decision]) -> dict:
         """Play the whole episode with a policy deciding in place; return the summary."""

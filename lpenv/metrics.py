@@ -127,7 +127,8 @@ class MetricsRecorder:
         lat = np.asarray(self.iteration_latencies, dtype=float)
         tokens = self.tokens()
         generated = sum(len(r.token_times) for r in recs)
-        span = self.last_time - (self.first_time or 0.0)
+        # (no iteration ran: nothing was served, no time passed)
+        span = self.last_time - (self.first_time or 0.0) if lat.size else 0.0
 
         def pct(a: np.ndarray, q: float) -> float:
             return float(np.percentile(a, q)) if a.size else float("nan")

@@ -4,13 +4,16 @@ step by step so that the return equals it exactly.
 * Attainment (the paper's definition: TTFT within its SLO and every TBT gap within its SLO).
   The first step pays +1; a request costs -1/N the moment it is known to miss (its TTFT
   deadline passes without a first token, or a gap exceeds the TBT SLO), so the agent hears of
-  a miss when it happens rather than when the request ends. At the episode's end every request
-  that has not finished misses, and if the episode was cut short N becomes the number of
-  requests that arrived.
+  a miss when it happens rather than when the request ends. N counts the requests arriving
+  after the workload's warm-up (``warmup_s``): warm-up requests are served but cost nothing,
+  as the summary leaves them out. When the episode is settled (``close``: an evaluation's
+  end, the env's termination) every request that has not finished misses, and if fewer than
+  N arrived (a horizon cut the arrivals short) N becomes the number that arrived. An env
+  episode cut short (truncated) is not settled: its return holds the misses known by then.
 * Energy: each iteration pays ``-energy_weight x joules / planned tokens`` (prompt plus output
   tokens of the whole workload); the last step corrects the sum to the tokens really served.
 
-So the return is ``attained / N - energy_weight x energy / tokens``, the summary's
+So a settled return is ``attained / N - energy_weight x energy / tokens``, the summary's
 ``slo_attainment - energy_weight x energy_per_token_j``.
 """
 
@@ -47,7 +50,10 @@ class RewardAccountant:
     def __init__(self, config: RewardConfig, slo: SLO, recorder: MetricsRecorder,
                  planned_requests: int, planned_tokens: int) -> None:
         self.config, self.slo, self.recorder = config, slo, recorder
+        # Requests the objective counts: those arriving after the warm-up (the recorder's
+        # ``measure_from_s``), as the summary's attainment counts them.
         self.planned_requests = planned_requests
+        self._unit = 1.0 / planned_requests if planned_requests else 0.0
         self.planned_tokens = max(planned_tokens, 1)
         self.missed: set[str] = set()
         self.total = 0.0
@@ -58,7 +64,12 @@ class RewardAccountant:
     def _miss(self, request_id: str) -> None:
         if request_id not in self.missed:
             self.missed.add(request_id)
-            self._pending -= 1.0 / self.planned_requests
+            self._pending -= self._cost(request_id)
+
+    def _cost(self, request_id: str) -> float:
+        """What a miss of ``request_id`` costs: 1/N, nothing for a warm-up request."""
+        rec = self.recorder.requests[request_id]
+        return self._unit if rec.arrival_time >= self.recorder.measure_from_s else 0.0
 
     def rejected(self, request_id: str) -> None:
         self._miss(request_id)
@@ -125,7 +136,7 @@ class RewardAccountant:
             if i < stop:
                 late(rid, i)
         # Paid in the order one iteration after the other pays: its energy, then its misses.
-        pending, unit = self._pending, 1.0 / self.planned_requests
+        pending = self._pending
         misses = sorted((i, rid) for rid, i in found.items())
         misses.append((n, ""))
         m, due = 0, misses[0][0]
@@ -133,7 +144,7 @@ class RewardAccountant:
             pending -= weight * joules / planned
             while i == due:
                 missed.add(misses[m][1])
-                pending -= unit  # (as ``_miss``)
+                pending -= self._cost(misses[m][1])  # (as ``_miss``)
                 m += 1
                 due = misses[m][0]
         self._pending = pending
@@ -167,11 +178,14 @@ class RewardAccountant:
         for rec in self.recorder.requests.values():
             if not rec.finished:
                 self._miss(rec.request_id)
-        arrived, n_missed = len(self.recorder.requests), len(self.missed)
+        start = self.recorder.measure_from_s
+        measured = [r for r in self.recorder.requests.values() if r.arrival_time >= start]
+        arrived = len(measured)
+        n_missed = sum(r.request_id in self.missed for r in measured)
         # The steps paid 1 - missed / planned; the objective is 1 - missed / arrived
-        # (0 when nothing arrived).
+        # (0 when nothing arrived), the summary's attainment.
         target = 1.0 - n_missed / arrived if arrived else 0.0
-        self._pending += target - (1.0 - n_missed / self.planned_requests)
+        self._pending += target - (1.0 - n_missed * self._unit)
         served = max(self.recorder.tokens(), 1)
         energy = self.recorder.energy_j
         self._pending -= self.config.energy_weight * energy * (1 / served - 1 / self.planned_tokens)
