@@ -16,13 +16,16 @@ from engine_adapter.errors import InvalidDecision, is_count
 
 @dataclass(frozen=True)
 class Decision:
-    """Start a prefill batch of ``admit`` (in this order) split into ``num_groups`` layer groups.
+    """Start a prefill batch of ``admit`` (in this order) split into ``num_groups`` layer groups,
+    of at most ``budget`` prefill tokens (None: the engine's prefill budget; never above it):
+    each admitted request gets what is left of it, the last a piece of its prompt if need be.
 
     An empty ``admit`` means wait: no batch starts this iteration.
     """
 
     num_groups: int = 1
     admit: tuple[str, ...] = ()
+    budget: int | None = None
 
     @classmethod
     def wait(cls) -> Decision:
@@ -88,14 +91,19 @@ class SchedulerView:
         unknown = [r for r in decision.admit if r not in by_id]
         if unknown:
             raise InvalidDecision(f"admission names requests that are not waiting: {unknown}")
-        budget, blocks, new_seqs = self.prefill_budget, 0, 0
+        if decision.budget is not None and not is_count(decision.budget):
+            raise InvalidDecision(f"a decision's token budget must be a positive integer or "
+                                  f"None, got {decision.budget!r}")
+        cap = self.prefill_budget if decision.budget is None else min(decision.budget,
+                                                                       self.prefill_budget)
+        budget, blocks, new_seqs = cap, 0, 0
         allotment = []
         for rid in decision.admit:
             w = by_id[rid]
             if budget <= 0:
                 raise InvalidDecision(
-                    f"request {rid} gets no tokens: the batch already fills the prefill budget "
-                    f"of {self.prefill_budget} tokens")
+                    f"request {rid} gets no tokens: the batch already fills its budget of "
+                    f"{cap} tokens")
             tokens = min(w.num_uncomputed, budget)
             budget -= tokens
             blocks += self._blocks_to_admit(w, tokens)

@@ -38,6 +38,21 @@ def build_model(config: EngineConfig, model_config: ModelConfig) -> MoETransform
     return MoETransformer(model_config, weights)
 
 
+def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The longest request (prompt and output) the engine serves: ``config.max_model_len``
+    (None: the model's), never beyond the model's positions. A ConfigError where the KV
+    cache cannot hold one such request (checked wherever a configuration is read, before
+    any engine is built)."""
+    length = min(config.max_model_len or model_config.max_position_embeddings,
+                 model_config.max_position_embeddings)
+    capacity = config.num_kv_blocks * config.block_size
+    if capacity < length:
+        raise ConfigError(
+            f"KV cache of {capacity} tokens cannot hold even one request of max_model_len "
+            f"{length}: raise kv_cache_tokens or lower max_model_len")
+    return length
+
+
 class Engine:
     """Continuous batching over one scheduler and one executor.
 
@@ -58,13 +73,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.model_config = model_config or ModelConfig.load(self.config.model)
         cfg, mcfg = self.config, self.model_config
-        self.max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings,
-                                 mcfg.max_position_embeddings)
-        capacity = cfg.num_kv_blocks * cfg.block_size
-        if capacity < self.max_model_len:
-            raise ConfigError(
-                f"KV cache of {capacity} tokens cannot hold even one request of max_model_len "
-                f"{self.max_model_len}: raise kv_cache_tokens or lower max_model_len")
+        self.max_model_len = max_model_len(cfg, mcfg)
         if executor is None:
             from engine_adapter.executor_torch import TorchExecutor
 

@@ -1,10 +1,15 @@
 """Exceptions the engine raises for bad input. Each names the problem it found; and the
 one check of a count (a positive integer) that settings across the project share."""
 
+from numbers import Integral
+
 
 def is_count(value: object) -> bool:
-    """A positive integer, not a bool (``True`` is an int to Python, never a count here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """A positive integer (numpy's too), not a bool (``True`` is an int to Python, never a
+    count here)."""
+    if type(value) is int:  # (the common case, without the ABC check)
+        return value >= 1
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
 
 
 class EngineError(Exception):

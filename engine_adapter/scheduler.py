@@ -564,6 +564,6 @@ class Scheduler:
                 req.request_id, start, tokens, tuple(req.block_table) if data else (),
                 sample=start + tokens == req.num_tokens,
                 token_ids=tuple(req.tokens(start, start + tokens)) if data else ()))
-        g = decision.num_groups
+        g = int(decision.num_groups)  # (numpy's integers too: reports carry Python's)
         self.batches.append(
             PrefillBatch(batch_id, g, layer_groups(self.num_layers, g), tuple(segments)))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine_adapter.decision import Decision, SchedulerView
-from engine_adapter.errors import InvalidDecision
+from engine_adapter.errors import InvalidDecision, is_count
 
 WAIT, START = 0, 1
 
@@ -52,10 +52,14 @@ class ActionCodec:
     _memo: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.group_choices or any(g < 1 for g in self.group_choices):
+        if not self.group_choices or not all(is_count(g) for g in self.group_choices):
             raise ValueError(f"group_choices must be positive integers, got {self.group_choices}")
-        if self.admission_levels < 1:
-            raise ValueError("admission_levels must be at least 1")
+        if not is_count(self.admission_levels):
+            raise ValueError(f"admission_levels must be a positive integer, got "
+                             f"{self.admission_levels!r}")
+        # numpy's integers (np.arange) as Python's: what decisions and JSON carry
+        object.__setattr__(self, "group_choices", tuple(int(g) for g in self.group_choices))
+        object.__setattr__(self, "admission_levels", int(self.admission_levels))
 
     @classmethod
     def for_layers(cls, num_layers: int, group_choices: Sequence[int] | None = None,
@@ -65,10 +69,11 @@ class ActionCodec:
                              "choices)")
         choices = (tuple(group_choices) if group_choices is not None
                    else default_group_choices(num_layers))
-        too_big = [g for g in choices if g > num_layers]
+        codec = cls(choices, admission_levels, allow_stagger)
+        too_big = [g for g in codec.group_choices if g > num_layers]
         if too_big:
             raise ValueError(f"group_choices {too_big} exceed the model's {num_layers} layers")
-        return cls(choices, admission_levels, allow_stagger)
+        return codec
 
     @property
     def nvec(self) -> list[int]:

@@ -12,7 +12,7 @@ from gymnasium import spaces
 from engine_adapter.clock import VirtualClock
 from engine_adapter.config import EngineConfig
 from engine_adapter.decision import SchedulerView
-from engine_adapter.engine import Engine
+from engine_adapter.engine import Engine, max_model_len
 from engine_adapter.errors import is_count
 from engine_adapter.model_config import ModelConfig
 from lpenv.actions import ActionCodec
@@ -23,6 +23,11 @@ from lpenv.render import Frame, FramePainter
 from lpenv.reward import SLO, RewardConfig
 from lpenv.sections import build_section
 from lpenv.workload import WorkloadConfig, generate
+
+# The env's own defaults (a small model and workload: an episode in seconds on a CPU); a
+# partial ``engine`` or ``workload`` mapping keeps the keys it does not give.
+ENGINE_DEFAULTS = {"model": "qwen3-moe-tiny", "kv_cache_tokens": 8192, "prefill_budget": 512}
+WORKLOAD_DEFAULTS = {"lengths": "arxiv4k", "scale": 0.05, "rate": 4.0, "num_requests": 16}
 
 
 class LayeredPrefillEnv(gym.Env):
@@ -77,7 +82,10 @@ class LayeredPrefillEnv(gym.Env):
     backend=..., group_choices=None, admission_levels=4, allow_stagger=True, queue_slots=8,
     horizon_s=None, max_decisions=None, render_mode=None)``; ``engine``, ``workload``,
     ``reward`` and ``backend`` take their config dataclasses or mappings (Hydra configs),
-    ``slo`` a mapping ``{ttft_s, tbt_s}``. The engine always runs in layered mode here.
+    ``slo`` a mapping ``{ttft_s, tbt_s}``. A mapping for ``engine`` or ``workload`` goes over
+    the env's defaults (``ENGINE_DEFAULTS``: qwen3-moe-tiny, 8,192 KV tokens, budget 512;
+    ``WORKLOAD_DEFAULTS``: arxiv4k lengths x 0.05, 4 req/s, 16 requests): the keys it does not
+    give keep them. The engine always runs in layered mode here.
     ``backend={"name": "sim", "hardware": "h100-sxm-tp2", "routing": "uniform"}`` runs the
     simulator instead of the real model (``lpenv.backends``): hardware profiles from
     ``engine_adapter.hardware`` (``cpu-auto`` once ``lpenv-calibrate`` has run), routing
@@ -106,9 +114,7 @@ class LayeredPrefillEnv(gym.Env):
                  horizon_s: float | None = None, max_decisions: int | None = None,
                  rate_scale: float | None = None, energy_scale: float = 0.01,
                  render_mode: str | None = None) -> None:
-        self.engine_config = build_section(EngineConfig, engine or {"model": "qwen3-moe-tiny",
-                                                             "kv_cache_tokens": 8192,
-                                                             "prefill_budget": 512}, "engine")
+        self.engine_config = build_section(EngineConfig, engine, "engine", ENGINE_DEFAULTS)
         if not allow_stagger and self.engine_config.max_batches_in_flight is None:
             # No batch may start while one is in flight: the engine enforces it, and runs
             # those iterations without stopping at a decision point that has one choice.
@@ -116,8 +122,8 @@ class LayeredPrefillEnv(gym.Env):
         if self.engine_config.mode != "layered":
             raise ValueError("the env drives layered mode; the chunked baseline is evaluated "
                              "with lpenv-eval policy=chunked")
-        self.workload_config = build_section(WorkloadConfig, workload or {
-            "lengths": "arxiv4k", "scale": 0.05, "rate": 4.0, "num_requests": 16}, "workload")
+        self.workload_config = build_section(WorkloadConfig, workload, "workload",
+                                             WORKLOAD_DEFAULTS)
         self.slo = build_section(SLO, slo or {"ttft_s": 2.0, "tbt_s": 0.1}, "slo")
         self.reward_config = build_section(RewardConfig, reward, "reward")
         self.backend = build_section(BackendConfig, backend, "backend")
@@ -133,9 +139,7 @@ class LayeredPrefillEnv(gym.Env):
 
         self.model_config = ModelConfig.load(self.engine_config.model)
         check_memory(self.backend, self.engine_config, self.model_config)
-        self.max_model_len = min(self.engine_config.max_model_len
-                                 or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
+        self.max_model_len = max_model_len(self.engine_config, self.model_config)
         self.codec = ActionCodec.for_layers(self.model_config.num_layers, group_choices,
                                             admission_levels, allow_stagger)
         self.obs_spec = ObservationSpec(

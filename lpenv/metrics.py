@@ -8,6 +8,7 @@ layered-prefill paper's definition). Energy per token = energy / (prompt + gener
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -126,7 +127,12 @@ class MetricsRecorder:
         ttft_ok = [r.meets_ttft(ttft_slo) for r in recs]
         lat = np.asarray(self.iteration_latencies, dtype=float)
         tokens = self.tokens()
-        generated = sum(len(r.token_times) for r in recs)
+        # Throughput over the measured window (from the warm-up's end, or the first arrival):
+        # every request's tokens emitted in it, warm-up requests' too (they share the engine).
+        start = max(self.first_time or 0.0, self.measure_from_s)
+        generated = sum(len(r.token_times) - bisect_left(r.token_times, start)
+                        for r in self.requests.values())
+        window = self.last_time - start
         # (no iteration ran: nothing was served, no time passed)
         span = self.last_time - (self.first_time or 0.0) if lat.size else 0.0
 
@@ -150,7 +156,7 @@ class MetricsRecorder:
             if done else float("nan"),
             "iteration_p50_s": pct(lat, 50), "iteration_p99_s": pct(lat, 99),
             "iterations": int(lat.size),
-            "throughput_tok_s": generated / span if span > 0 else float("nan"),
+            "throughput_tok_s": generated / window if window > 0 else float("nan"),
             "energy_j": self.energy_j,
             "energy_per_token_j": self.energy_j / tokens if tokens else float("nan"),
             "energy_source": ",".join(sorted(self.energy_sources)),

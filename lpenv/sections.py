@@ -10,14 +10,19 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def build_section(cls: type[T], value: Any, name: str) -> T:
-    """``cls`` from itself, a mapping, or None (its defaults); an unknown key, or a missing one
-    that has no default, is an error that names it and lists the keys ``cls`` takes. The
-    dataclass's own checks run as it is built."""
-    if value is None:
-        return cls()
+def build_section(cls: type[T], value: Any, name: str,
+                  defaults: Mapping[str, Any] | None = None) -> T:
+    """``cls`` from itself, a mapping, or None (its defaults); a mapping's keys go over
+    ``defaults`` where given (a caller's defaults that differ from the dataclass's: a partial
+    section keeps the rest of them). An unknown key, or a missing one that has no default, is
+    an error that names it and lists the keys ``cls`` takes. The dataclass's own checks run as
+    it is built."""
     if isinstance(value, cls):
         return value
+    if defaults is not None and (value is None or isinstance(value, Mapping)):
+        value = {**defaults, **(value or {})}
+    if value is None:
+        return cls()
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a {cls.__name__} or a mapping, "
                         f"got {type(value).__name__}")

@@ -11,7 +11,8 @@ from policies.protocol import check_setting
 
 @dataclass
 class FixedGroups:
-    """G fixed; FCFS admission up to ``budget`` tokens (default: the engine's prefill budget).
+    """G fixed; FCFS admission of batches of up to ``budget`` prefill tokens (default, and at
+    most: the engine's prefill budget), the last request a piece of its prompt if need be.
 
     ``staggered`` lets a new batch start while another is in flight.
     """
@@ -38,6 +39,8 @@ class FixedGroups:
         if view.in_flight and not self.staggered:
             return Decision.wait()
         admit = view.fcfs_admission(self.budget)
-        return Decision(min(self.groups, view.num_layers), admit) if admit else Decision.wait()
+        if not admit:
+            return Decision.wait()
+        return Decision(min(self.groups, view.num_layers), admit, self.budget)
 
     __call__ = decide

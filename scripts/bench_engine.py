@@ -61,7 +61,7 @@ import torch
 from tqdm import tqdm
 
 from engine_adapter.config import EngineConfig
-from engine_adapter.engine import Engine, build_model
+from engine_adapter.engine import Engine, build_model, max_model_len
 from engine_adapter.engine import warm_up as warm_up_executor
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.model import MoETransformer
@@ -274,9 +274,7 @@ def mode_metrics(driver: ModeDriver, setup: WorkloadSetup) -> dict:
 def run_workload(model: MoETransformer, base: EngineConfig, setup: WorkloadSetup,
                  seed: int) -> tuple[dict, dict[str, ModeDriver]]:
     mcfg = model.config
-    max_len = min(base.max_model_len or mcfg.max_position_embeddings,
-                  mcfg.max_position_embeddings)
-    requests = sample_workload(setup, mcfg.vocab_size, max_len, seed)
+    requests = sample_workload(setup, mcfg.vocab_size, max_model_len(base, mcfg), seed)
     policy = PaperRule(max_groups=mcfg.num_layers, unit=setup.paper_rule_unit)
     engines = warm_engine_pair(model, base, setup.chunk_tokens, setup.prefill_budget, policy)
     drivers = run_interleaved({mode: ModeDriver(engine, requests, f"workload {mode}", i)

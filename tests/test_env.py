@@ -321,6 +321,30 @@ def test_stable_baselines3_make_vec_env_builds_it():
     venv.close()
 
 
+def test_a_partial_section_keeps_the_envs_other_defaults():
+    env = gym.make(lpenv.ENV_ID, engine={"prefill_budget": 256}, workload={"num_requests": 5},
+                   backend={"latency": "modeled"}).unwrapped
+    assert env.engine_config.model == "qwen3-moe-tiny"  # not EngineConfig's 805 MB CPU model
+    assert (env.engine_config.prefill_budget, env.engine_config.kv_cache_tokens) == (256, 8192)
+    w = env.workload_config
+    assert (w.num_requests, w.scale, w.rate, w.lengths) == (5, 0.05, 4.0, "arxiv4k")
+
+
+def test_numpy_counts_are_counts_and_other_numbers_are_refused_up_front():
+    env = make(group_choices=np.arange(1, 4), admission_levels=np.int64(2))
+    codec = env.unwrapped.codec
+    assert codec.group_choices == (1, 2, 3) and type(codec.group_choices[0]) is int
+    env.reset(seed=0)
+    env.step([2, 1, 1])  # G = 3 starts (it raised "got np.int64(3)" in the scheduler)
+    for bad in ({"admission_levels": 2.5}, {"admission_levels": 0},
+                {"group_choices": [1, 2.5]}, {"group_choices": [True]}):
+        with pytest.raises(ValueError, match="positive integer"):
+            make(**bad)
+    # A KV cache too small for one request is a configuration error at make, not at reset.
+    with pytest.raises(ValueError, match="cannot hold even one request"):
+        make(engine={**SMALL["engine"], "kv_cache_tokens": 256})
+
+
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown key\(s\) engine.chunk; engine takes"):
         make(engine={"model": "qwen3-moe-tiny", "chunk": 5})

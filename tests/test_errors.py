@@ -123,6 +123,9 @@ def test_no_safetensors(tmp_path):
     (Decision(1, ("a", "a")), "twice"),
     (Decision(1, ("zzz",)), "not waiting"),
     (Decision(1, ("a", "b")), "gets no tokens"),
+    (Decision(1, ("a", "b"), budget=4), "budget of 4 tokens"),
+    (Decision(1, ("a",), budget=0), "token budget must be a positive integer"),
+    (Decision(1, ("a",), budget=True), "token budget must be a positive integer"),
     ("G=2", "must return a Decision"),
 ])
 def test_invalid_policy_decision(decision, message):

@@ -54,6 +54,26 @@ def test_every_policy_serves_every_request(name, params):
     assert summary["requests_finished"] == summary["requests_total"] == WORKLOAD.num_requests
 
 
+def test_fixed_budget_caps_each_batch_at_its_tokens():
+    """``fixed budget=B``: batches of at most B prefill tokens, the last request a piece (it
+    once only chose which requests start, each then given the engine's whole budget)."""
+    cfg = EngineConfig(model="qwen3-moe-tiny", kv_cache_tokens=8192, prefill_budget=512)
+    engine = Engine(cfg, executor=build_executor(BackendConfig(latency="modeled"), cfg, TINY),
+                    clock=VirtualClock(), model_config=TINY)
+    batches: dict[int, int] = {}
+
+    def note(report) -> None:
+        for stage in report.stages:
+            batches.setdefault(stage["batch_id"], stage["tokens"])
+
+    rng = np.random.default_rng(0)
+    episode = Episode(engine, generate(WORKLOAD, rng), SLO_TIGHT, RewardConfig(), rng,
+                      on_iteration=note)
+    summary = episode.run(make_policy("fixed", context(), groups=2, budget=48))
+    assert summary["requests_finished"] == WORKLOAD.num_requests
+    assert max(batches.values()) == 48 and len(batches) > WORKLOAD.num_requests
+
+
 def test_paper_rule_waits_while_a_batch_is_in_flight():
     policy = make_policy("paper", context(), max_groups=5, unit=32)
     seen = []
