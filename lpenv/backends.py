@@ -5,7 +5,8 @@
 * ``sim``: the same engine core with each plan priced by the cost model (``hardware``
   profile) and distinct experts from a routing model (``routing``): no weights, no tensors;
   refused where the weights and KV cache would not fit the profile's devices
-  (``engine_adapter.device_memory``).
+  (``engine_adapter.device_memory``), as the real engine is where they would not fit its
+  device's free memory (``check_backend``).
 * ``vllm`` arrives with its own issue; asking for it now is a clear error.
 
 Built models are cached per process, so env resets and several envs share one set of weights.
@@ -15,15 +16,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, ModeledLatency
-from engine_adapter.device_memory import check_fits
-from engine_adapter.engine import build_model
+from engine_adapter.device_memory import check_fits, check_real_device_fits
+from engine_adapter.engine import build_model, max_model_len
+from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.hardware import resolve_profile
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
+from engine_adapter.routing import RoutingModel
 
 BACKENDS = ("torch", "sim", "vllm")
 LATENCIES = ("measured", "modeled")
@@ -57,24 +62,58 @@ class BackendConfig:
         return self.name == "sim" or self.latency == "modeled"
 
 
+def _model_key(config: EngineConfig) -> tuple:
+    return config.model, config.weights, config.seed, config.dtype, str(config.torch_device)
+
+
 def shared_model(config: EngineConfig, model_config: ModelConfig) -> MoETransformer:
-    key = (config.model, config.weights, config.seed, config.dtype, str(config.torch_device))
+    key = _model_key(config)
     if key not in _MODELS:
         _MODELS[key] = build_model(config, model_config)
     return _MODELS[key]
 
 
-def check_memory(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig
-                 ) -> None:
-    """Refuse, before anything runs, a simulated engine whose weights and KV cache its
-    devices could not hold (``engine_adapter.device_memory``): the real engine finds out for
-    itself, a simulated one must be told."""
+def check_backend(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig
+                  ) -> None:
+    """Refuse, before anything is built or run, what the backend could not serve, each a
+    ``ConfigError`` that says why: a KV cache that cannot hold one request; on the
+    simulator, a routing model it cannot read, or weights and KV cache its devices could not
+    hold (``engine_adapter.device_memory``); on the real engine, a CUDA device that is not
+    there, or weights and KV cache beyond the device's free memory (host memory on the CPU:
+    rather than an allocator failure or the OOM killer)."""
+    max_model_len(config, model_config)
     if backend.name == "sim":
+        RoutingModel(model_config, backend.routing)
         check_fits(resolve_profile(backend.hardware), model_config, config)
+        return
+    device = config.torch_device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device={config.device} but this machine has no CUDA device "
+                          "(hardware=h100 and the like set it): use hardware=cpu, or "
+                          "backend.name=sim to simulate the GPU")
+    free = free_memory(device)
+    if free is not None:
+        held = _model_key(config) in _MODELS  # (built once per process, then shared)
+        check_real_device_fits(model_config, config, free, str(device), weights_held=held)
+
+
+def free_memory(device: torch.device) -> float | None:
+    """Bytes ``device`` has free now: CUDA's own count, the kernel's MemAvailable on the
+    CPU (None where neither is known)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
-    check_memory(backend, config, model_config)
+    check_backend(backend, config, model_config)
     if backend.name == "sim":
         cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
         return SimExecutor(model_config, cost, backend.routing, backend.hardware,

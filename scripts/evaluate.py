@@ -46,7 +46,7 @@ from engine_adapter.config import EngineConfig
 from engine_adapter.engine import Engine, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
-from lpenv.backends import BackendConfig, build_executor, check_memory
+from lpenv.backends import BackendConfig, build_executor, check_backend
 from lpenv.config_schema import policy_params, register_configs, to_dataclass
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
@@ -102,6 +102,10 @@ def policy_label(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
 def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
     """The dataclasses and the policy; config mistakes raise ConfigProblem naming the key."""
     try:
+        if cfg.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {cfg.seed}")
+        if cfg.horizon_s is not None and not cfg.horizon_s > 0:
+            raise ValueError(f"horizon_s must be positive or null, got {cfg.horizon_s}")
         parts = {name: to_dataclass(name, cfg[name])
                  for name in ("workload", "slo", "reward", "backend")}
         engine = to_dataclass("engine", cfg.engine)
@@ -118,7 +122,7 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
         if policy.mode == "chunked":
             mode_settings["chunk_tokens"] = policy.chunk_tokens
         engine = EngineConfig(**{**asdict(engine), **mode_settings})
-        check_memory(parts["backend"], engine, model)
+        check_backend(parts["backend"], engine, model)
     except (ConfigError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as exc:
         raise ConfigProblem(str(exc)) from exc
     return Setup(engine, model, parts["workload"], parts["slo"], parts["reward"],

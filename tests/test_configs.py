@@ -15,6 +15,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -89,11 +90,17 @@ def test_every_option_composes_and_builds(group, option, trace_csv, tmp_path, mo
         to_dataclass(name, cfg[name])
     if group == "model":
         assert cfg.engine.model == option
+        if option in ("gpt-oss-20b", "qwen3-30b-a3b"):  # paper scale: the simulator's
+            cfg = load(overrides + ["backend.name=sim"])
     if group == "hardware":
         profiles = {"cpu": "cpu-generic", "cpu-auto": "cpu-auto", "h100": "h100-sxm",
                     "h200": "h200", "a100": "a100-80g"}
         assert to_dataclass("backend", cfg.backend).hardware == profiles[option]
         assert cfg.engine.device == ("cpu" if option.startswith("cpu") else "cuda")
+        if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+            with pytest.raises(ConfigProblem, match="no CUDA device"):  # the real engine
+                build(cfg)
+            cfg = load(overrides + ["backend.name=sim"])  # simulating the GPU needs none
     if group == "policy":
         assert cfg.policy.name == option
         if option == "learned":  # needs an exported policy: built in test_evaluate

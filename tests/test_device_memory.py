@@ -78,3 +78,31 @@ def test_the_simulator_refuses_what_does_not_fit_before_it_runs():
                  workload={"lengths": "arxiv", "rate": 1.0, "num_requests": 4},
                  backend={"name": "sim", "hardware": "a100-80g"})
 
+
+
+def test_the_real_engine_refuses_what_its_device_cannot_hold_before_building_it(monkeypatch):
+    """On the torch backend: weights beyond the free memory are a clear error at make, not an
+    allocator failure (or the OOM killer) while building 122 GB of float32 weights."""
+    import lpenv.backends as backends
+
+    monkeypatch.setattr(backends, "free_memory", lambda device: 8e9)  # an 8 GB machine
+    with pytest.raises(ConfigError, match=r"qwen3-30b-a3b in float32 needs 122\.\d GB of "
+                                          r"weights.*cpu has 8\.0 GB free.*backend.name=sim"):
+        gym.make(lpenv.ENV_ID, engine={"model": "qwen3-30b-a3b", "kv_cache_tokens": 40960},
+                 backend={"latency": "modeled"})
+    # The tiny model fits; a KV cache that does not is refused with what would fit.
+    gym.make(lpenv.ENV_ID, backend={"latency": "modeled"})
+    with pytest.raises(ConfigError, match="set engine.kv_cache_tokens to at most"):
+        gym.make(lpenv.ENV_ID, engine={"kv_cache_tokens": 10**9}, backend={"latency": "modeled"})
+
+
+def test_the_backend_is_checked_where_the_config_is_read(monkeypatch):
+    import torch
+
+    for routing, message in (("foo", "routing model must be"), ("zipf:-1", "exponent"),
+                             ("empirical:/no/such.json", "does not exist")):
+        with pytest.raises(ConfigError, match=message):
+            gym.make(lpenv.ENV_ID, backend={"name": "sim", "routing": routing})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        gym.make(lpenv.ENV_ID, engine={"device": "cuda"}, backend={"latency": "modeled"})

@@ -345,6 +345,20 @@ def test_numpy_counts_are_counts_and_other_numbers_are_refused_up_front():
         make(engine={**SMALL["engine"], "kv_cache_tokens": 256})
 
 
+def test_measured_latency_warms_the_engine_up_once_before_the_first_episode(monkeypatch):
+    import lpenv.env as env_module
+
+    calls = []
+    real = env_module.warm_up
+    monkeypatch.setattr(env_module, "warm_up", lambda *a: calls.append(a) or real(*a))
+    env = make(backend={"latency": "measured"})
+    env.reset(seed=0)
+    env.reset(seed=1)
+    assert len(calls) == 1
+    make().reset(seed=0)  # modeled latency: nothing measured, nothing to warm
+    assert len(calls) == 1
+
+
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown key\(s\) engine.chunk; engine takes"):
         make(engine={"model": "qwen3-moe-tiny", "chunk": 5})
