@@ -15,7 +15,7 @@ from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.engine import Engine
 from engine_adapter.errors import RequestError
 from engine_adapter.plan import IterationReport, RunReport
-from lpenv.metrics import MetricsRecorder
+from lpenv.metrics import MetricsRecorder, measured
 from lpenv.reward import SLO, RewardAccountant, RewardConfig
 from lpenv.workload import RequestSpec
 
@@ -35,8 +35,8 @@ class Episode:
         self.pending: deque[RequestSpec] = deque(requests)
         self.recorder = MetricsRecorder(measure_from_s)  # requests after the warm-up
         planned_tokens = sum(r.prompt_tokens + r.output_tokens for r in requests)
-        measured = sum(r.arrival_time >= measure_from_s for r in requests)
-        self.rewards = RewardAccountant(reward, slo, self.recorder, measured, planned_tokens)
+        counted = sum(measured(r.arrival_time, measure_from_s) for r in requests)
+        self.rewards = RewardAccountant(reward, slo, self.recorder, counted, planned_tokens)
         self.decisions = 0
         self.closed = False
         self.last_report: IterationReport | RunReport | None = None

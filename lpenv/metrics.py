@@ -17,6 +17,12 @@ import numpy as np
 from engine_adapter.plan import IterationReport, RunReport
 
 
+def measured(arrival_time: float, measure_from_s: float) -> bool:
+    """Whether a request arriving at ``arrival_time`` counts in the request metrics (and the
+    reward's attainment): it arrived at or after the warm-up's end, ``measure_from_s``."""
+    return arrival_time >= measure_from_s
+
+
 @dataclass
 class RequestRecord:
     request_id: str
@@ -118,7 +124,8 @@ class MetricsRecorder:
                    if not r.rejected)
 
     def summary(self, ttft_slo: float = float("inf"), tbt_slo: float = float("inf")) -> dict:
-        recs = [r for r in self.requests.values() if r.arrival_time >= self.measure_from_s]
+        recs = [r for r in self.requests.values()
+                if measured(r.arrival_time, self.measure_from_s)]
         done = [r for r in recs if r.finished]
         ttfts = np.array([r.ttft for r in recs if r.ttft is not None], dtype=float)
         gaps, owner = tbt_gaps_of(recs)

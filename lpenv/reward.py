@@ -24,7 +24,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 
 from engine_adapter.plan import IterationReport, RunReport
-from lpenv.metrics import MetricsRecorder, RequestRecord
+from lpenv.metrics import MetricsRecorder, RequestRecord, measured
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class RewardAccountant:
     def _cost(self, request_id: str) -> float:
         """What a miss of ``request_id`` costs: 1/N, nothing for a warm-up request."""
         rec = self.recorder.requests[request_id]
-        return self._unit if rec.arrival_time >= self.recorder.measure_from_s else 0.0
+        return self._unit if measured(rec.arrival_time, self.recorder.measure_from_s) else 0.0
 
     def rejected(self, request_id: str) -> None:
         self._miss(request_id)
@@ -179,9 +179,9 @@ class RewardAccountant:
             if not rec.finished:
                 self._miss(rec.request_id)
         start = self.recorder.measure_from_s
-        measured = [r for r in self.recorder.requests.values() if r.arrival_time >= start]
-        arrived = len(measured)
-        n_missed = sum(r.request_id in self.missed for r in measured)
+        counted = [r for r in self.recorder.requests.values() if measured(r.arrival_time, start)]
+        arrived = len(counted)
+        n_missed = sum(r.request_id in self.missed for r in counted)
         # The steps paid 1 - missed / planned; the objective is 1 - missed / arrived
         # (0 when nothing arrived), the summary's attainment.
         target = 1.0 - n_missed / arrived if arrived else 0.0

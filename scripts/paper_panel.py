@@ -15,8 +15,10 @@ arXiv prompts longer than the model length allows (about 2% of the trace) are cl
 32,256 tokens so that prompt plus output fit in 32,768.
 
 Writes ``<out>/<panel>/`` (default ``results/paper``): one folder per run with its
-``summary.json`` and ``requests.csv``, ``attainment_vs_rate.png``, the TTFT/TBT CDFs,
-``goodput.csv``, ``runs.csv`` and ``panel.json`` (the figures quoted per policy and rate).
+``summary.json``, ``requests.csv`` and ``.hydra/`` config (as ``lpenv-eval`` leaves them),
+``attainment_vs_rate.png``, the TTFT/TBT CDFs, ``goodput.csv``, ``runs.csv`` and
+``panel.json`` (the figures quoted per policy and rate). These are of this call's runs alone:
+run folders an earlier call left there (other rates) are named and left out.
 """
 
 from __future__ import annotations
@@ -74,15 +76,22 @@ def overrides(panel: Panel, policy: str, rate: float, duration_s: float, warmup_
 
 
 def run_one(args: tuple[list[str], str]) -> dict:
-    """One lpenv-eval run (in a worker process)."""
+    """One lpenv-eval run (in a worker process), its config saved where Hydra saves a run's,
+    for lpenv-sweep-report to tell runs of other settings apart."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from scripts.evaluate import CONFIG_DIR, evaluate
 
     overrides_, out_dir = args
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("evaluate", overrides=overrides_)
-    return evaluate(cfg, Path(out_dir), overrides_)
+    summary = evaluate(cfg, Path(out_dir), overrides_)
+    hydra_dir = Path(out_dir) / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, hydra_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides_)), hydra_dir / "overrides.yaml")
+    return summary
 
 
 def check_runs(names: list[str], duration_s: float, warmup_s: float, hardware: str,
@@ -119,7 +128,8 @@ def run_panels(names: list[str], out: Path, jobs: int, duration_s: float, warmup
         futures = {pool.submit(run_one, w): name for name, ws in work.items() for w in ws}
         for f in tqdm(as_completed(futures), total=len(futures), desc="paper", unit="run"):
             summaries[futures[f]].append(f.result())
-    return [panel_report(name, out / name, summaries[name], duration_s, warmup_s, hardware)
+    return [panel_report(name, out / name, summaries[name], [Path(w[1]) for w in work[name]],
+                         rates or PANELS[name].rates, duration_s, warmup_s, hardware)
             for name in names]
 
 
@@ -128,20 +138,26 @@ def run_panel(name: str, out: Path, jobs: int, duration_s: float, warmup_s: floa
     return run_panels([name], out, jobs, duration_s, warmup_s, hardware, rates)[0]
 
 
-def panel_report(name: str, folder: Path, summaries: list[dict], duration_s: float,
-                 warmup_s: float, hardware: str) -> dict:
-    """The sweep report (figure, goodput) and ``panel.json`` of one panel's runs."""
+def panel_report(name: str, folder: Path, summaries: list[dict], run_dirs: list[Path],
+                 rates: tuple[float, ...], duration_s: float, warmup_s: float,
+                 hardware: str) -> dict:
+    """The sweep report (figure, goodput) and ``panel.json`` of one panel's runs: those in
+    ``run_dirs`` (this call's), not whatever else lies in ``folder``."""
     from scripts.sweep_report import report
 
     panel = PANELS[name]
-    result = report([folder], folder)
+    earlier = sorted({p.parent.name for p in folder.glob("*/summary.json")}
+                     - {d.name for d in run_dirs})
+    if earlier:
+        print(f"{folder}: left out the runs of an earlier call: {', '.join(earlier)}")
+    result = report(run_dirs, folder)
     print(result["table"])
     keys = ("policy", "rate", "slo_attainment", "ttft_mean_s", "e2e_mean_s", "expert_bytes",
             "energy_per_token_j", "energy_source", "requests_total", "requests_warmup",
             "wall_time_s", "sim_time_s")
     rows = sorted(({k: s.get(k) for k in keys} for s in summaries),
                   key=lambda r: (r["policy"], r["rate"]))
-    panel_json = {"panel": name, **panel.__dict__, "hardware": hardware,
+    panel_json = {"panel": name, **panel.__dict__, "rates": list(rates), "hardware": hardware,
                   "duration_s": duration_s, "warmup_s": warmup_s, "runs": rows,
                   "goodput": result.get("goodput")}
     panel_json["policies"] = policy_figures(rows)

@@ -3,17 +3,21 @@
 Reads every ``summary.json`` (and the ``requests.csv`` beside it) under the given folders and
 writes, into ``--out`` (default: the first folder):
 
-* ``attainment_vs_rate.png``: SLO attainment against request rate, one line per policy, with
-  the 90% target (the paper's main figure); one panel per scenario (workload, model, SLOs);
-* ``ttft_cdf.png``, ``tbt_cdf.png``: CDFs of TTFT and of every gap between tokens, per policy,
+* ``attainment_vs_rate.png``: SLO attainment against request rate, one line per policy (and
+  setting, see below), with the 90% target (the paper's main figure); one panel per scenario
+  (workload, model, SLOs);
+* ``ttft_cdf.png``, ``tbt_cdf.png``: CDFs of TTFT and of every gap between tokens, per line,
   one panel per scenario and rate, the SLO as a dashed line;
-* ``goodput.csv``: per scenario and policy, the goodput (DistServe's sense: the highest rate
+* ``goodput.csv``: per scenario and line, the goodput (DistServe's sense: the highest rate
   tested whose attainment is >= the target) and the attainment at each rate;
-* ``runs.csv``: one row per run, the main figures of its summary.
+* ``runs.csv``: one row per run, its line and the main figures of its summary.
 
-and prints the run table and the goodput table. Runs of the same scenario, policy and rate
-(several seeds) are averaged. TTFT and gaps are those of ``lpenv.metrics.RequestRecord``,
-rebuilt from each run's token times.
+and prints the run table and the goodput table. A line is a policy label together with every
+setting that differs between that policy's runs other than rate and seed (read from the run's
+``.hydra/config.yaml``, else from its summary), e.g. ``chunked engine.chunk_tokens=64``: only
+runs that differ by seed alone are averaged. TTFT and gaps are those of
+``lpenv.metrics.RequestRecord``, rebuilt from each run's token times, of the requests its
+summary counts (those arriving at or after the warm-up's end).
 
 Example::
 
@@ -31,14 +35,24 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from lpenv.metrics import RequestRecord, goodput, tbt_gaps_of
+from lpenv.metrics import RequestRecord, goodput, measured, tbt_gaps_of
 
 TARGET = 0.9
 SCENARIO_KEYS = ("workload", "model", "engine", "latency", "ttft_slo_s", "tbt_slo_s")
-RUN_COLUMNS = ("policy", "rate", "workload", "model", "seed", "slo_attainment",
+# Settings that may differ between runs averaged into one point: the x axis and the seeds.
+ACROSS = {"workload.rate", "seed", "progress"}
+# A run without a Hydra config (e.g. evaluate() called directly): the settings its summary
+# records, under their config names so that lines read the same either way.
+SUMMARY_SETTINGS = {"policy_name": "policy.name", "mode": "engine.mode",
+                    "device": "engine.device", "hardware": "backend.hardware",
+                    "arrival": "workload.arrival", "num_requests": "workload.num_requests",
+                    "duration_s": "workload.duration_s", "warmup_s": "workload.warmup_s"}
+RUN_COLUMNS = ("line", "policy", "rate", "workload", "model", "seed", "slo_attainment",
                "ttft_attainment", "tbt_attainment", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
                "tbt_p50_s", "tbt_p99_s", "e2e_mean_s", "throughput_tok_s",
                "energy_per_token_j", "expert_bytes", "requests_finished", "requests_total",
@@ -47,7 +61,8 @@ RUN_COLUMNS = ("policy", "rate", "workload", "model", "seed", "slo_attainment",
 
 # ---- reading ---------------------------------------------------------------------------------
 def load_runs(folders: Iterable[Path]) -> list[dict]:
-    """Every summary.json under ``folders``, with ``run_dir`` added; sorted for stable output."""
+    """Every summary.json under ``folders``, with ``run_dir`` and its ``line`` added; sorted
+    for stable output."""
     runs = []
     for folder in folders:
         for path in sorted(Path(folder).rglob("summary.json")):
@@ -56,7 +71,69 @@ def load_runs(folders: Iterable[Path]) -> list[dict]:
                 continue  # some other summary.json (e.g. a training run's)
             run["run_dir"] = str(path.parent)
             runs.append(run)
-    return sorted(runs, key=lambda r: (scenario_of(r), str(r["policy"]), r["rate"]))
+    label_lines(runs)
+    return sorted(runs, key=lambda r: (scenario_of(r), r["line"], r["rate"], r["run_dir"]))
+
+
+def run_settings(run: dict) -> dict[str, Any] | None:
+    """The run's configuration as dotted keys, from the ``.hydra/config.yaml`` Hydra wrote
+    beside it (every setting, as composed; interpolations unresolved, so a setting shows where
+    it was set), or None where there is none."""
+    path = Path(run["run_dir"]) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+
+
+def summary_settings(run: dict) -> dict[str, Any]:
+    """The settings a summary records (fewer than a config: the fallback)."""
+    out = {name: run.get(key) for key, name in SUMMARY_SETTINGS.items()}
+    if run.get("duration_s") is not None:  # then the count is drawn, not set
+        out["workload.num_requests"] = None
+    out.update(_flat(run.get("policy_params") or {}, "policy."))
+    return out
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def label_lines(runs: Sequence[dict]) -> None:
+    """Set each run's ``line``: its policy label and every setting that differs between the
+    runs of that label and scenario, apart from rate and seed. Each policy's runs are compared
+    among themselves (another policy's own settings are no difference); from their configs
+    where every one has one, else from their summaries."""
+    by_policy: dict = defaultdict(list)
+    for run in runs:
+        by_policy[scenario_of(run), str(run["policy"])].append(run)
+    for (_, policy), group in by_policy.items():
+        configs = [run_settings(run) for run in group]
+        settings = (configs if all(c is not None for c in configs)
+                    else [summary_settings(run) for run in group])
+        keys = sorted({k for s in settings for k in s} - ACROSS)
+        differ = [k for k in keys if len({_text(s.get(k)) for s in settings}) > 1]
+        for run, s in zip(group, settings):
+            run["line"] = " ".join([policy, *(f"{k}={_text(s.get(k))}" for k in differ)])
+
+
+def _text(value: Any) -> str:
+    """A setting as an override would write it."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def counted(run: dict, recs: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """The requests the run's summary counts (``lpenv.metrics.measured``: arriving at or
+    after its warm-up's end)."""
+    start = run.get("warmup_s") or 0.0
+    return [r for r in recs if measured(r.arrival_time, start)]
 
 
 def read_requests(run_dir: str | Path) -> list[RequestRecord]:
@@ -88,10 +165,10 @@ def _ms(seconds) -> str:
 
 # ---- aggregating -----------------------------------------------------------------------------
 def curves(runs: Sequence[dict]) -> dict[tuple, dict[str, dict[float, list[dict]]]]:
-    """scenario -> policy -> rate -> runs."""
+    """scenario -> line -> rate -> runs (seeds)."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run in runs:
-        out[scenario_of(run)][str(run["policy"])][float(run["rate"])].append(run)
+        out[scenario_of(run)][run["line"]][float(run["rate"])].append(run)
     return out
 
 
@@ -195,7 +272,7 @@ def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
                     continue
                 for policy, by_rate in sorted(by_policy.items()):
                     recs = [rec for run in by_rate.get(rates[col], [])
-                            for rec in requests_of(run["run_dir"])]
+                            for rec in counted(run, requests_of(run["run_dir"]))]
                     if what == "ttft":
                         values = np.array([r.ttft for r in recs if r.ttft is not None])
                     else:
@@ -222,10 +299,11 @@ def _fmt(value, scale: float = 1.0, spec: str = ".3g") -> str:
 
 def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TARGET) -> str:
     lines = []
+    width = max([24, *(len(r["line"]) + 2 for r in runs)])
     for scenario, by_policy in curves(runs).items():
         lines.append(scenario_title(scenario))
-        head = (f"{'policy':<24}{'rate':>6}{'SLO att.':>10}{'TTFT att.':>10}{'TBT att.':>10}"
-                f"{'TTFT p90 s':>11}{'TBT p99 ms':>11}{'E2E s':>8}{'mJ/tok':>8}"
+        head = (f"{'policy':<{width}}{'rate':>6}{'runs':>6}{'SLO att.':>10}{'TTFT att.':>10}"
+                f"{'TBT att.':>10}{'TTFT p90 s':>11}{'TBT p99 ms':>11}{'E2E s':>8}{'mJ/tok':>8}"
                 f"{'expert GB':>10}{'wall s':>8}")
         lines += [head, "-" * len(head)]
         for policy, by_rate in sorted(by_policy.items()):
@@ -235,7 +313,8 @@ def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TA
                                                   "e2e_mean_s", "energy_per_token_j",
                                                   "expert_bytes", "wall_time_s")}
                 lines.append(
-                    f"{policy:<24}{rate:>6g}{_fmt(m['slo_attainment'], 100, '.0f'):>9}%"
+                    f"{policy:<{width}}{rate:>6g}{len(rs):>6}"
+                    f"{_fmt(m['slo_attainment'], 100, '.0f'):>9}%"
                     f"{_fmt(m['ttft_attainment'], 100, '.0f'):>9}%"
                     f"{_fmt(m['tbt_attainment'], 100, '.0f'):>9}%"
                     f"{_fmt(m['ttft_p90_s']):>11}{_fmt(m['tbt_p99_s'], 1e3):>11}"
@@ -243,13 +322,14 @@ def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TA
                     f"{_fmt(m['expert_bytes'], 1e-9):>10}{_fmt(m['wall_time_s'], 1, '.1f'):>8}")
         lines.append("")
     lines.append(f"goodput: highest request rate with SLO attainment >= {target:.0%}")
-    head = f"{'workload':<10}{'model':<16}{'policy':<24}{'goodput req/s':>14}  attainment by rate"
+    head = (f"{'workload':<10}{'model':<16}{'policy':<{width}}{'goodput req/s':>14}  "
+            "attainment by rate")
     lines += [head, "-" * len(head)]
     for r in rows:
         by_rate = ", ".join(f"{rate}: {float(a):.0%}"
                             for rate, a in zip(r["rates"].split(), r["attainment"].split()))
         gp = "none" if r["goodput_rate"] is None else f"{r['goodput_rate']:g}"
-        lines.append(f"{r['workload']!s:<10}{r['model']!s:<16}{r['policy']:<24}{gp:>14}  "
+        lines.append(f"{r['workload']!s:<10}{r['model']!s:<16}{r['policy']:<{width}}{gp:>14}  "
                      f"{by_rate}")
     return "\n".join(lines)
 
@@ -280,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:
         p.error("--target must be in (0, 1]")
+    if args.out is not None:  # the nearest existing path must be a folder to write into
+        there = next((q for q in (args.out, *args.out.parents) if q.exists()), None)
+        if there is not None and not there.is_dir():
+            p.error(f"--out {args.out}: {there} is a file, not a folder")
     result = report(args.folders, args.out or args.folders[0], args.target)
     print(result["table"])
     print("wrote " + ", ".join(str(f) for f in result["files"]))
