@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.errors import is_count
@@ -17,6 +18,9 @@ class ChunkedPrefill:
     chunk_tokens: int = 512
     name: str = "chunked"
     mode: str = "chunked"
+    # As conf/policy/chunked.yaml: ``chunk_tokens: ${engine.chunk_tokens}`` where an engine is
+    # known (lpenv-export's env config too).
+    engine_defaults: ClassVar[dict[str, str]] = {"chunk_tokens": "chunk_tokens"}
 
     def __post_init__(self) -> None:
         check_setting(self.name, "chunk_tokens", self.chunk_tokens,

@@ -22,7 +22,17 @@ Command line (``lpenv-export``)::
     lpenv-export --policy paper --params '{"max_groups": 8}' --env-config config.json --out DIR
 
 ``config.json`` is ``env.unwrapped.config_dict()`` (what ``lpenv-train`` writes as
-``env_config.json``) or the keyword arguments of ``gymnasium.make``.
+``env_config.json``) or the keyword arguments of ``gymnasium.make``, checked as ``lpenv-eval``
+checks its config. A parameter that a policy's Hydra config takes from the engine (``paper``'s
+``unit`` and ``chunked``'s ``chunk_tokens``: ``${engine.chunk_tokens}``) defaults to that
+engine's here too, so the artifact holds the policy ``lpenv-eval policy=NAME`` runs there;
+``--params`` win, and the parameters recorded are the ones used.
+
+``load_policy(path, expect=...)`` holds an artifact to where it is loaded (``check_expect``):
+what the policy reads there (a learned policy's observation spec and action map, the
+SLO-aware heuristic's SLOs, model, dtype and hardware profile, every policy's layer count) must
+match, or loading is refused naming each field with both values; what it does not read only
+warns (``ArtifactMismatch``).
 """
 
 from __future__ import annotations
@@ -40,15 +50,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_adapter.config import EngineConfig
-from engine_adapter.model_config import ModelConfig
 from lpenv.actions import ActionCodec
 from lpenv.observation import SPEC_VERSION, ObservationSpec
+from policies.artifact_fit import check_expect
 from policies.chunked import ChunkedPrefill
+from policies.env_configuration import env_config, normalize_config, policy_context
 from policies.fixed import FixedGroups
 from policies.learned import ACTIVATIONS, ActorMLP, LearnedPolicy, NetworkSpec
 from policies.paper_rule import PaperRule
-from policies.protocol import Policy, PolicyContext
+from policies.protocol import Policy
 from policies.random_policy import RandomPolicy
 from policies.slo_aware import SloAware
 
@@ -59,76 +69,11 @@ HANDWRITTEN: dict[str, type] = {"fixed": FixedGroups, "paper": PaperRule, "slo_a
                                 "random": RandomPolicy, "chunked": ChunkedPrefill}
 # Dataclass fields of the hand-written policies that are not parameters.
 _NOT_PARAMS = {"name", "mode", "context"}
-# Keys of an env configuration that an ``expect`` may carry but that do not bind a policy.
-_FREE_KEYS = {"engine", "workload", "slo", "reward", "backend", "horizon_s", "max_decisions"}
-
-
-# ---- env configurations -------------------------------------------------------------------
-def env_config(env: Any) -> dict:
-    """The configuration an artifact records, from an env (wrapped or not), a VecEnv, or a
-    mapping (``config_dict()`` output or ``gymnasium.make`` keyword arguments)."""
-    if isinstance(env, Mapping):
-        return normalize_config(env)
-    if hasattr(env, "env_method"):  # a stable-baselines3 VecEnv
-        return _to_plain(env.env_method("config_dict", indices=0)[0])
-    return _to_plain(env.unwrapped.config_dict())
-
-
-def _to_plain(value: Any) -> Any:
-    """Plain JSON types from nested mappings and sequences (OmegaConf's included)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        return value
-    return [_to_plain(v) for v in value]
-
-
-def normalize_config(config: Mapping) -> dict:
-    """A ``config_dict()``-shaped configuration from either accepted form."""
-    config = _to_plain(config)
-    if "observation" in config and "actions" in config:
-        return config
-    from lpenv.env import LayeredPrefillEnv  # builds specs only; the model is built on reset
-
-    kwargs = dict(config)
-    engine = dict(kwargs.get("engine") or {})
-    chunked = engine.get("mode") == "chunked"
-    if chunked:  # the chunked baseline: the specs are recorded as for layered mode
-        kwargs["engine"] = {**engine, "mode": "layered"}
-    env = LayeredPrefillEnv(**kwargs)
-    out = env_config(env)
-    if chunked:
-        out["engine"]["mode"] = "chunked"
-    return out
-
-
-def env_kwargs(config: Mapping) -> dict:
-    """``gymnasium.make`` keyword arguments that rebuild the env a configuration describes."""
-    c = normalize_config(config)
-    obs, acts = c["observation"], c["actions"]
-    return {"engine": c["engine"], "workload": c["workload"], "slo": c["slo"],
-            "reward": c["reward"], "backend": c["backend"],
-            "group_choices": list(acts["group_choices"]),
-            "admission_levels": acts["admission_levels"],
-            "allow_stagger": acts["allow_stagger"], "queue_slots": obs["queue_slots"],
-            "rate_scale": obs["rate_scale"], "energy_scale": obs["energy_scale"],
-            "horizon_s": c.get("horizon_s"), "max_decisions": c.get("max_decisions")}
-
-
-def policy_context(config: Mapping) -> PolicyContext:
-    """What a hand-written policy may know: model, SLOs, hardware profile, dtype size."""
-    engine = EngineConfig(**config.get("engine", {}))
-    return PolicyContext(ModelConfig.load(engine.model), float(config["slo"]["ttft_s"]),
-                         float(config["slo"]["tbt_s"]),
-                         hardware=config.get("backend", {}).get("hardware", "cpu-generic"),
-                         dtype_bytes=engine.torch_dtype.itemsize)
-
-
 # ---- export -------------------------------------------------------------------------------
 def _write(path: str | Path, doc: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not an artifact folder")
     path.mkdir(parents=True, exist_ok=True)
     if tensors is not None:
         save_file(tensors, str(path / WEIGHTS), metadata={"format": FORMAT})
@@ -214,6 +159,14 @@ def export_sb3(model: Any, env: Any, path: str | Path) -> Path:
     return _write(path, doc, tensors)
 
 
+def engine_defaults(name: str, config: Mapping) -> dict:
+    """A hand-written policy's parameters whose default is an engine setting, from a
+    normalized env configuration: ``lpenv-export --policy paper`` is ``lpenv-eval
+    policy=paper`` on that engine (its Hydra config says ``unit: ${engine.chunk_tokens}``)."""
+    settings = getattr(HANDWRITTEN[name], "engine_defaults", {})
+    return {param: config["engine"][setting] for param, setting in settings.items()}
+
+
 def handwritten_params(policy: Any) -> tuple[str, dict]:
     """A hand-written policy's registry name and its parameters (dataclass fields)."""
     name = getattr(policy, "name", None)
@@ -261,47 +214,6 @@ def read_artifact(path: str | Path) -> dict:
     if doc["kind"] not in KINDS:
         raise ValueError(f"{file}: kind {doc['kind']!r} is not one of {KINDS}")
     return doc
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_json"):
-        value = value.to_json()
-    return json.loads(json.dumps(value))  # tuples -> lists, as in the artifact
-
-
-def check_expect(doc: dict, expect: Mapping) -> None:
-    """Raise ValueError naming every field where the artifact differs from ``expect``.
-
-    ``expect`` may hold ``observation`` (an ObservationSpec or its dict, or part of it),
-    ``actions`` (an ActionCodec or its dict, or part of it), ``num_layers`` and
-    ``spec_version``; a whole env configuration (``config_dict()``) is accepted too, its
-    engine/workload/SLO/reward/backend keys are not compared (SLOs bind through the
-    observation spec). Hand-written artifacts are checked the same way: their SLOs and layer
-    count are in the spec they were exported under."""
-    problems = []
-
-    def compare(section: str, have: dict, want: Mapping) -> None:
-        for key, value in _plain(want).items():
-            if key not in have:
-                problems.append(f"{section}.{key}: artifact has none, expected {value!r}")
-            elif have[key] != value:
-                problems.append(f"{section}.{key}: artifact {have[key]!r}, expected {value!r}")
-
-    for key, value in expect.items():
-        if key == "observation":
-            compare("observation", doc["observation"], value)
-        elif key == "actions":
-            compare("actions", doc["actions"], value)
-        elif key == "num_layers":
-            compare("observation", doc["observation"], {"num_layers": value})
-        elif key in ("spec_version", "version"):
-            compare("observation", doc["observation"], {"version": value})
-        elif key not in _FREE_KEYS:
-            raise ValueError(f"unknown expect key {key!r}; known: observation, actions, "
-                             f"num_layers, spec_version (and env-config keys {sorted(_FREE_KEYS)})")
-    if problems:
-        raise ValueError("the policy artifact does not fit where it is loaded: "
-                         + "; ".join(problems))
 
 
 def _codec(d: Mapping) -> ActionCodec:
@@ -355,8 +267,10 @@ def _load_handwritten(doc: dict) -> Policy:
 def load_policy(path: str | Path, expect: Mapping | None = None) -> Policy:
     """The policy of an artifact folder, from JSON and safetensors only (never pickle).
 
-    ``expect``: what the loading side runs (see ``check_expect``); a mismatch in spec version,
-    observation spec or action map is a ValueError naming the fields."""
+    ``expect``: where it is loaded (see ``check_expect``); ``lpenv-eval`` gives
+    ``{"context": context, "engine": engine}``. A difference the policy reads (a learned
+    policy's observation spec or action map, SLO-aware's SLOs, model or hardware) is a
+    ValueError naming each field with both values; one it does not read, a warning."""
     path = Path(path)
     doc = read_artifact(path)
     if expect:
@@ -400,31 +314,52 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON: env.unwrapped.config_dict() or gymnasium.make keyword arguments")
     p.add_argument("--out", required=True, help="artifact folder to write")
     args = p.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file: give a folder (new, or an artifact to replace)")
     try:
         config = normalize_config(json.loads(Path(args.env_config).read_text()))
-    except (OSError, ValueError) as exc:  # (a JSONDecodeError is a ValueError)
+    except (OSError, ValueError, NotImplementedError) as exc:  # (bad JSON, a bad value, vllm)
         p.error(f"--env-config {args.env_config}: {exc}")
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            p.error(f"--checkpoint {args.checkpoint} is not a file")
-        out = export_sb3(load_sb3(args.checkpoint, args.algo), config, args.out)
-    else:
-        try:
-            params = json.loads(args.params)
-        except ValueError as exc:
-            p.error(f"--params is not JSON ({exc}): {args.params!r}")
-        if not isinstance(params, dict):
-            p.error(f"--params must be a JSON object, got {args.params!r}")
-        cls = HANDWRITTEN[args.policy]
-        try:
-            policy = (SloAware(policy_context(config), **params) if cls is SloAware
-                      else cls(**params))
-        except (TypeError, ValueError) as exc:  # unknown names, values out of range
-            p.error(f"bad parameters for policy {args.policy!r}: {exc}")
-        out = export_handwritten(policy, config, args.out)
+    try:
+        if args.checkpoint:
+            out = export_sb3(_checkpoint(p, args.checkpoint, args.algo), config, args.out)
+        else:
+            out = export_handwritten(_handwritten(p, args.policy, args.params, config), config,
+                                     args.out)
+    except ValueError as exc:  # a model that does not fit the env, or cannot be exported
+        p.error(str(exc))
+    except OSError as exc:
+        p.error(f"--out {args.out}: {exc}")
     policy = load_policy(out)  # what the server will load: check it does
     print(f"wrote {out / POLICY_JSON}: {policy!r}")
     return 0
+
+
+def _checkpoint(p: argparse.ArgumentParser, checkpoint: str, algo: str) -> Any:
+    if not Path(checkpoint).is_file():
+        p.error(f"--checkpoint {checkpoint} is not a file")
+    try:
+        with zipfile.ZipFile(checkpoint) as z:
+            z.getinfo("data")  # what SB3 saves its class and settings in
+    except (zipfile.BadZipFile, KeyError):
+        p.error(f"--checkpoint {checkpoint} is not a stable-baselines3 model (.zip from "
+                f"model.save)")
+    return load_sb3(checkpoint, algo)
+
+
+def _handwritten(p: argparse.ArgumentParser, name: str, text: str, config: dict) -> Policy:
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        p.error(f"--params is not JSON ({exc}): {text!r}")
+    if not isinstance(params, dict):
+        p.error(f"--params must be a JSON object, got {text!r}")
+    params = {**engine_defaults(name, config), **params}  # explicit --params win
+    cls = HANDWRITTEN[name]
+    try:
+        return SloAware(policy_context(config), **params) if cls is SloAware else cls(**params)
+    except (TypeError, ValueError) as exc:  # unknown names, values out of range
+        p.error(f"bad parameters for policy {name!r}: {exc}")
 
 
 if __name__ == "__main__":

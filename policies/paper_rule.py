@@ -4,6 +4,7 @@ time, G picked from the batch's prefill tokens (PAPER.md's table)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.errors import is_count
@@ -32,6 +33,9 @@ class PaperRule:
     unit: int = PAPER_UNIT
     name: str = "paper"
     mode: str = "layered"
+    # Parameters whose default is an engine setting where one is known (conf/policy/paper.yaml:
+    # ``unit: ${engine.chunk_tokens}``); lpenv-export fills them from its env config alike.
+    engine_defaults: ClassVar[dict[str, str]] = {"unit": "chunk_tokens"}
 
     def __post_init__(self) -> None:
         for key in ("max_groups", "unit"):

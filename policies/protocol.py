@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from engine_adapter.config import EngineConfig
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.model_config import ModelConfig
 
@@ -44,3 +45,4 @@ class PolicyContext:
     tbt_slo_s: float
     hardware: str = "cpu-generic"  # cost-model profile for policies that estimate latency
     dtype_bytes: int = 4
+    engine: EngineConfig | None = None  # the engine it runs on (budget, max_num_seqs, ...)

@@ -33,9 +33,8 @@ def make_policy(name: str, context: PolicyContext, **params: Any) -> Policy:
 
 
 def _learned(context: PolicyContext, path: str) -> Policy:
-    from lpenv.observation import SPEC_VERSION
     from policies.export import load_policy  # the serving path: no training stack needed
 
-    # An artifact made for another model or observation spec is refused, naming the fields.
-    return load_policy(path, expect={"num_layers": context.model.num_layers,
-                                     "spec_version": SPEC_VERSION})
+    # Held to where it runs: what the policy reads (a learned policy's observation spec, the
+    # SLO-aware heuristic's SLOs, every policy's layers) must match, fields named both ways.
+    return load_policy(path, expect={"context": context, "engine": context.engine})

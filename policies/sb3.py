@@ -31,7 +31,7 @@ import numpy as np
 
 import lpenv
 from lpenv.episode import Episode
-from policies import export
+from policies import env_configuration
 from policies.export import export_sb3, learned_from_sb3
 from policies.learned import serving_mask
 from policies.paper_rule import PaperRule
@@ -197,8 +197,8 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = export.env_config(kwargs)
-    kwargs = export.env_kwargs(config)  # complete and explicit: what the artifact records
+    config = env_configuration.env_config(kwargs)
+    kwargs = env_configuration.env_kwargs(config)  # complete: what the artifact records
     (out / "env_config.json").write_text(json.dumps(config, indent=2) + "\n")
     seeds = list(eval_seeds) if eval_seeds is not None else [1000 + i
                                                              for i in range(eval_episodes)]

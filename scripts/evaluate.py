@@ -111,7 +111,8 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
         engine = to_dataclass("engine", cfg.engine)
         model = ModelConfig.load(engine.model)
         context = PolicyContext(model, parts["slo"].ttft_s, parts["slo"].tbt_s,
-                                parts["backend"].hardware, engine.torch_dtype.itemsize)
+                                parts["backend"].hardware, engine.torch_dtype.itemsize,
+                                engine=engine)
         policy = make_policy(str(cfg.policy.name), context, **policy_params(cfg.policy))
         # The engine runs in the policy's mode; a chunked policy brings its token budget, one
         # that keeps to a number of batches in flight that cap.

@@ -6,26 +6,32 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
-from dataclasses import asdict, fields
+import warnings
+from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import lpenv
+from engine_adapter.model_config import ModelConfig
 from lpenv.observation import SPEC_VERSION
-from policies import export
+from policies import artifact_fit, env_configuration, export
 from policies.chunked import ChunkedPrefill
 from policies.export import export_handwritten, export_sb3, load_policy, main
 from policies.fixed import FixedGroups
 from policies.learned import LearnedPolicy, serving_mask
 from policies.paper_rule import PaperRule
+from policies.protocol import PolicyContext
 from policies.random_policy import RandomPolicy
 from policies.sb3 import make_env
 from policies.slo_aware import SloAware
@@ -166,7 +172,7 @@ def test_artifact_has_the_required_fields(trained):
         "action_net.weight": (10, 32), "action_net.bias": (10,)}
     assert doc["training"]["algorithm"] == "MaskablePPO"
     # The recorded config rebuilds the same env.
-    rebuilt = gym.make(lpenv.ENV_ID, **export.env_kwargs(doc["env_config"])).unwrapped
+    rebuilt = gym.make(lpenv.ENV_ID, **env_configuration.env_kwargs(doc["env_config"])).unwrapped
     assert rebuilt.config_dict() == config
 
 
@@ -213,7 +219,7 @@ def test_export_refuses_a_model_that_does_not_fit_the_env(tmp_path):
 
 
 def _context_config() -> dict:
-    return export.env_config(KWARGS)
+    return env_configuration.env_config(KWARGS)
 
 
 HANDWRITTEN = [
@@ -232,7 +238,7 @@ def _params(policy) -> dict:
 @pytest.mark.parametrize("build", HANDWRITTEN, ids=["fixed", "paper", "slo_aware", "random"])
 def test_handwritten_round_trip_gives_identical_decisions(build, tmp_path):
     config = _context_config()
-    context = export.policy_context(config)
+    context = env_configuration.policy_context(config)
     path = export_handwritten(build(context), config, tmp_path / "p")
     doc = json.loads((path / "policy.json").read_text())
     assert doc["kind"] == "handwritten" and not (path / "weights.safetensors").exists()
@@ -315,3 +321,109 @@ def test_command_line_says_what_is_wrong(tmp_path, capsys, args, error):
         main(["--policy", "paper", "--env-config", str(tmp_path / "none.json"), "--out",
               str(tmp_path / "out")])
     assert exc.value.code == 2 and "--env-config" in capsys.readouterr().err
+
+
+# ---- export and load hold a policy to what it means ----------------------------------------
+CONF_POLICY = Path(__file__).resolve().parent.parent / "conf" / "policy"
+
+
+@pytest.mark.parametrize("name", sorted(export.HANDWRITTEN))
+def test_engine_defaults_are_the_hydra_configs(name):
+    """What ``${engine.*}`` a policy's Hydra config interpolates, the export fills alike."""
+    values = OmegaConf.load(CONF_POLICY / f"{name}.yaml")
+    interpolated = {k: re.fullmatch(r"\$\{engine\.(\w+)\}", v).group(1)
+                    for k, v in OmegaConf.to_container(values, resolve=False).items()
+                    if isinstance(v, str) and v.startswith("${engine.")}
+    assert getattr(export.HANDWRITTEN[name], "engine_defaults", {}) == interpolated
+
+
+def test_command_line_takes_engine_defaults_from_the_env_config(tmp_path):
+    """``lpenv-export --policy paper`` is ``lpenv-eval policy=paper`` on that engine: the unit
+    follows its chunk_tokens (64 here, not the class's 512); --params still win."""
+    kwargs = tmp_path / "kwargs.json"
+    kwargs.write_text(json.dumps({**KWARGS, "engine": {**KWARGS["engine"], "chunk_tokens": 64}}))
+
+    def export_(policy, params, out):
+        assert main(["--policy", policy, "--params", params, "--env-config", str(kwargs),
+                     "--out", str(tmp_path / out)]) == 0
+        return json.loads((tmp_path / out / "policy.json").read_text())["policy"]["params"]
+
+    assert export_("paper", '{"max_groups": 8}', "p") == {"max_groups": 8, "unit": 64}
+    assert export_("paper", '{"max_groups": 8, "unit": 512}', "q")["unit"] == 512
+    assert export_("chunked", "{}", "c") == {"chunk_tokens": 64}
+    assert load_policy(tmp_path / "p") == PaperRule(max_groups=8, unit=64)
+
+
+def _slo_context(config: dict, **changes) -> PolicyContext:
+    return replace(env_configuration.policy_context(config), **changes)
+
+
+def test_loading_refuses_what_the_policy_reads_with_both_values(trained, tmp_path):
+    """Where a policy reads a setting of where it runs, an artifact made for another is
+    refused, each field named with both values; where it only records it, a warning."""
+    _, venv, path, _ = trained
+    config = venv.env_method("config_dict", indices=0)[0]
+    context = env_configuration.policy_context(config)
+    engine = config["engine"]
+    slo_aware = export_handwritten(SloAware(context), config, tmp_path / "slo_aware")
+    paper = export_handwritten(PaperRule(max_groups=4), config, tmp_path / "paper")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # where everything fits: not a word
+        for artifact in (path, slo_aware, paper):
+            load_policy(artifact, expect={"context": context, "engine": engine})
+            load_policy(artifact, expect=config)
+    # The SLOs: a learned policy's observation is normalized by them, SLO-aware aims at them.
+    tighter = _slo_context(config, tbt_slo_s=0.05)
+    for artifact in (path, slo_aware):
+        with pytest.raises(ValueError, match=r"observation\.tbt_slo_s: artifact 0\.0045, "
+                                             r"expected 0\.05"):
+            load_policy(artifact, expect={"context": tighter})
+    with pytest.raises(ValueError, match=r"observation\.ttft_slo_s: artifact 0\.02, expected 1"):
+        load_policy(path, expect={"slo": {"ttft_s": 1.0, "tbt_s": 0.0045}})
+    # The engine: the learned policy's budget, max_num_seqs and max_model_len, all named.
+    other = {**engine, "prefill_budget": 1024, "max_num_seqs": 32, "max_model_len": 512}
+    with pytest.raises(ValueError) as err:
+        load_policy(path, expect={"engine": other})
+    for field in ("prefill_budget", "max_num_seqs", "max_model_len"):
+        have = config["observation"][field]
+        assert f"observation.{field}: artifact {have}, expected {other[field]}" in str(err.value)
+    # SLO-aware prices with its profile: another one is refused too.
+    with pytest.raises(ValueError, match=r"hardware: artifact 'cpu-generic', expected 'h100-sxm'"):
+        load_policy(slo_aware, expect={"context": _slo_context(config, hardware="h100-sxm")})
+    # Every policy counts G in its model's layers: another model is refused.
+    with pytest.raises(ValueError, match=r"observation\.num_layers: artifact 5, expected 8"):
+        load_policy(paper, expect={"context": replace(context, model=ModelConfig.load(
+            "qwen3-moe-cpu"))})
+    # The paper rule reads none of the rest: it runs as exported, and says so.
+    with pytest.warns(artifact_fit.ArtifactMismatch, match=r"tbt_slo_s: artifact 0\.0045, expected "
+                                                     r"0\.05.*prefill_budget: artifact 512"):
+        loaded = load_policy(paper, expect={"context": tighter, "engine": other})
+    assert loaded == PaperRule(max_groups=4)
+
+
+@pytest.mark.parametrize("case,error", [
+    ("slo_not_a_number", "--env-config CONFIG: slo.ttft_s: Value 'abc'"),
+    ("config_is_a_list", "--env-config CONFIG: an env configuration is a mapping"),
+    ("spec_not_its_sections", "observation.tbt_slo_s: 1.0, its sections give 0.0045"),
+    ("checkpoint_not_a_zip", "--checkpoint CONFIG is not a stable-baselines3 model"),
+    ("out_is_a_file", "--out OUT is a file"),
+])
+def test_command_line_bad_inputs_are_usage_errors(tmp_path, capsys, case, error):
+    """Each a usage error (exit 2) saying what is wrong, not a traceback or a silent export."""
+    config, out = tmp_path / "config.json", tmp_path / "out"
+    good = env_configuration.env_config(KWARGS)
+    doc = {"slo_not_a_number": {**KWARGS, "slo": {"ttft_s": "abc", "tbt_s": 0.1}},
+           "config_is_a_list": [],
+           "spec_not_its_sections": {**good, "observation": {**good["observation"],
+                                                             "tbt_slo_s": 1.0}}}.get(case, good)
+    config.write_text(json.dumps(doc))
+    args = ["--policy", "paper"]
+    if case == "checkpoint_not_a_zip":
+        args = ["--checkpoint", str(config)]
+    if case == "out_is_a_file":
+        out.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--env-config", str(config), "--out", str(out)])
+    message = capsys.readouterr().err
+    assert exc.value.code == 2, message
+    assert error.replace("CONFIG", str(config)).replace("OUT", str(out)) in message

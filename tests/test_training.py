@@ -12,7 +12,8 @@ import torch
 from stable_baselines3.common.env_checker import check_env
 
 import lpenv
-from policies.export import env_kwargs, load_policy
+from policies.env_configuration import env_kwargs
+from policies.export import load_policy
 from policies.learned import LearnedPolicy
 from policies.random_policy import RandomPolicy
 from policies.sb3 import RefuseInvalid, ServingMask, evaluate, train_policy
