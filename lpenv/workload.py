@@ -33,10 +33,11 @@ class RequestSpec:
 class WorkloadConfig:
     """``lengths``: a shipped table name; ``trace``: a CSV path (overrides ``lengths``).
 
-    Arrivals: ``num_requests`` of them, or, with ``duration_s`` (generated lengths), as many as
-    arrive in
-    ``warmup_s + duration_s`` seconds (the paper: 600 s after a 60 s warm-up). Requests that
-    arrive in the first ``warmup_s`` are served but left out of the request metrics.
+    Arrivals: ``num_requests`` of them, or, with ``duration_s``, as many as arrive in
+    ``warmup_s + duration_s`` seconds (the paper: 600 s after a 60 s warm-up), at ``rate``
+    (Poisson or Gamma), or at a trace's own ``arrival_time_s`` where it has them (``rate`` and
+    ``arrival`` then play no part: ``arrival_source``). Requests that arrive in the first
+    ``warmup_s`` are served but left out of the request metrics.
     """
 
     name: str = "arxiv4k"
@@ -75,6 +76,15 @@ class WorkloadConfig:
         prompt_ok = 1 <= self.min_prompt <= self.max_prompt
         if not (prompt_ok and 1 <= self.min_output <= self.max_output):
             raise ValueError("workload length bounds must satisfy 1 <= min <= max")
+
+
+    @property
+    def arrival_source(self) -> str:
+        """What the arrival times come from: ``trace`` (its ``arrival_time_s``), or
+        ``arrival`` (poisson, gamma) at ``rate``."""
+        if self.trace is not None and _read_trace(self.trace)[2] is not None:
+            return "trace"
+        return self.arrival
 
 
 def length_table(name: str) -> dict:
@@ -133,27 +143,30 @@ def generate(config: WorkloadConfig, rng: np.random.Generator) -> list[RequestSp
     """The requests of one episode, sorted by arrival time."""
     n = config.num_requests
     arrivals = None
-    if config.duration_s is not None and config.trace is None:
-        # Draw gaps until the span is covered (in blocks: the count is not known ahead).
-        span = config.warmup_s + config.duration_s
-        times = np.cumsum(_gaps(config, rng, int(span * config.rate * 1.2) + 16))
-        while times[-1] < span:
-            more = np.cumsum(_gaps(config, rng, times.size)) + times[-1]
-            times = np.concatenate([times, more])
-        arrivals = times[times < span]
-        n = arrivals.size
-    if config.trace is not None:
-        prompts, outputs, trace_arrivals = _read_trace(config.trace)
-        idx = rng.integers(0, len(prompts), n) if trace_arrivals is None else np.arange(
-            min(n, len(prompts)))
-        prompts, outputs = prompts[idx], outputs[idx]
-        if trace_arrivals is not None:
-            arrivals = trace_arrivals[idx]
-        n = len(idx)
+    trace = _read_trace(config.trace) if config.trace is not None else None
+    span = config.warmup_s + (config.duration_s or 0.0)
+    if trace is not None and trace[2] is not None:
+        # The trace's own arrivals: those within the span (duration_s), else its first
+        # num_requests.
+        idx = (np.flatnonzero(trace[2] < span) if config.duration_s is not None
+               else np.arange(min(n, len(trace[0]))))
+        prompts, outputs, arrivals = (column[idx] for column in trace)
     else:
-        table = length_table(config.lengths)
-        prompts = _from_table(table, "prompt_tokens", rng.random(n))
-        outputs = _from_table(table, "output_tokens", rng.random(n))
+        if config.duration_s is not None:
+            # Draw gaps until the span is covered (in blocks: the count is not known ahead).
+            times = np.cumsum(_gaps(config, rng, int(span * config.rate * 1.2) + 16))
+            while times[-1] < span:
+                more = np.cumsum(_gaps(config, rng, times.size)) + times[-1]
+                times = np.concatenate([times, more])
+            arrivals = times[times < span]
+            n = arrivals.size
+        if trace is not None:  # lengths drawn from the trace's rows
+            idx = rng.integers(0, len(trace[0]), n)
+            prompts, outputs = trace[0][idx], trace[1][idx]
+        else:
+            table = length_table(config.lengths)
+            prompts = _from_table(table, "prompt_tokens", rng.random(n))
+            outputs = _from_table(table, "output_tokens", rng.random(n))
     if arrivals is None:
         arrivals = np.cumsum(_gaps(config, rng, n))
     prompts = np.clip(np.rint(prompts * config.scale), config.min_prompt, config.max_prompt)

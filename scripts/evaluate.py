@@ -50,7 +50,7 @@ from lpenv.backends import BackendConfig, build_executor, check_backend
 from lpenv.config_schema import policy_params, register_configs, to_dataclass
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
-from lpenv.workload import WorkloadConfig, generate
+from lpenv.workload import RequestSpec, WorkloadConfig, generate
 from policies.protocol import Policy, PolicyContext
 from policies.registry import make_policy
 
@@ -164,8 +164,8 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         "device": str(setup.engine.torch_device),
         "model": setup.engine.model,
         "workload": setup.workload.name,
-        "rate": setup.workload.rate,
-        "arrival": setup.workload.arrival,
+        "rate": arrival_rate(setup.workload, requests),
+        "arrival": setup.workload.arrival_source,
         "num_requests": len(requests),
         "duration_s": setup.workload.duration_s,
         "warmup_s": setup.workload.warmup_s,
@@ -176,6 +176,16 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         "wall_time_s": wall,
     }
     return summary, episode
+
+
+def arrival_rate(workload: WorkloadConfig, requests: Sequence[RequestSpec]) -> float:
+    """The run's request rate: the configured one, or where a trace brings its own arrival
+    times (``workload.rate`` then plays no part), theirs: requests per second between the
+    first arrival and the last."""
+    if workload.arrival_source != "trace" or len(requests) < 2:
+        return workload.rate
+    span = requests[-1].arrival_time - requests[0].arrival_time
+    return (len(requests) - 1) / span if span > 0 else workload.rate
 
 
 def _finite(value: Any) -> Any:
