@@ -27,9 +27,14 @@ def make_policy(name: str, context: PolicyContext, **params: Any) -> Policy:
     if name not in builders:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     try:
-        return builders[name]()
+        policy = builders[name]()
     except TypeError as exc:
         raise ValueError(f"bad parameters for policy {name!r}: {exc}") from None
+    layers = context.model.num_layers
+    if name == "fixed" and policy.groups > layers:  # (capped, it would run as G = layers)
+        raise ValueError(f"policy fixed: groups={policy.groups} exceeds {context.model.name}'s "
+                         f"{layers} layers (at most one layer a group: groups <= {layers})")
+    return policy
 
 
 def _learned(context: PolicyContext, path: str) -> Policy:

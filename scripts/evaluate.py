@@ -14,7 +14,7 @@ Examples::
     lpenv-eval                                     # the paper rule, arxiv4k at 4 req/s, CPU
     lpenv-eval policy=chunked workload.rate=3
     lpenv-eval model=qwen3-moe-tiny backend.latency=modeled
-    lpenv-eval -m policy=fixed policy.groups=1,2,4,8,16 workload.rate=2,4,6  # joblib, parallel
+    lpenv-eval -m policy=fixed policy.groups=1,2,4,8 workload.rate=2,4,6  # joblib, parallel
     lpenv-sweep-report multirun/eval/<date>/<time>
 
 The run goes through ``lpenv.episode.Episode``, the same driver as the env: the engine in the

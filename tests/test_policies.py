@@ -135,6 +135,13 @@ class _Spy:
     __call__ = decide
 
 
+def test_fixed_groups_beyond_the_layers_are_refused_not_capped():
+    # (capped, a sweep over groups=1,2,4,8,16 on 8 layers ran G = 8 twice, labelled 16)
+    with pytest.raises(ValueError, match="groups=6 exceeds qwen3-moe-tiny's 5 layers"):
+        make_policy("fixed", context(), groups=6)
+    assert make_policy("fixed", context(), groups=5).groups == 5
+
+
 def test_learned_policy_for_another_model_is_refused(tmp_path):
     from policies.export import export_handwritten
     from policies.paper_rule import PaperRule
