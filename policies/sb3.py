@@ -33,7 +33,7 @@ import lpenv
 from lpenv.episode import Episode
 from policies import env_configuration
 from policies.export import export_sb3, learned_from_sb3
-from policies.learned import serving_mask
+from policies.learned import ACTIVATIONS, serving_mask
 from policies.paper_rule import PaperRule
 from policies.protocol import Policy
 
@@ -161,6 +161,19 @@ def _callbacks(config: dict, kwargs: dict, seeds: Sequence[int], eval_freq: int 
     return CompareToPaperRule()
 
 
+def with_activation_class(params: dict) -> dict:
+    """Hyperparameters with ``policy_kwargs.activation_fn`` given by name (``relu``: what a
+    command line or a config can say) as the torch module class SB3 takes."""
+    kwargs = params.get("policy_kwargs") or {}
+    name = kwargs.get("activation_fn")
+    if not isinstance(name, str):
+        return params
+    if name not in ACTIVATIONS:
+        raise ValueError(f"policy_kwargs.activation_fn {name!r} is not one of "
+                         f"{sorted(ACTIVATIONS)}")
+    return {**params, "policy_kwargs": {**kwargs, "activation_fn": ACTIVATIONS[name]}}
+
+
 def _progress_bar_available() -> bool:
     try:
         import rich  # noqa: F401  (SB3's progress bar needs tqdm and rich)
@@ -211,11 +224,11 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
     if algo == "maskable_ppo":
         from sb3_contrib import MaskablePPO
 
-        model = MaskablePPO("MlpPolicy", venv, **common, **params)
+        model = MaskablePPO("MlpPolicy", venv, **common, **with_activation_class(params))
     else:
         from stable_baselines3 import PPO
 
-        model = PPO("MlpPolicy", venv, **common, **params)
+        model = PPO("MlpPolicy", venv, **common, **with_activation_class(params))
 
     paper = evaluate(PaperRule(max_groups=config["observation"]["num_layers"]), kwargs, seeds)
     log: list[dict] = []
@@ -236,7 +249,10 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
 
     model.save(out / "model.zip")
     policy_dir = export_sb3(model, config, out / "policy")
-    learned = compare.evaluate()  # the final actor, masked and deterministic
+    # The final actor, masked and deterministic (evaluated already where the last
+    # evaluation fell on the last step: the same actor, the same result).
+    learned = (log[-1]["learned"] if log and log[-1]["timesteps"] == model.num_timesteps
+               else compare.evaluate())
     result = {
         "algo": algo, "total_timesteps": int(model.num_timesteps), "seed": seed,
         "n_envs": n_envs, "train_s": train_s, "steps_per_s": rate, "eval_seeds": seeds,

@@ -48,6 +48,11 @@ def check(cfg: DictConfig) -> None:
     for key in ("total_timesteps", "n_envs", "eval_episodes"):
         if t[key] < 1:
             raise ValueError(f"train.{key} must be positive, got {t[key]}")
+    from lpenv.env import LayeredPrefillEnv  # specs and checks only: no model is built
+    from policies.sb3 import with_activation_class
+
+    LayeredPrefillEnv(**env_kwargs(cfg)).close()  # env.* values, the backend, the memory
+    with_activation_class(OmegaConf.to_container(t.hyperparams, resolve=True))
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:

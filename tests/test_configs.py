@@ -213,6 +213,33 @@ def test_train_config_makes_the_env(option):
     env.close()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("env.admission_levels=0", "admission_levels must be a positive integer"),
+    ("env.group_choices=[1,9]", "exceed the model's"),
+    ("env.horizon_s=-1", "horizon_s must be positive"),
+    ("+train.hyperparams.policy_kwargs.activation_fn=relux", "activation_fn 'relux'"),
+])
+def test_train_config_mistakes_are_caught_before_training(override, message):
+    from scripts.train import check
+
+    cfg = load(["model=qwen3-moe-tiny", override], name="train")
+    with pytest.raises(ValueError, match=message):  # (they were tracebacks mid-run)
+        check(cfg)
+    check(load(["model=qwen3-moe-tiny",
+                "+train.hyperparams.policy_kwargs.activation_fn=relu"], name="train"))
+
+
+def test_an_activation_by_name_reaches_sb3_as_its_class():
+    import torch.nn as nn
+
+    from policies.sb3 import with_activation_class
+
+    params = {"policy_kwargs": {"net_arch": [8], "activation_fn": "relu"}, "n_steps": 64}
+    assert with_activation_class(params)["policy_kwargs"] == {"net_arch": [8],
+                                                              "activation_fn": nn.ReLU}
+    assert params["policy_kwargs"]["activation_fn"] == "relu"  # the record keeps the name
+
+
 # ---- mistakes: rejected, and the message names the key -------------------------------------
 @pytest.mark.parametrize("overrides,expected", [
     (["engine.prefill_budgt=1024"],

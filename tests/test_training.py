@@ -122,10 +122,13 @@ def test_maskable_ppo_beats_random_policy(tmp_path, one_thread):
 
 def test_plain_ppo_trains_and_exports(tmp_path):
     result = train_policy(SMALL, algo="ppo", total_timesteps=256, seed=0, out_dir=tmp_path,
-                          eval_episodes=1, progress_bar=False, tensorboard=False,
-                          hyperparams={"n_steps": 128})
+                          eval_episodes=1, eval_freq=128, progress_bar=False,
+                          tensorboard=False, hyperparams={"n_steps": 128})
     assert isinstance(load_policy(result["paths"]["policy"]), LearnedPolicy)
     assert 0.0 <= result["learned"]["attainment_mean"] <= 1.0
+    # One evaluation per eval_freq steps; the last step's is the final one, not listed twice.
+    assert [e["timesteps"] for e in result["evaluations"]] == [128, 256]
+    assert result["evaluations"][-1]["learned"] == result["learned"]
 
 
 def test_subproc_vec_env_trains(tmp_path):
