@@ -47,7 +47,8 @@ class LayeredPrefillEnv(gym.Env):
     ``MultiDiscrete([len(group_choices), admission_levels, 2])``: G index, admission level,
     wait/start. See ``lpenv.actions`` for the encoding. ``action_masks()`` (for sb3-contrib's
     ``MaskablePPO``) and ``info["action_mask"]`` give the valid values; a masked action raises
-    ``InvalidAction``.
+    ``InvalidAction`` (plain PPO: wrap the env in ``policies.sb3.RefuseInvalid``; a policy to
+    export: train it under ``policies.sb3.ServingMask``, the mask a server applies).
 
     ## Observation Space
     ``Box(0, 10, (3 + 2 * queue_slots + 10,), float32)``: queue length and tokens, head-of-line
