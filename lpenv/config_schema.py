@@ -207,6 +207,16 @@ def to_dataclass(section: str, node: DictConfig | dict) -> Any:
     return build_section(SECTIONS[section].target, values, section)
 
 
+def check_top_level(cfg: DictConfig, schema: type) -> None:
+    """Refuse a top-level key the schema does not have: only reachable by adding it (``+x=1``,
+    e.g. ``+horizon=1`` for ``horizon_s``), and then silently ignored."""
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(k for k in cfg if k not in known and k != "hydra")
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}: nothing reads them; known: "
+                         f"{', '.join(sorted(known))}")
+
+
 def policy_params(node: DictConfig) -> dict[str, Any]:
     """The policy's constructor parameters: the section without ``name`` and ``label``."""
     values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)

@@ -47,7 +47,13 @@ from engine_adapter.engine import Engine, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
 from lpenv.backends import BackendConfig, build_executor, check_backend
-from lpenv.config_schema import policy_params, register_configs, to_dataclass
+from lpenv.config_schema import (
+    EvalConfig,
+    check_top_level,
+    policy_params,
+    register_configs,
+    to_dataclass,
+)
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
 from lpenv.workload import RequestSpec, WorkloadConfig, generate
@@ -102,6 +108,7 @@ def policy_label(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
 def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
     """The dataclasses and the policy; config mistakes raise ConfigProblem naming the key."""
     try:
+        check_top_level(cfg, EvalConfig)
         if cfg.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {cfg.seed}")
         if cfg.horizon_s is not None and not cfg.horizon_s > 0:

@@ -28,7 +28,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lpenv.config_schema import ALGOS, SECTIONS, env_kwargs, register_configs, to_dataclass
+from lpenv.config_schema import (
+    ALGOS,
+    SECTIONS,
+    TrainConfig,
+    check_top_level,
+    env_kwargs,
+    register_configs,
+    to_dataclass,
+)
 
 # An absolute path: the entry point finds conf/ from any working directory.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -38,6 +46,7 @@ log = logging.getLogger("lpenv.train")
 
 def check(cfg: DictConfig) -> None:
     """Config mistakes as one clear message, before anything is built."""
+    check_top_level(cfg, TrainConfig)
     for name in SECTIONS:
         to_dataclass(name, cfg[name])
     if cfg.engine.mode != "layered":

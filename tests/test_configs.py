@@ -241,6 +241,16 @@ def test_an_activation_by_name_reaches_sb3_as_its_class():
 
 
 # ---- mistakes: rejected, and the message names the key -------------------------------------
+def test_an_added_top_level_key_nothing_reads_is_refused():
+    # (`+horizon=1` for horizon_s ran without a horizon, silently)
+    with pytest.raises(ConfigProblem, match="unknown key.*horizon: nothing reads them"):
+        build(load(["+horizon=1"]))
+    from scripts.train import check
+
+    with pytest.raises(ValueError, match="unknown key.*foo"):
+        check(load(["model=qwen3-moe-tiny", "+foo=1"], name="train"))
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (["engine.prefill_budgt=1024"],
      ["Key 'prefill_budgt' not in 'EngineSchema'", "full_key: engine.prefill_budgt"]),
