@@ -2,7 +2,7 @@
 
 from gymnasium.envs.registration import register, registry
 
-ENV_ID = "lpenv/LayeredPrefill-v0"
+ENV_ID = "lpenv/LayeredPrefill-v1"
 
 if ENV_ID not in registry:
     # Measured iteration latencies make episodes differ run to run; pass

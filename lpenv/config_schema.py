@@ -10,7 +10,7 @@ Each section maps field for field onto the dataclass its consumer takes:
 ``backend``  ``lpenv.backends.BackendConfig``
 =========== =====================================================
 
-so ``gymnasium.make("lpenv/LayeredPrefill-v0", engine=cfg.engine, ...)`` and ``lpenv-eval`` take
+so ``gymnasium.make("lpenv/LayeredPrefill-v1", engine=cfg.engine, ...)`` and ``lpenv-eval`` take
 the same sections. The schemas are generated from those dataclasses (same names, types and
 defaults; a field added there appears here), because OmegaConf makes a frozen dataclass's node
 read-only, so the frozen ones cannot serve as schemas themselves. An unknown key or a value of
@@ -224,7 +224,7 @@ def policy_params(node: DictConfig) -> dict[str, Any]:
 
 
 def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """``gymnasium.make("lpenv/LayeredPrefill-v0", **env_kwargs(cfg))``: plain mappings."""
+    """``gymnasium.make("lpenv/LayeredPrefill-v1", **env_kwargs(cfg))``: plain mappings."""
     out = {name: OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
            for name in SECTIONS}
     out.update(OmegaConf.to_container(cfg.env, resolve=True, throw_on_missing=True))

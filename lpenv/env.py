@@ -79,7 +79,7 @@ class LayeredPrefillEnv(gym.Env):
     horizon before the first arrival), the first step ends the episode whatever the action.
 
     ## Arguments
-    ``gymnasium.make("lpenv/LayeredPrefill-v0", engine=..., workload=..., slo=..., reward=...,
+    ``gymnasium.make("lpenv/LayeredPrefill-v1", engine=..., workload=..., slo=..., reward=...,
     backend=..., group_choices=None, admission_levels=4, allow_stagger=True, queue_slots=8,
     horizon_s=None, max_decisions=None, render_mode=None)``; ``engine``, ``workload``,
     ``reward`` and ``backend`` take their config dataclasses or mappings (Hydra configs),
@@ -103,6 +103,13 @@ class LayeredPrefillEnv(gym.Env):
     ``make_vec_env`` asks for it, ``VecVideoRecorder`` films it).
 
     ## Version History
+    * v1 (2026-11-29): an episode cut short (``horizon_s``, ``max_decisions``) is truncated
+      without settling the objective and observes the state it was cut in (v0 settled it and
+      observed zeros, so a bootstrapped value was added to a settled return); warm-up
+      requests cost the reward nothing, as the summary leaves them out; one seed draws one
+      workload on every backend; an episode with nothing to decide at reset ends at the first
+      step (v0 raised); a partial ``engine`` or ``workload`` mapping keeps the env's other
+      defaults; ``rgb_array`` rendering. ``gymnasium.make`` of v0 names v1.
     * v0: initial version.
     """
 

@@ -190,7 +190,7 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
                  tensorboard: bool = True, hyperparams: dict | None = None, *,
                  eval_seeds: Sequence[int] | None = None, checkpoint_freq: int | None = None,
                  invalid_penalty: float = 0.05, verbose: int = 0) -> dict:
-    """Train a policy on ``gymnasium.make("lpenv/LayeredPrefill-v0", **env_kwargs)``.
+    """Train a policy on ``gymnasium.make("lpenv/LayeredPrefill-v1", **env_kwargs)``.
 
     Writes under ``out_dir``: ``tb/`` (TensorBoard), ``checkpoints/``, ``model.zip`` (the SB3
     model), ``env_config.json``, ``policy/`` (the exported artifact) and ``summary.json``.

@@ -1,4 +1,4 @@
-"""lpenv-train: train PPO or MaskablePPO on lpenv/LayeredPrefill-v0 and export the policy.
+"""lpenv-train: train PPO or MaskablePPO on lpenv/LayeredPrefill-v1 and export the policy.
 
 A thin Hydra entry around ``policies.sb3.train_policy``: the env takes the config's engine,
 workload, slo, reward and backend sections and ``env.*``; ``train.*`` says how to train. The
