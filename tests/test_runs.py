@@ -354,7 +354,7 @@ def _prices_each_iteration_as_alone(mcfg: ModelConfig, cost: CostModel,
 
 
 def test_runs_with_requests_running_out_of_time_inside_them(monkeypatch):
-    # Tight TTFT, requests waiting behind a batch in flight: misses fall inside runs, at the
+    # Tight TTFT (0.3 s), requests waiting behind a batch in flight: misses fall inside runs, at the
     # iteration one by one would find them, and batches end inside runs too.
     seen = {"misses": 0, "batch_ends": 0}
     take = RewardAccountant.iteration_run
@@ -369,8 +369,8 @@ def test_runs_with_requests_running_out_of_time_inside_them(monkeypatch):
     workload = WorkloadConfig(lengths="sharegpt", rate=8.0, num_requests=40, max_output=120)
     for groups in (3, 8):
         fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups),
-                            slo=SLO(0.5, 0.125), cap=1)
+                            slo=SLO(0.3, 0.125), cap=1)
         slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups),
-                            slo=SLO(0.5, 0.125))
+                            slo=SLO(0.3, 0.125))
         _assert_identical(fast, slow, sf, ss)
     assert seen["misses"] > 0 and seen["batch_ends"] > 0

@@ -112,3 +112,16 @@ def test_paper_panel_reports_only_this_calls_runs(tmp_path, capsys):
     assert (folder / "chunked-2.9" / "summary.json").is_file()  # left there, and said so
     assert "left out the runs of an earlier call: chunked-2.9, paper-2.9" in (
         capsys.readouterr().out)
+
+
+def test_the_goodput_line_rounds_the_attainment_the_table_rounds():
+    """61/83 = 73.49%: both tables say 73% (the goodput line rounded the CSV's 0.735)."""
+    from scripts.sweep_report import format_tables, goodput_rows
+
+    run = {"policy": "chunked", "line": "chunked", "rate": 1.5, "workload": "arxiv",
+           "model": "m", "engine": "sim", "latency": "x", "ttft_slo_s": 10.0,
+           "tbt_slo_s": 0.125, "slo_attainment": 61 / 83, "ttft_attainment": 1.0,
+           "tbt_attainment": 61 / 83, "ttft_p90_s": 1.0, "tbt_p99_s": 0.1, "e2e_mean_s": 2.0,
+           "energy_per_token_j": 0.03, "expert_bytes": 1e9, "wall_time_s": 1.0}
+    text = format_tables([run], goodput_rows([run]))
+    assert "1.5: 73%" in text and "74%" not in text
