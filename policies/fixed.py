@@ -24,7 +24,8 @@ class FixedGroups:
     mode: str = "layered"
 
     def __post_init__(self) -> None:
-        # (G above the model's layer count means one layer a group: capped when deciding)
+        # (G above the model's layer count: refused where the model is known, make_policy;
+        # a view of another model caps it at one layer a group)
         check_setting(self.name, "groups", self.groups, is_count(self.groups),
                       "a positive integer")
         check_setting(self.name, "budget", self.budget,

@@ -398,7 +398,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> None:
+    """``lpenv-bench-engine``: the console script exits with ``main()``'s value, so it
+    returns None (0); ``run`` returns the result."""
+    run(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     mcfg = ModelConfig.load(args.model)

@@ -218,9 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(problem)  # before any worker starts: a bad profile, a machine too small
     panels = run_panels(names, Path(args.out), args.jobs, args.duration, args.warmup,
                         args.hardware, tuple(args.rates) if args.rates else None)
-    print(f"predicted on the simulator ({args.hardware}); energy modeled")
-    for panel in panels:
-        print(format_figures(panel["panel"], panel["policies"]))
+    if len(panels) > 1:  # (each panel printed its own figures as it finished)
+        print(f"predicted on the simulator ({args.hardware}); energy modeled")
+        for panel in panels:
+            print(format_figures(panel["panel"], panel["policies"]))
 
 
 if __name__ == "__main__":

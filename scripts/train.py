@@ -44,6 +44,15 @@ register_configs()
 log = logging.getLogger("lpenv.train")
 
 
+def check_export_path(target: Path) -> None:
+    """Only an earlier export (or an empty folder) is replaced: ``export_path=results`` would
+    otherwise delete every result."""
+    if target.exists() and not (target.is_dir() and ((target / "policy.json").is_file()
+                                                      or not any(target.iterdir()))):
+        raise ValueError(f"train.export_path {target} exists and is not a policy artifact "
+                         "(no policy.json): refusing to replace it")
+
+
 def check(cfg: DictConfig) -> None:
     """Config mistakes as one clear message, before anything is built."""
     check_top_level(cfg, TrainConfig)
@@ -52,6 +61,8 @@ def check(cfg: DictConfig) -> None:
     if cfg.engine.mode != "layered":
         raise ValueError("engine.mode must be layered: the env drives layered prefill")
     t = cfg.train
+    if t.export_path:
+        check_export_path(Path(t.export_path))
     if t.algo not in ALGOS:
         raise ValueError(f"train.algo must be one of {ALGOS}, got {t.algo!r}")
     for key in ("total_timesteps", "n_envs", "eval_episodes"):
@@ -78,6 +89,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if t.export_path:
         target = Path(t.export_path)
         if target.exists():
+            check_export_path(target)
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(exported, target)

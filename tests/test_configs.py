@@ -229,6 +229,17 @@ def test_train_config_mistakes_are_caught_before_training(override, message):
                 "+train.hyperparams.policy_kwargs.activation_fn=relu"], name="train"))
 
 
+def test_train_never_replaces_a_folder_that_is_not_an_export(tmp_path):
+    from scripts.train import check
+
+    (tmp_path / "keep.json").write_text("{}")  # e.g. export_path=results
+    with pytest.raises(ValueError, match="not a policy artifact"):
+        check(load(["model=qwen3-moe-tiny", f"train.export_path={tmp_path}"], name="train"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "policy.json").write_text("{}")  # an earlier export: replaced
+    check(load(["model=qwen3-moe-tiny", f"train.export_path={tmp_path / 'old'}"], name="train"))
+
+
 def test_an_activation_by_name_reaches_sb3_as_its_class():
     import torch.nn as nn
 
