@@ -81,7 +81,10 @@ class LayeredPrefillEnv(gym.Env):
     ## Arguments
     ``gymnasium.make("lpenv/LayeredPrefill-v1", engine=..., workload=..., slo=..., reward=...,
     backend=..., group_choices=None, admission_levels=4, allow_stagger=True, queue_slots=8,
-    horizon_s=None, max_decisions=None, render_mode=None)``; ``engine``, ``workload``,
+    horizon_s=None, max_decisions=None, rate_scale=None, energy_scale=0.01,
+    render_mode=None)``; ``rate_scale`` (req/s; None: the workload's rate) and
+    ``energy_scale`` (J per token) normalize the observation's arrival rate and energy per
+    token (``lpenv.observation``); ``engine``, ``workload``,
     ``reward`` and ``backend`` take their config dataclasses or mappings (Hydra configs),
     ``slo`` a mapping ``{ttft_s, tbt_s}``. A mapping for ``engine`` or ``workload`` goes over
     the env's defaults (``ENGINE_DEFAULTS``: qwen3-moe-tiny, 8,192 KV tokens, budget 512;
