@@ -51,12 +51,10 @@ class EngineConfig:
             value = getattr(self, key)
             if not is_count(value):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        cap = self.max_batches_in_flight
-        if cap is not None and not is_count(cap):
-            raise ConfigError(f"max_batches_in_flight must be a positive integer or None, got "
-                              f"{cap!r}")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        for key in ("max_batches_in_flight", "max_model_len"):
+            value = getattr(self, key)
+            if value is not None and not is_count(value):
+                raise ConfigError(f"{key} must be a positive integer or None, got {value!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

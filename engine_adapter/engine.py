@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 
@@ -142,11 +144,25 @@ class Engine:
             raise RequestError(
                 f"prompt of {prompt_len} tokens plus max_tokens {max_tokens} exceeds the model "
                 f"length {self.max_model_len}")
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if arrival_time is None:
+            arrival = self.clock.now()
+        elif (isinstance(arrival_time, Real) and not isinstance(arrival_time, bool)
+              and math.isfinite(arrival_time)):
+            arrival = float(arrival_time)
+        else:  # (a NaN or an infinity would freeze the arrival-rate estimate for good)
+            raise RequestError(f"arrival_time must be a finite number of seconds, got "
+                               f"{arrival_time!r}")
+        if request_id is None:  # the next number no request holds (a caller's "1" may)
+            rid = str(next(self._ids))
+            while rid in self.scheduler.requests:
+                rid = str(next(self._ids))
+        else:
+            rid = str(request_id)
         if rid in self.scheduler.requests:
             raise RequestError(f"request id {rid!r} is already in use")
-        arrival = self.clock.now() if arrival_time is None else float(arrival_time)
-        self.scheduler.add(Request(rid, prompt, max_tokens, arrival, prompt_len=prompt_len))
+        # (numpy's integers as Python's: reports and stats count with them)
+        self.scheduler.add(Request(rid, prompt, int(max_tokens), arrival,
+                                   prompt_len=int(prompt_len)))
         self._note_arrival(arrival)
         return rid
 
@@ -204,6 +220,10 @@ class Engine:
         horizon). Only where none needs a decision (``Scheduler.plan_run``), the executor
         prices runs (the simulator) and the clock is virtual; None otherwise, and then
         ``step`` is the way on."""
+        if not is_count(limit):
+            raise ValueError(f"step_run's limit must be a positive integer, got {limit!r}")
+        if until != until:  # NaN: no iteration would stop the run
+            raise ValueError("step_run's until must be a time or inf, got NaN")
         execute_run = getattr(self.executor, "execute_run", None)
         start = self.clock.now()
         if execute_run is None or not isinstance(self.clock, VirtualClock) or start >= until:

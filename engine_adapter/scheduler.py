@@ -92,7 +92,11 @@ class Scheduler:
         self._next_batch_id = 0
         self._admit_order: dict[str, int] = {}
         self._admit_counter = 0
-        self.preempted_last: list[str] = []
+        # Requests preempted, and batches cancelled, since the last plan: they belong to the
+        # next plan made (a refused decision in between must not lose them: the executor
+        # drops a cancelled batch's carried activations when a plan says so).
+        self._preempted: list[str] = []
+        self.preempted_last: list[str] = []  # the last plan's, for its report
         self._prepared = False
         self._view: SchedulerView | None = None
         self._cancelled: list[int] = []
@@ -116,6 +120,13 @@ class Scheduler:
         self._view = None
         if req.status == RequestStatus.PREFILLING:
             req.status = RequestStatus.ABORTED  # its batch frees it when the batch ends
+            batch = next(b for b in self.batches if b.batch_id == req.batch_id)
+            if all(self.requests[s.request_id].status == RequestStatus.ABORTED
+                   for s in batch.segments):  # computing for nobody: cancelled now
+                self.batches.remove(batch)
+                for seg in batch.segments:
+                    self._retire(self.requests[seg.request_id], RequestStatus.ABORTED)
+                self._cancelled.append(batch.batch_id)
         else:
             self._retire(req, RequestStatus.ABORTED)
 
@@ -151,8 +162,7 @@ class Scheduler:
         """
         if self._prepared:
             return
-        self.preempted_last = []
-        self._cancelled = self._grow_decodes()
+        self._cancelled += self._grow_decodes()
         if self.waiting:
             self._unblock_head(now)
         self._prepared = True
@@ -172,11 +182,12 @@ class Scheduler:
         """The next iteration's plan. In layered mode ``decision`` (or, if None, the policy's)
         says whether and how a new prefill batch starts."""
         self.prepare(now)
-        self._check_cap(decision)
-        cancelled = self._cancelled
+        self._check_decision(decision)
         self._take_decision(now, decision)
         if not self.decoding and not self.batches:
-            return None
+            return None  # (what was cancelled or preempted goes with the next plan)
+        cancelled, self._cancelled = self._cancelled, []
+        self.preempted_last, self._preempted = self._preempted, []
         if self.with_data:
             decode = tuple(
                 Segment(r.request_id, r.num_computed, 1, tuple(r.block_table), True,
@@ -210,8 +221,8 @@ class Scheduler:
         (``_plan_chunks``). Each of its iterations is the plan ``schedule`` would make;
         ``commit_run`` applies as many as ran."""
         self.prepare(now)  # the first iteration's KV slots (and preemptions, if any)
-        self._check_cap(decision)
-        if self.preempted_last or len(self.batches) > 1:
+        self._check_decision(decision)
+        if self._preempted or self._cancelled or len(self.batches) > 1:
             return None
         due = bool(self.waiting) and not self.at_cap  # a decision is due this iteration
         if due and self.mode == "chunked" and decision is None:
@@ -378,14 +389,33 @@ class Scheduler:
                         done.append(req)
         finish(done)
         self.iteration += iterations
-        self._prepared, self._view, self._cancelled = False, None, []
+        self._prepared, self._view, self.preempted_last = False, None, []
         return out
 
-    def _check_cap(self, decision: Decision | None) -> None:
-        if self.at_cap and decision is not None and decision.admit:
+    def _check_decision(self, decision: Decision | None) -> None:
+        """A decision the scheduler cannot take as given is refused, never ignored or
+        changed: not a Decision, an admission that is not a sequence of request ids (a bare
+        string would admit its characters), or one that admits where no batch can start."""
+        if decision is None:
+            return
+        if not isinstance(decision, Decision):
+            raise InvalidDecision(
+                f"a policy must return a Decision, got {type(decision).__name__}")
+        if not isinstance(decision.admit, (tuple, list)):
+            raise InvalidDecision(f"a decision admits a tuple of request ids, got "
+                                  f"{decision.admit!r}")
+        if not decision.admit:
+            return
+        if self.mode == "chunked":
+            raise InvalidDecision("chunked mode admits first come, first served itself: "
+                                  "give no decision (or Decision.wait())")
+        if self.at_cap:
             raise InvalidDecision(
                 f"{len(self.batches)} prefill batches are in flight, the most "
                 f"max_batches_in_flight={self.max_in_flight} allows: none can start")
+        if not self.waiting:
+            raise InvalidDecision(f"no request waits: nothing to admit (admit "
+                                  f"{decision.admit})")
 
     def _take_decision(self, now: float, decision: Decision | None) -> None:
         """The coming iteration's decision (``decision``, the policy's, or first come first
@@ -401,9 +431,7 @@ class Scheduler:
             if self.decide is None:
                 raise InvalidDecision("requests wait and there is no policy to decide")
             decision = self.decide(view)
-        if not isinstance(decision, Decision):
-            raise InvalidDecision(
-                f"a policy must return a Decision, got {type(decision).__name__}")
+            self._check_decision(decision)
         if decision.admit:
             self._start_batch(view, decision)
 
@@ -509,12 +537,14 @@ class Scheduler:
 
     def _preempt_one(self, exclude: Request) -> list[int]:
         """Preempt (for recompute) the most recently admitted holder of KV blocks."""
-        holders = [r for r in self.requests.values()
-                   if r.block_table and r is not exclude and r.status != RequestStatus.ABORTED]
+        holders = [r for r in self.requests.values() if r.block_table and r is not exclude]
         if not holders:
             # Only possible if one request outgrows the whole cache, which add() rules out.
             raise RuntimeError(f"request {exclude.request_id} cannot fit in the KV cache")
-        victim = max(holders, key=lambda r: self._admit_order.get(r.request_id, -1))
+        # An aborted request's batch first (it computes for nobody: skipping it jammed the
+        # engine when it held the last blocks), then the most recently admitted.
+        victim = max(holders, key=lambda r: (r.status == RequestStatus.ABORTED,
+                                             self._admit_order.get(r.request_id, -1)))
         if victim.status == RequestStatus.PREFILLING:
             batch = next(b for b in self.batches if b.batch_id == victim.batch_id)
             self.batches.remove(batch)
@@ -538,7 +568,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)
-        self.preempted_last.append(req.request_id)
+        self._preempted.append(req.request_id)
 
     def _note_admitted(self, req: Request) -> None:
         """Its place in the admission order (preemption takes the latest first)."""
@@ -547,6 +577,10 @@ class Scheduler:
             self._admit_counter += 1
 
     def _start_batch(self, view: SchedulerView, decision: Decision) -> None:
+        gone = [rid for rid in decision.admit
+                if (r := self.requests.get(rid)) is None or r.status != RequestStatus.WAITING]
+        if gone:  # e.g. aborted by the policy while it decided, on a view from before
+            raise InvalidDecision(f"admission names requests that are not waiting: {gone}")
         allotment = view.allot(decision)
         batch_id = self._next_batch_id
         self._next_batch_id += 1
