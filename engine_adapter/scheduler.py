@@ -545,7 +545,9 @@ class Scheduler:
         # engine when it held the last blocks), then the most recently admitted.
         victim = max(holders, key=lambda r: (r.status == RequestStatus.ABORTED,
                                              self._admit_order.get(r.request_id, -1)))
-        if victim.status == RequestStatus.PREFILLING:
+        if victim.status in (RequestStatus.PREFILLING, RequestStatus.ABORTED):
+            # (an aborted request holding blocks is always in a batch in flight: the whole
+            # batch goes, its live requests back to the queue)
             batch = next(b for b in self.batches if b.batch_id == victim.batch_id)
             self.batches.remove(batch)
             for seg in reversed(batch.segments):

@@ -55,6 +55,21 @@ def test_aborting_a_batch_mid_prefill_frees_it_and_the_engine_goes_on():
     assert not e.has_unfinished() and e.blocks.num_free == e.blocks.num_blocks
 
 
+def test_a_batch_with_one_request_aborted_is_preempted_whole_when_blocks_run_short():
+    e = sim_engine(decide=lambda view: Decision(1, view.fcfs_admission()), kv_cache_tokens=64,
+                   block_size=4, max_model_len=64)
+    e.add_request_of_length(7, 40, request_id="A")
+    e.step(Decision(1, ("A",)))
+    e.add_request_of_length(28, 1, request_id="B")
+    e.add_request_of_length(28, 2, request_id="C")
+    e.step(Decision(5, ("B", "C")))
+    assert e.blocks.num_free == 0
+    e.abort("B")  # C still wants its tokens: the batch flies on
+    assert e.scheduler.batches
+    e.run()  # A's growth preempts the batch: B retired, C back in the queue, then served
+    assert not e.has_unfinished() and e.blocks.num_free == e.blocks.num_blocks
+
+
 def test_a_refused_decision_keeps_the_preemption_for_the_next_plan():
     # (prepare preempted B's batch for A's growth; a refused decision then ran prepare again,
     # which forgot both: the torch executor kept B's activations for good)
