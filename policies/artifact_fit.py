@@ -4,7 +4,6 @@ refused naming each field with both values; what it only records warns."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass, replace
@@ -13,13 +12,7 @@ from typing import Any
 from engine_adapter.config import EngineConfig
 from engine_adapter.engine import max_model_len
 from engine_adapter.model_config import ModelConfig
-from policies.env_configuration import policy_context
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_json"):
-        value = value.to_json()
-    return json.loads(json.dumps(value))  # tuples -> lists, as in the artifact
+from policies.env_configuration import plain, policy_context
 
 
 class ArtifactMismatch(UserWarning):
@@ -65,7 +58,7 @@ def _expected(expect: Mapping) -> dict[str, Any]:
         if value is None and key in ("engine", "context"):
             continue  # not known where it is loaded
         if key in ("observation", "actions"):
-            out |= {f"{key}.{k}": v for k, v in _plain(value).items()}
+            out |= {f"{key}.{k}": v for k, v in plain(value).items()}
         elif key == "num_layers":
             out["observation.num_layers"] = value
         elif key in ("spec_version", "version"):
@@ -135,9 +128,9 @@ def check_expect(doc: dict, expect: Mapping) -> None:
             section, key = field.split(".", 1)
             if key not in doc[section]:
                 (problems if reads else notes).append(f"{field}: artifact has none, expected "
-                                                      f"{_plain(want)!r}")
+                                                      f"{plain(want)!r}")
                 continue
-            have, want = doc[section][key], _plain(want)
+            have, want = doc[section][key], plain(want)
             same = have == want
         if not same:
             (problems if reads else notes).append(f"{field}: artifact {have!r}, expected {want!r}")

@@ -27,19 +27,22 @@ def env_config(env: Any) -> dict:
     if isinstance(env, Mapping):
         return normalize_config(env)
     if hasattr(env, "env_method"):  # a stable-baselines3 VecEnv
-        return _to_plain(env.env_method("config_dict", indices=0)[0])
-    return _to_plain(env.unwrapped.config_dict())
+        return plain(env.env_method("config_dict", indices=0)[0])
+    return plain(env.unwrapped.config_dict())
 
 
-def _to_plain(value: Any) -> Any:
-    """Plain JSON types from nested mappings and sequences (OmegaConf's included)."""
+def plain(value: Any) -> Any:
+    """Plain JSON types from nested mappings and sequences (OmegaConf's included) and from
+    what has a ``to_json`` (specs, codecs): as an artifact records them."""
+    if hasattr(value, "to_json"):
+        value = value.to_json()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
-        return {str(k): _to_plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         return value
-    return [_to_plain(v) for v in value]
+    return [plain(v) for v in value]
 
 
 def normalize_config(config: Mapping) -> dict:
@@ -49,7 +52,7 @@ def normalize_config(config: Mapping) -> dict:
     if not isinstance(config, Mapping):
         raise ValueError(f"an env configuration is a mapping of its sections (engine, "
                          f"workload, slo, ...), got {type(config).__name__}")
-    config = _to_plain(config)
+    config = plain(config)
     if "observation" in config and "actions" in config:
         unknown = sorted(set(config) - _CONFIG_KEYS)
         if unknown:
