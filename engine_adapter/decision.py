@@ -59,9 +59,9 @@ class EngineStats(NamedTuple):
     energy_per_token_j: float = 0.0
 
 
-@dataclass(frozen=True)
-class SchedulerView:
-    """What a policy may see when a prefill batch can be formed."""
+class SchedulerView(NamedTuple):
+    """What a policy may see when a prefill batch can be formed. (Immutable: a named tuple,
+    made at every decision point, twice as fast to make as a frozen dataclass.)"""
 
     now: float
     iteration: int

@@ -71,6 +71,12 @@ class ModeledEnergy:
     def stop(self, seconds: float, num_bytes: int, flops: int) -> float:
         return self.model.joules(seconds, num_bytes, flops)
 
+    def stop_each(self, seconds: list[float], num_bytes: list[int], flops: list[int]
+                  ) -> list[float]:
+        """``stop`` of each of a run's iterations (the same sums, one call)."""
+        joules = self.model.joules
+        return [joules(s, b, f) for s, b, f in zip(seconds, num_bytes, flops)]
+
 
 class NvmlCounter:
     """NVML's total-energy counter of one GPU (millijoules since the driver loaded), read

@@ -146,8 +146,8 @@ class Engine:
                 f"length {self.max_model_len}")
         if arrival_time is None:
             arrival = self.clock.now()
-        elif (isinstance(arrival_time, Real) and not isinstance(arrival_time, bool)
-              and math.isfinite(arrival_time)):
+        elif (type(arrival_time) is float or isinstance(arrival_time, Real)
+              and not isinstance(arrival_time, bool)) and math.isfinite(arrival_time):
             arrival = float(arrival_time)
         else:  # (a NaN or an infinity would freeze the arrival-rate estimate for good)
             raise RequestError(f"arrival_time must be a finite number of seconds, got "
@@ -226,32 +226,31 @@ class Engine:
             raise ValueError("step_run's until must be a time or inf, got NaN")
         execute_run = getattr(self.executor, "execute_run", None)
         start = self.clock.now()
-        if execute_run is None or not isinstance(self.clock, VirtualClock) or start >= until:
+        if (execute_run is None or not isinstance(self.clock, VirtualClock) or start >= until
+                or not hasattr(self.energy, "stop_each")):  # (runs are priced, so modeled)
             return None
         run = self.scheduler.plan_run(start, limit, decision)
         if run is None:
             return None
         result = execute_run(run, start, until)
-        n = result.iterations
-        self.clock.advance_to(float(result.times[-1]))
         times = result.times
-        latencies = times[1:] - times[:-1]  # as step() reports them: end - start on the clock
-        t = result.traffic
-        moved = t.weight_bytes + t.kv_bytes
-        joules = self.energy.stop(latencies, moved, t.flops).tolist()
-        latency_list = latencies.tolist()
-        self._update_stats(latency_list, joules, run.iteration_tokens(n) if run.joined
+        n = len(times) - 1
+        self.clock.advance_to(times[-1])
+        # (as step() reports them: end - start on the clock)
+        latencies = [b - a for a, b in zip(times, times[1:])]
+        joules = self.energy.stop_each(latencies, result.moved_bytes, result.flops)
+        self._update_stats(latencies, joules, run.iteration_tokens(n) if run.joined
                            else run.num_tokens)
         first_index = tuple(len(self.scheduler.requests[s.request_id].output_token_ids)
                             for s in run.decode)
         outcome = self.scheduler.commit_run(run, n, result.token)
         end = run.batch_end
         return RunReport(
-            first_iteration=run.first_iteration, iterations=n, times=result.times.tolist(),
-            latencies=latency_list, request_ids=tuple(s.request_id for s in run.decode),
+            first_iteration=run.first_iteration, iterations=n, times=times,
+            latencies=latencies, request_ids=tuple(s.request_id for s in run.decode),
             first_token_index=first_index, energy_j=joules,
-            expert_bytes=_total(t.expert_bytes, n), total_bytes=_total(moved, n),
-            flops=_total(t.flops, n), energy_source=self.energy.source,
+            expert_bytes=sum(result.expert_bytes), total_bytes=sum(result.moved_bytes),
+            flops=sum(result.flops), energy_source=self.energy.source,
             finished=outcome.finished, emitted=tuple((rid, i) for rid, i, _ in outcome.emitted),
             emitted_at=-1 if end is None or end >= n else end)
 
@@ -293,11 +292,6 @@ class Engine:
                 raise RuntimeError("requests are queued but none can be scheduled")
             reports.append(report)
         return reports
-
-
-def _total(value, iterations: int) -> int:
-    """A run's sum of a field: an array over its iterations, or a constant of each."""
-    return int(value.sum()) if isinstance(value, np.ndarray) else int(value) * iterations
 
 
 def warm_up(executor, config: EngineConfig, model_config: ModelConfig, tokens: int = 32) -> None:

@@ -8,6 +8,7 @@ layer come from a routing model (``engine_adapter.routing``).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,6 @@ from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, IterationRun, RunResult
 from engine_adapter.routing import RoutingModel
 from engine_adapter.traffic import (
-    TRAFFIC_FIELDS,
     Traffic,
     edge_traffic_of,
     layer_classes,
@@ -115,14 +115,16 @@ class SimExecutor:
         return self.cost.price_groups(run.plan(), groups, self._run_edge(run, k))
 
     @staticmethod
-    def _times(start: float, latency, factors: np.ndarray | None, k: int) -> np.ndarray:
+    def _times(start: float, latency, factors, k: int) -> list[float]:
         """The run's start, then each of its first ``k`` iterations' end: a sequential sum,
         the clock's own (``factors``: the latency noise)."""
+        if k == 1 and not isinstance(latency, np.ndarray):  # (a batch's one stage: no array)
+            return [start, start + (latency if factors is None else latency * factors[0])]
         times = np.empty(k + 1)
         times[0], times[1:] = start, latency
         if factors is not None:
             times[1:] *= factors[:k]
-        return np.cumsum(times, out=times)
+        return times.cumsum(out=times).tolist()
 
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price
@@ -136,38 +138,30 @@ class SimExecutor:
             latency, traffic = self._price_plan(run.plan())[:2]
             if self.noise_sd:
                 latency *= float(self._noise())
-            return RunResult(np.array((start, start + latency)), traffic)
+            return RunResult.of([start, start + latency], [(traffic, 1)], 1)
         noise_state = factors = None
         if self.noise_sd:
             noise_state = self._rng.bit_generator.state
             factors = self._noise(k)
         end = run.batch_end
         if run.joined and k > end + 1:
-            latency, traffic = self._price_run(run, end + 1)
-            times = self._times(start, latency, factors, end + 1)
+            j = end + 1
+            latency, traffic = self._price_run(run, j)
+            times = self._times(start, latency, factors, j)
+            parts = [(traffic, j)]
             if times[-1] < until:  # the iteration after the batch's end runs
-                after, after_traffic = self._price_run(run.after_batch(), k - end - 1)
-
-                def joined(a, b, dtype):
-                    out = np.empty(k, dtype)
-                    out[:end + 1], out[end + 1:] = a, b
-                    return out
-
-                latency = joined(latency, after, float)
-                traffic = Traffic(*(joined(getattr(traffic, f), getattr(after_traffic, f),
-                                           np.int64) for f in TRAFFIC_FIELDS))
-                times = self._times(start, latency, factors, k)
+                after, after_traffic = self._price_run(run.after_batch(), k - j)
+                # (the clock's sum goes on from the batch's end: the same as one sum)
+                times += self._times(times[-1], after, None if factors is None
+                                     else factors[j:], k - j)[1:]
+                parts.append((after_traffic, k - j))
         else:
             latency, traffic = self._price_run(run, k)
             times = self._times(start, latency, factors, k)
-        ran = max(1, int(np.searchsorted(times[:-1], until)))
+            parts = [(traffic, k)]
+        ran = max(1, bisect_left(times, until, 0, len(times) - 1))
         if noise_state is not None and ran < k:
             # Leave the noise stream where ``ran`` single iterations would have left it.
             self._rng.bit_generator.state = noise_state
             self._rng.standard_normal(ran)
-
-        def first(x):  # a field over the iterations that ran (a constant one as it is)
-            return x[:ran] if isinstance(x, np.ndarray) else x
-
-        return RunResult(times[:ran + 1],
-                         Traffic(*(first(getattr(traffic, f)) for f in TRAFFIC_FIELDS)))
+        return RunResult.of(times[:ran + 1], parts, ran)

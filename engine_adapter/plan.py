@@ -28,8 +28,7 @@ class Segment(NamedTuple):
         return self.start + self.length
 
 
-@dataclass(frozen=True)
-class StageWork:
+class StageWork(NamedTuple):
     """Stage ``stage`` (0-based) of prefill batch ``batch_id``: its rows through layers
     ``[layer_start, layer_end)``."""
 
@@ -56,8 +55,7 @@ class StageWork:
         return self.layer_start <= layer < self.layer_end
 
 
-@dataclass(frozen=True)
-class IterationPlan:
+class IterationPlan(NamedTuple):
     """One iteration: the decode batch passes every layer, each stage its layer range."""
 
     iteration: int
@@ -85,8 +83,7 @@ class IterationPlan:
         )
 
 
-@dataclass(frozen=True)
-class IterationRun:
+class IterationRun(NamedTuple):
     """Up to ``max_iterations`` iterations that need no decision and change nothing but
     positions and stages: the same decode rows, each one position further per iteration, and at
     most one prefill batch in flight, one stage further per iteration up to its last stage
@@ -198,15 +195,38 @@ class ExecutionResult:
 @dataclass
 class RunResult:
     """What an executor priced for the first iterations of an IterationRun (those starting
-    before the run's deadline)."""
+    before the run's deadline): per iteration, what the engine reports and pays energy for."""
 
-    times: Any  # float array: the run's start, then each iteration's end
-    traffic: Any  # a Traffic whose fields are arrays over those iterations (or constants)
+    times: list[float]  # the run's start, then each iteration's end
+    expert_bytes: list[int]
+    moved_bytes: list[int]  # weights and KV cache read and written
+    flops: list[int]
     token: int = 0  # the token each iteration emits per request (the simulator's placeholder)
 
     @property
     def iterations(self) -> int:
         return len(self.times) - 1
+
+    @classmethod
+    def of(cls, times: list[float], parts: list[tuple[Any, int]], ran: int) -> RunResult:
+        """The first ``ran`` iterations of a run priced in consecutive ``parts`` (a Traffic
+        whose fields are arrays over its iterations, or constants, and how many it covers)."""
+        expert, moved, flops = [], [], []
+        for traffic, n in parts:
+            n = min(n, ran - len(expert))
+            if n <= 0:
+                break
+            expert += _first(traffic.expert_bytes, n)
+            moved += _first(traffic.weight_bytes + traffic.kv_bytes, n)
+            flops += _first(traffic.flops, n)
+        return cls(times, expert, moved, flops)
+
+
+def _first(value: Any, n: int) -> list[int]:
+    """A field's first ``n`` values: an array over the iterations, or a constant."""
+    if hasattr(value, "tolist"):
+        return value[:n].tolist() if getattr(value, "ndim", 0) else [int(value)] * n
+    return [value] * n
 
 
 @dataclass

@@ -527,13 +527,14 @@ class Scheduler:
         if self.decoding or self.batches:
             return  # running requests will finish and free blocks
         head = self.waiting[0]
-        while not self.view(now).fcfs_admission():
+        while not (view := self.view(now)).admits_any():
             holders = [r for r in self.waiting if r.block_table and r is not head]
             if not holders:
                 return  # the head cannot fit for another reason (max_num_seqs, budget)
             self._preempt(max(holders, key=lambda r: self._admit_order.get(r.request_id, -1)))
             self.waiting.remove(head)
             self.waiting.appendleft(head)  # the preempted request queues behind the head
+        self._view = view  # (nothing changes before the decision: the one it is made on)
 
     def _preempt_one(self, exclude: Request) -> list[int]:
         """Preempt (for recompute) the most recently admitted holder of KV blocks."""

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,8 +19,10 @@ from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationPlan, IterationRun, Segment
 
 
-@dataclass(frozen=True)
-class Traffic:
+class Traffic(NamedTuple):
+    """(Named tuples, these records: made several times per iteration priced, and a frozen
+    dataclass takes twice as long to make.)"""
+
     expert_bytes: int  # the paper's expert-load traffic: distinct experts x bytes of one expert
     weight_bytes: int  # all weights read, experts included
     kv_bytes: int  # KV cache read and written
@@ -53,8 +56,7 @@ TRAFFIC_FIELDS = ("expert_bytes", "weight_bytes", "kv_bytes", "flops", "expert_f
                   "attention_flops")
 
 
-@dataclass(frozen=True)
-class RowStats:
+class RowStats(NamedTuple):
     """What a layer's attention and projections cost depends on, summed over its segments."""
 
     rows: int = 0
@@ -166,8 +168,7 @@ def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
     return per_layer(classes, [c.stats for c in classes], plan.num_layers, config)
 
 
-@dataclass(frozen=True)
-class LayerClass:
+class LayerClass(NamedTuple):
     """Layers of one plan that cost the same: one kind (window, MoE or dense) under the same
     stages, so the same rows. ``spans`` are the [start, end) ranges holding them."""
 

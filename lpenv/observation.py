@@ -94,4 +94,4 @@ class ObservationSpec:
                 stats.arrival_rate / self.rate_scale,
                 stats.energy_per_token_j / self.energy_scale)
         out = np.array(obs, dtype=np.float32)
-        return np.clip(out, 0.0, CLIP, out=out)
+        return out.clip(0.0, CLIP, out=out)  # (the method: np.clip's dispatch costs more)
