@@ -211,22 +211,24 @@ class RunResult:
     def of(cls, times: list[float], parts: list[tuple[Any, int]], ran: int) -> RunResult:
         """The first ``ran`` iterations of a run priced in consecutive ``parts`` (a Traffic
         whose fields are arrays over its iterations, or constants, and how many it covers)."""
-        expert, moved, flops = [], [], []
+        fields: list[list[int]] = [[], [], []]
+        left = ran
         for traffic, n in parts:
-            n = min(n, ran - len(expert))
+            n = min(n, left)
             if n <= 0:
                 break
-            expert += _first(traffic.expert_bytes, n)
-            moved += _first(traffic.weight_bytes + traffic.kv_bytes, n)
-            flops += _first(traffic.flops, n)
-        return cls(times, expert, moved, flops)
-
-
-def _first(value: Any, n: int) -> list[int]:
-    """A field's first ``n`` values: an array over the iterations, or a constant."""
-    if hasattr(value, "tolist"):
-        return value[:n].tolist() if getattr(value, "ndim", 0) else [int(value)] * n
-    return [value] * n
+            left -= n
+            for out, value in zip(fields, (traffic.expert_bytes,
+                                           traffic.weight_bytes + traffic.kv_bytes,
+                                           traffic.flops)):
+                # an array over the part's iterations, or a constant of each
+                if type(value) is int:
+                    out += [value] * n
+                elif getattr(value, "ndim", 0):
+                    out += value[:n].tolist()
+                else:
+                    out += [int(value)] * n
+        return cls(times, *fields)
 
 
 @dataclass
