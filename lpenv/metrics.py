@@ -188,7 +188,12 @@ def tbt_gaps_of(recs: Sequence[RequestRecord]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> float | None:
-    """DistServe's goodput: the highest request rate tested whose SLO attainment is at least
-    ``target`` (None if none is)."""
-    ok = [rate for rate, a in attainment_by_rate.items() if a >= target]
-    return max(ok) if ok else None
+    """DistServe's goodput: the highest request rate that is served at SLO attainment of at
+    least ``target``, and every lower rate tested with it (None if the lowest is not). A
+    curve that dips and recovers (one seed: noise) does not lift it past the dip."""
+    best = None
+    for rate in sorted(attainment_by_rate):
+        if not attainment_by_rate[rate] >= target:  # (a NaN attainment is not served)
+            break
+        best = rate
+    return best

@@ -9,7 +9,8 @@ writes, into ``--out`` (default: the first folder):
 * ``ttft_cdf.png``, ``tbt_cdf.png``: CDFs of TTFT and of every gap between tokens, per line,
   one panel per scenario and rate, the SLO as a dashed line;
 * ``goodput.csv``: per scenario and line, the goodput (DistServe's sense: the highest rate
-  tested whose attainment is >= the target) and the attainment at each rate;
+  tested whose attainment is >= the target, and every lower rate's too) and the attainment at
+  each rate;
 * ``runs.csv``: one row per run, its line and the main figures of its summary.
 
 and prints the run table and the goodput table. A line is a policy label together with every
@@ -323,7 +324,8 @@ def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TA
                     f"{_fmt(m['e2e_mean_s']):>8}{_fmt(m['energy_per_token_j'], 1e3):>8}"
                     f"{_fmt(m['expert_bytes'], 1e-9):>10}{_fmt(m['wall_time_s'], 1, '.1f'):>8}")
         lines.append("")
-    lines.append(f"goodput: highest request rate with SLO attainment >= {target:.0%}")
+    lines.append(f"goodput: highest request rate with SLO attainment >= {target:.0%} (and at "
+                 "every lower rate)")
     head = (f"{'workload':<10}{'model':<16}{'policy':<{width}}{'goodput req/s':>14}  "
             "attainment by rate")
     lines += [head, "-" * len(head)]

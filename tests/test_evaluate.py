@@ -137,7 +137,15 @@ def test_multirun_and_sweep_report(tmp_path, capsys):
 def test_goodput_is_the_highest_rate_meeting_the_target():
     assert sweep_report.goodput({1.0: 1.0, 2.0: 0.95, 3.0: 0.6}) == 2.0
     assert sweep_report.goodput({1.0: 0.5, 2.0: 0.2}) is None
-    assert sweep_report.goodput({1.0: 0.89, 2.0: 0.9}, target=0.9) == 2.0
+    assert sweep_report.goodput({2.0: 0.9, 1.0: 1.0}, target=0.9) == 2.0  # (any order)
+
+
+def test_goodput_stops_at_the_first_rate_that_misses():
+    # One seed per rate: a curve can dip and recover. The rate after the dip is not served
+    # with every rate below it, so it is not the goodput.
+    assert sweep_report.goodput({1.0: 0.89, 2.0: 0.9}, target=0.9) is None
+    assert sweep_report.goodput({1.0: 0.95, 2.0: 0.7, 3.0: 0.92}) == 1.0
+    assert sweep_report.goodput({1.0: 0.95, 2.0: float("nan")}) == 1.0
 
 
 def test_report_rebuilds_request_records(tmp_path):
