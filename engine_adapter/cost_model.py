@@ -121,9 +121,10 @@ class CostModel:
                 if edge is None:
                     edge = self._decode_edge[len(plan.decode)] = edge_traffic(
                         cfg, plan, self.dtype_bytes)
-        rows = len(plan.decode) + sum(st.num_tokens for st in plan.stages)
-        eb, wb, kb, fl, xf, af = (edge.expert_bytes, edge.weight_bytes, edge.kv_bytes,
-                                  edge.flops, edge.expert_flops, edge.attention_flops)
+        rows = len(plan.decode)
+        for st in plan.stages:
+            rows += st.num_tokens
+        eb, wb, kb, fl, xf, af = edge  # (a Traffic, in its fields' order)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
                    + self._time(fl - xf - af, xf, af, wb, kb))
         shapes, curve = self._shapes, hw.expert_curve_knots

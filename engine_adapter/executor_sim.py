@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
@@ -118,13 +119,13 @@ class SimExecutor:
     def _times(start: float, latency, factors, k: int) -> list[float]:
         """The run's start, then each of its first ``k`` iterations' end: a sequential sum,
         the clock's own (``factors``: the latency noise)."""
-        if k == 1 and not isinstance(latency, np.ndarray):  # (a batch's one stage: no array)
-            return [start, start + (latency if factors is None else latency * factors[0])]
-        times = np.empty(k + 1)
-        times[0], times[1:] = start, latency
+        if isinstance(latency, np.ndarray):
+            latency = latency.tolist()
+        else:  # (a constant over the run, e.g. a batch's one stage)
+            latency = [latency] * k
         if factors is not None:
-            times[1:] *= factors[:k]
-        return times.cumsum(out=times).tolist()
+            latency = [x * f for x, f in zip(latency, factors[:k].tolist())]
+        return list(accumulate(latency, initial=start))
 
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price

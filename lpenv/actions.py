@@ -104,11 +104,14 @@ class ActionCodec:
         return view is not None and bool(self._mask(view, True)[-1])
 
     def decode(self, action: Sequence[int], view: SchedulerView, can_wait: bool = True) -> Decision:
-        a = np.asarray(action).reshape(-1)
-        values = a.tolist()
+        if type(action) is list and all(type(x) is int for x in action):
+            values = action  # (the common case from Python: no array to make)
+        else:
+            a = np.asarray(action).reshape(-1)
+            values = a.tolist()
+            if a.dtype.kind == "f" and np.array_equal(a, np.trunc(a)):
+                values = [int(x) for x in values]  # whole numbers as floats, e.g. from a list
         nvec = self.nvec
-        if a.dtype.kind == "f" and np.array_equal(a, np.trunc(a)):
-            values = [int(x) for x in values]  # whole numbers as floats, e.g. from a list
         if len(values) != 3 or not all(
                 type(x) is int and 0 <= x < n for x, n in zip(values, nvec)):
             raise InvalidAction(f"action {values} is outside MultiDiscrete({nvec})")

@@ -121,7 +121,8 @@ class Episode:
     def apply(self, decision: Decision | None) -> None:
         """One engine iteration with ``decision`` (or a run of them, where the ones after the
         first need none); an idle engine jumps to the next arrival."""
-        if self.fast_forward and self._step_run(decision):
+        # (an idle engine runs nothing: no run to try; ``step`` says so and the clock jumps)
+        if self.fast_forward and self.engine.has_unfinished() and self._step_run(decision):
             return
         report = self.engine.step(decision)
         if report is None:
