@@ -254,6 +254,34 @@ def test_a_run_past_its_batch_prices_each_iteration_as_alone(mcfg, profile, rows
     _prices_each_iteration_as_alone(mcfg, CostModel(mcfg, profile, 2), run)
 
 
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 9])
+def test_a_noisy_run_past_its_batch_cut_anywhere_draws_as_one_by_one(cut):
+    # A G = 4 batch (iterations 0-3) joined by its requests' decode, on a profile with latency
+    # noise, cut by a deadline inside the batch, at its end, or after it: the iterations that
+    # ran take the noise draws one by one would, and the stream is left where one by one
+    # would leave it (the next run draws on from there).
+    bounds = layer_groups(QWEN.num_layers, 4)
+    segs = (Segment("p0", 0, 700, (), True),)
+    run = IterationRun(7, "layered", QWEN.num_layers, (Segment("d", 900, 1, (), True),),
+                       (StageWork(9, 0, 4, *bounds[0], segs),), tuple(bounds), 12,
+                       joined=(Segment("p0", 700, 1, (), True),))
+    cost = CostModel(QWEN, NOISY, 2)
+    fast, slow = SimExecutor(QWEN, cost, seed=5), SimExecutor(QWEN, cost, seed=5)
+    ends = [5.0]
+    for i in range(12):
+        ends.append(ends[-1] + slow.execute(run.plan(i)).latency_s)
+    result = fast.execute_run(run, 5.0, ends[cut - 1] + 1e-9)  # ``cut`` iterations start before
+    assert result.iterations == cut
+    assert result.times == pytest.approx(ends[:cut + 1], rel=1e-12)
+    after = SimExecutor(QWEN, cost, seed=5)
+    for i in range(cut):  # one by one, the same iterations
+        after.execute(run.plan(i))
+    assert fast._rng.standard_normal() == after._rng.standard_normal()
+    for i, (x, m, f) in enumerate(zip(result.expert_bytes, result.moved_bytes, result.flops)):
+        t = slow.execute(run.plan(i)).traffic
+        assert (x, m, f) == (t.expert_bytes, t.weight_bytes + t.kv_bytes, t.flops)
+
+
 def test_runs_go_on_past_a_batch_where_nothing_waits(monkeypatch):
     # G = 1 (the batch ends in the run's first iteration) and G = 8: its requests decode in
     # the same run; KV pressure stops such runs where the joined rows' blocks run out.
