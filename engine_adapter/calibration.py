@@ -258,7 +258,8 @@ def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample
     terms, measured = design_matrix(cost, samples)
     coef = fit_coefficients(terms, measured)
     spread = float(np.std(np.log(measured / np.maximum(terms @ coef, 1e-12))))
-    return from_coefficients(base, coef, name=name, source=source, latency_noise_sd=spread)
+    return from_coefficients(base, coef, name=name, source=source, latency_noise_sd=spread,
+                             fitted_model=cost.config.name)
 
 
 def predicted_latencies(cost: CostModel, samples: Sequence[Sample],

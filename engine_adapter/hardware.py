@@ -38,6 +38,10 @@ from engine_adapter.energy import ENERGY_MODELS, EnergyModel
 from engine_adapter.errors import ConfigError
 
 
+class ProfileExtrapolation(UserWarning):
+    """A calibrated profile used for another model than the one it was fitted on."""
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     name: str
@@ -77,6 +81,9 @@ class HardwareProfile:
     memory_bytes: float = 0.0
     energy: EnergyModel = field(default_factory=lambda: ENERGY_MODELS["cpu-generic"])
     source: str = "datasheet"
+    # The model a calibrated profile was fitted on ("": a datasheet profile, for any model):
+    # its fitted efficiencies and overheads hold for that model's shapes.
+    fitted_model: str = ""
 
     def __post_init__(self) -> None:
         if len(self.expert_curve_knots) != len(self.expert_curve_s):

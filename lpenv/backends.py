@@ -14,6 +14,7 @@ Built models are cached per process, so env resets and several envs share one se
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from engine_adapter.engine import build_model, max_model_len
 from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
-from engine_adapter.hardware import resolve_profile
+from engine_adapter.hardware import HardwareProfile, ProfileExtrapolation, resolve_profile
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.routing import RoutingModel
@@ -82,6 +83,8 @@ def check_backend(backend: BackendConfig, config: EngineConfig, model_config: Mo
     there, or weights and KV cache beyond the device's free memory (host memory on the CPU:
     rather than an allocator failure or the OOM killer)."""
     max_model_len(config, model_config)
+    if backend.name == "sim" or backend.latency == "modeled":
+        _warn_if_extrapolated(resolve_profile(backend.hardware), model_config)
     if backend.name == "sim":
         RoutingModel(model_config, backend.routing)
         check_fits(resolve_profile(backend.hardware), model_config, config)
@@ -95,6 +98,18 @@ def check_backend(backend: BackendConfig, config: EngineConfig, model_config: Mo
     if free is not None:
         held = _model_key(config) in _MODELS  # (built once per process, then shared)
         check_real_device_fits(model_config, config, free, str(device), weights_held=held)
+
+
+def _warn_if_extrapolated(profile: HardwareProfile, model_config: ModelConfig) -> None:
+    """A profile calibrated on one model prices another by extrapolation: its fitted
+    efficiencies and overheads came from the first model's shapes. Allowed (what would this
+    model cost on this machine?), but said."""
+    if profile.fitted_model and profile.fitted_model != model_config.name:
+        warnings.warn(
+            f"hardware profile {profile.name!r} was calibrated on {profile.fitted_model}; "
+            f"pricing {model_config.name} with it extrapolates its fit to other shapes (run "
+            f"lpenv-calibrate --model {model_config.name} where the real engine can run it)",
+            ProfileExtrapolation, stacklevel=3)
 
 
 def free_memory(device: torch.device) -> float | None:

@@ -167,6 +167,7 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     report = json.loads((tmp_path / "out" / "cpu-auto.json").read_text())
     profile = resolve_profile("cpu-auto")
     assert profile.source.startswith("lpenv-calibrate") and not profile.overlap
+    assert profile.fitted_model == "qwen3-moe-tiny"  # (pricing another model warns)
     assert report["profile"]["name"] == "cpu-auto"
     for key in ("fit_error", "held_out_iteration_error", "held_out_iteration_error_routing_model"):
         assert 0 <= report[key]["median"] <= report[key]["p90"]

@@ -49,6 +49,30 @@ def test_calibrated_profile_file_round_trips(tmp_path, monkeypatch):
         HardwareProfile.from_json({"name": "x", "peak_flop": 1})
 
 
+def test_a_profile_calibrated_on_one_model_warns_when_it_prices_another(tmp_path, monkeypatch):
+    import warnings
+
+    from engine_adapter.config import EngineConfig
+    from engine_adapter.hardware import ProfileExtrapolation
+    from engine_adapter.model_config import ModelConfig
+    from lpenv.backends import BackendConfig, check_backend
+
+    monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path))
+    write_profile(replace(DATASHEET_PROFILES["cpu-generic"], name="cpu-auto",
+                          fitted_model="qwen3-moe-cpu", source="calibrated"))
+    assert resolve_profile("cpu-auto").fitted_model == "qwen3-moe-cpu"  # (it round-trips)
+    sim = BackendConfig(name="sim", hardware="cpu-auto")
+    paper = EngineConfig(model="qwen3-30b-a3b", dtype="bfloat16", max_model_len=32768,
+                         kv_cache_tokens=65536)
+    with pytest.warns(ProfileExtrapolation, match="calibrated on qwen3-moe-cpu.*qwen3-30b-a3b"):
+        check_backend(sim, paper, ModelConfig.load("qwen3-30b-a3b"))
+    with warnings.catch_warnings():  # its own model, and any model on a datasheet profile
+        warnings.simplefilter("error")
+        check_backend(sim, EngineConfig(), ModelConfig.load("qwen3-moe-cpu"))
+        check_backend(BackendConfig(name="sim", hardware="h100-sxm"), paper,
+                      ModelConfig.load("qwen3-30b-a3b"))
+
+
 def test_nvml_meter_charges_every_iteration_between_counter_steps(monkeypatch):
     """NVML's energy counter advances in steps: iterations inside a step still cost energy."""
     clock = {"t": 0.0}
