@@ -20,8 +20,9 @@ from engine_adapter.plan import IterationPlan, IterationRun, Segment
 
 
 class Traffic(NamedTuple):
-    """(Named tuples, these records: made several times per iteration priced, and a frozen
-    dataclass takes twice as long to make.)"""
+    """Bytes moved and FLOPs done by an iteration (by each of a run's, where the fields are
+    arrays over its iterations). A named tuple, as ``RowStats`` and ``LayerClass``: several
+    are made per iteration priced, and a frozen dataclass takes twice as long to make."""
 
     expert_bytes: int  # the paper's expert-load traffic: distinct experts x bytes of one expert
     weight_bytes: int  # all weights read, experts included
@@ -52,8 +53,6 @@ class Traffic(NamedTuple):
 
 
 ZERO = Traffic(0, 0, 0, 0)
-TRAFFIC_FIELDS = ("expert_bytes", "weight_bytes", "kv_bytes", "flops", "expert_flops",
-                  "attention_flops")
 
 
 class RowStats(NamedTuple):
