@@ -109,7 +109,7 @@ def _warn_if_extrapolated(profile: HardwareProfile, model_config: ModelConfig) -
             f"hardware profile {profile.name!r} was calibrated on {profile.fitted_model}; "
             f"pricing {model_config.name} with it extrapolates its fit to other shapes (run "
             f"lpenv-calibrate --model {model_config.name} where the real engine can run it)",
-            ProfileExtrapolation, stacklevel=3)
+            ProfileExtrapolation, stacklevel=2)  # (one place: said once per process)
 
 
 def free_memory(device: torch.device) -> float | None:
