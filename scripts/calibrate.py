@@ -65,7 +65,12 @@ from engine_adapter.engine import Engine, build_model, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.executor_torch import TorchExecutor
-from engine_adapter.hardware import DATASHEET_PROFILES, profile_dir, write_profile
+from engine_adapter.hardware import (
+    DATASHEET_PROFILES,
+    HardwareProfile,
+    profile_dir,
+    write_profile,
+)
 from engine_adapter.model_config import DEFAULT_MODEL, ModelConfig
 from engine_adapter.routing import RoutingModel, record_routing
 from lpenv.episode import Episode
@@ -82,7 +87,7 @@ HELD_OUT = WorkloadConfig(name="arxiv4k", rate=3.0, num_requests=24, lengths="ar
 HELD_OUT_SLO = SLO(ttft_s=2.0, tbt_s=0.125)
 
 
-def _percentiles(errors: np.ndarray) -> dict:
+def error_percentiles(errors: np.ndarray) -> dict:
     return {"median": float(np.median(errors)), "p90": float(np.percentile(errors, 90)),
             "mean": float(errors.mean()), "samples": int(errors.size)}
 
@@ -155,21 +160,30 @@ def settle(executor, cfg: EngineConfig, mc: ModelConfig, seconds: float) -> None
         warm_up(executor, cfg, mc, tokens=512)
 
 
+def device_executor(model: str, device: str, dtype: str, prefill_budget: int,
+                    settle_s: float | None) -> tuple[EngineConfig, ModelConfig, TorchExecutor]:
+    """The real engine's executor on the device, warmed up (and on a GPU, by default, kept
+    busy for a while first: ``settle``), with the engine config it was built for."""
+    engine_cfg = EngineConfig(model=model, device=device, dtype=dtype,
+                              prefill_budget=prefill_budget, kv_cache_tokens=65536)
+    mc = ModelConfig.load(model)
+    executor = TorchExecutor(build_model(engine_cfg, mc), engine_cfg.num_kv_blocks,
+                             engine_cfg.block_size)
+    warm_up(executor, engine_cfg, mc)
+    if settle_s is None:
+        settle_s = 10.0 if engine_cfg.torch_device.type == "cuda" else 0.0
+    settle(executor, engine_cfg, mc, settle_s)
+    return engine_cfg, mc, executor
+
+
 def measure(args: argparse.Namespace) -> CalibrationRecord:
     """Everything that needs the device: peaks, the grid and the held-out episodes."""
     grid = CalibrationGrid.quick() if args.quick else CalibrationGrid()
     if args.repeats:
         grid = replace(grid, repeats=args.repeats)
-    engine_cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                              prefill_budget=grid.prefill_budget, kv_cache_tokens=65536)
-    mc = ModelConfig.load(args.model)
+    engine_cfg, mc, executor = device_executor(args.model, args.device, args.dtype,
+                                               grid.prefill_budget, args.settle_s)
     device = engine_cfg.torch_device
-    executor = TorchExecutor(build_model(engine_cfg, mc), engine_cfg.num_kv_blocks,
-                             engine_cfg.block_size)
-    warm_up(executor, engine_cfg, mc)
-    settle_s = args.settle_s if args.settle_s is not None else (10.0 if device.type == "cuda"
-                                                                else 0.0)
-    settle(executor, engine_cfg, mc, settle_s)
     flops, bandwidth = measure_peaks(device, engine_cfg.torch_dtype)
 
     # Two passes over the grid with the held-out runs between them: a shared machine's speed
@@ -218,9 +232,9 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
         energy_counter=counter.source if counter is not None else None)
 
 
-def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict:
-    """Fit the profile to a record, write it and its routing table, and test both on the
-    record's held-out episodes (no device needed)."""
+def fitted_profile(record: CalibrationRecord, name: str
+                   ) -> tuple[ModelConfig, int, HardwareProfile]:
+    """The record's model, its bytes per value, and the latency profile fitted to its grid."""
     mc = ModelConfig.load(record.model)
     dtype_bytes = EngineConfig(model=record.model, dtype=record.dtype).torch_dtype.itemsize
     like = DATASHEET_PROFILES["cpu-generic" if record.device == "cpu" else "h100-sxm"]
@@ -229,8 +243,15 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
     base = base_profile(name, peaks["flops"], peaks["bandwidth"], like,
                         peaks.get("memory_bytes", 0.0))
     samples = record.grid_samples
-    profile = fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
-                          f"{record.source}, {len(samples)} iterations")
+    return mc, dtype_bytes, fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
+                                        f"{record.source}, {len(samples)} iterations")
+
+
+def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict:
+    """Fit the profile to a record, write it and its routing table, and test both on the
+    record's held-out episodes (no device needed)."""
+    mc, dtype_bytes, profile = fitted_profile(record, name)
+    peaks, samples = record.peaks, record.grid_samples
     energy_model, energy = _energy(record, name, profile.energy)
     if record.energy_spans:  # the device's own energy constants
         profile = replace(profile, energy=energy_model,
@@ -279,14 +300,14 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         "measurement_scatter": measurement_scatter(samples, record.grid["repeats"]),
         "coefficients": dict(zip(term_names(profile), coefficients(profile).tolist())),
         "profile": profile.to_json(),
-        "fit_error": _percentiles(percentage_errors(fitted, samples)),
+        "fit_error": error_percentiles(percentage_errors(fitted, samples)),
         "held_out_workload": {**asdict(HELD_OUT), "seed": record.seed + 1000,
                               "ttft_slo_s": HELD_OUT_SLO.ttft_s, "tbt_slo_s": HELD_OUT_SLO.tbt_s},
-        "held_out_iteration_error": _percentiles(percentage_errors(fitted, held)),
-        "held_out_iteration_error_routing_model": _percentiles(
+        "held_out_iteration_error": error_percentiles(percentage_errors(fitted, held)),
+        "held_out_iteration_error_routing_model": error_percentiles(
             percentage_errors(fitted, held, modeled_distinct)),
         "held_out_speed": speeds,
-        "held_out_iteration_error_speed_removed": _percentiles(shape_errors),
+        "held_out_iteration_error_speed_removed": error_percentiles(shape_errors),
         "held_out_episodes": {label: _episode_errors(runs) for label, runs in episodes.items()},
         "energy": energy,
     }
@@ -306,7 +327,7 @@ def _energy(record: CalibrationRecord, name: str, modeled: EnergyModel
     model, errors = fit_energy(record.energy_spans, f"{name}-{record.energy_counter}")
     return model, {"source": f"fitted to {record.energy_counter} over "
                              f"{len(record.energy_spans)} sustained loads", **asdict(model),
-                   "span_error": _percentiles(errors),
+                   "span_error": error_percentiles(errors),
                    "spans": [s.to_json() for s in record.energy_spans]}
 
 
@@ -390,7 +411,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refit", default=None, metavar="RECORD",
                    help="fit and report from a record an earlier run wrote (<out>/<name>_record"
                         ".json; no device needed) instead of measuring")
+    p.add_argument("--replay", default=None, metavar="RECORD",
+                   help="run a record's held-out iterations again on this device, side by side "
+                        "with grid ones of the same kinds (the record's model, device and dtype), "
+                        "and report how much of the held-out error was the machine's speed; "
+                        "fits and installs nothing")
     args = p.parse_args(argv)
+    if args.replay and (args.refit or args.quick or args.repeats or args.energy_s is not None):
+        p.error("--replay runs a record's iterations again: --refit, --quick, --repeats and "
+                "--energy-s do not apply")
     if args.refit and (args.quick or args.repeats or args.settle_s is not None
                        or args.energy_s is not None):
         p.error("--quick, --repeats, --settle-s and --energy-s shape a measurement; --refit "
@@ -402,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.settle_s is not None and args.settle_s < 0:
         p.error(f"--settle-s must be >= 0, got {args.settle_s}")
     started = time.perf_counter()
+    if args.replay:
+        replay_main(args, p, started)
+        return
     try:
         if args.refit:
             record = CalibrationRecord.read(args.refit)
@@ -421,6 +453,26 @@ def main(argv: list[str] | None = None) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"wrote {path} in {report['wall_s']:.0f} s (measurements: {report['record_path']})")
+
+
+def replay_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: float) -> None:
+    """``--replay RECORD`` (``scripts.calibrate_replay``)."""
+    from scripts.calibrate_replay import format_replay, replay_check
+
+    try:
+        record = CalibrationRecord.read(args.replay)
+        name = args.name or f"{record.device}-auto"
+        report = replay_check(record, name, args.settle_s, args.seed)
+    except (ConfigError, ValueError) as exc:
+        p.exit(2, f"lpenv-calibrate: {exc}\n")
+    report["record_path"] = args.replay
+    report["wall_s"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_replay.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_replay(report))
+    print(f"wrote {path} in {report['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,21 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     assert again["record_path"] == record
     assert again["energy"] == {**report["energy"], "name": "refit-wall"}
 
+    # The held-out iterations run again beside grid ones of their kinds, on the real engine:
+    # every replayable one, and nothing fitted or installed.
+    installed = (tmp_path / "profiles" / "cpu-auto.json").read_text()
+    main(["--replay", record, "--out", str(tmp_path / "replay")])
+    replayed = json.loads((tmp_path / "replay" / "cpu-auto_replay.json").read_text())
+    held = CalibrationRecord.read(record).held_out
+    for label, real in held.items():
+        rows = replayed["sets"][label]
+        assert rows["iterations"] + replayed["not_replayable"][label] == len(real["samples"])
+    total = sum(r["iterations"] for label, r in replayed["sets"].items() if label in held)
+    assert replayed["held_out_error_grid_speed_removed"]["samples"] == total > 0
+    assert all(r["replayed_speed"] > 0 and r["recorded_speed"] > 0
+               for r in replayed["sets"].values())
+    assert (tmp_path / "profiles" / "cpu-auto.json").read_text() == installed
+
     # Without an energy counter the profile keeps its datasheet's modeled constants.
     bare = CalibrationRecord.read(record)
     bare.energy_spans, bare.energy_counter = [], None
