@@ -66,6 +66,21 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def present_device(self) -> torch.device:
+        """``torch_device``, where this machine has it; a ConfigError that says so where it
+        does not (rather than torch's assertion deep in the first allocation)."""
+        device = self.torch_device
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if not count:
+                raise ConfigError(f"engine.device={self.device} but this machine has no CUDA "
+                                  "device")
+            if device.index is not None and device.index >= count:
+                raise ConfigError(f"engine.device={self.device} but this machine has {count} "
+                                  f"CUDA device{'s' if count > 1 else ''} (cuda:0 to "
+                                  f"cuda:{count - 1})")
+        return device
+
     @property
     def num_kv_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size)

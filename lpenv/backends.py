@@ -89,11 +89,11 @@ def check_backend(backend: BackendConfig, config: EngineConfig, model_config: Mo
         RoutingModel(model_config, backend.routing)
         check_fits(resolve_profile(backend.hardware), model_config, config)
         return
-    device = config.torch_device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"engine.device={config.device} but this machine has no CUDA device "
-                          "(hardware=h100 and the like set it): use hardware=cpu, or "
-                          "backend.name=sim to simulate the GPU")
+    try:
+        device = config.present_device()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (hardware=h100 and the like set it): use hardware=cpu, or "
+                          "backend.name=sim to simulate the GPU") from None
     free = free_memory(device)
     if free is not None:
         held = _model_key(config) in _MODELS  # (built once per process, then shared)

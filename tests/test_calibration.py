@@ -248,6 +248,26 @@ def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):
     assert not list(tmp_path.glob("*.json"))  # nothing half-written
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_calibrate_and_replay_say_so_where_the_gpu_is_not(tmp_path, capsys):
+    """A GPU measurement (or a GPU record's replay) on a machine without one: a clear error
+    before anything is built or written, not torch's assertion."""
+    from scripts.calibrate import main
+
+    gpu_record = Path(__file__).parent / "data" / "h200_qwen3-moe-cpu_record.json.gz"
+    for args in (["--quick", "--device", "cuda"], ["--quick", "--device", "cuda:1"],
+                 ["--replay", str(gpu_record)]):
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--out", str(tmp_path / "out"), "--profile-dir", str(tmp_path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "but this machine has no CUDA device: measure with --device cpu" in err, err
+    assert not list(tmp_path.rglob("*.json"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--replay", str(gpu_record), "--refit", str(gpu_record)])
+    assert exc.value.code == 2 and "--replay runs a record's" in capsys.readouterr().err
+
+
 def test_refit_refuses_what_is_not_a_record(tmp_path, capsys):
     from scripts.calibrate import main
 
