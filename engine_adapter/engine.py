@@ -32,7 +32,7 @@ def build_model(config: EngineConfig, model_config: ModelConfig) -> MoETransform
         raise ConfigError(
             f"{model_config.name} ({model_config.architecture}) runs on the sim backend only: "
             "the torch model implements Qwen3-MoE and Mixtral")
-    device, dtype = config.torch_device, config.torch_dtype
+    device, dtype = config.present_device(), config.torch_dtype
     if config.weights == "dummy":
         weights = dummy_weights(model_config, dtype, device, seed=config.seed)
     else:

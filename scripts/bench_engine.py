@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ from tqdm import tqdm
 from engine_adapter.config import EngineConfig
 from engine_adapter.engine import Engine, build_model, max_model_len
 from engine_adapter.engine import warm_up as warm_up_executor
+from engine_adapter.errors import ConfigError
 from engine_adapter.executor_torch import TorchExecutor
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
@@ -400,8 +402,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lpenv-bench-engine``: the console script exits with ``main()``'s value, so it
-    returns None (0); ``run`` returns the result."""
-    run(argv)
+    returns None (0); ``run`` returns the result. A configuration it cannot run (a device this
+    machine lacks, a model the engine cannot build) exits 2 with the reason."""
+    try:
+        run(argv)
+    except ConfigError as exc:
+        print(f"lpenv-bench-engine: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from scripts.bench_engine import main
 
 REQUIRED = ("model", "device", "prompt_tokens", "chunk_tokens", "expert_bytes_chunked",
@@ -27,3 +30,16 @@ def test_quick_bench_writes_json_and_plots(tmp_path):
     assert result["expert_bytes_chunked"] > result["expert_bytes_layered"]
     assert (tmp_path / "ttft_tbt_cdf.png").stat().st_size > 0
     assert (tmp_path / "iteration_latency.png").stat().st_size > 0
+
+
+def test_bench_refuses_what_the_engine_cannot_run(tmp_path, capsys):
+    """A model the torch engine does not implement, or (without CUDA) a GPU: exit 2 with the
+    reason, before anything runs or is written."""
+    cases = [(["--model", "gpt-oss-20b"], "runs on the sim backend only")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "but this machine has no CUDA device"))
+    for args, reason in cases:
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--quick", "--out", str(tmp_path / "bench.json")])
+        assert exc.value.code == 2 and reason in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
