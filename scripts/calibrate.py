@@ -371,6 +371,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  held-out, each run's speed out median {w['median']:.1%}  p90 "
                      f"{w['p90']:.1%}  (the held-out runs took {speeds} the fitted time: the "
                      "machine's speed then)")
+        if any(abs(v - 1) > 0.05 for v in r["held_out_speed"].values()):
+            lines.append("  (to tell the machine's speed from the cost model's error, run the "
+                         "held-out iterations again beside grid ones: lpenv-calibrate --replay "
+                         f"{r.get('record_path', 'RECORD')})")
     lines += [
         "held-out episodes (real engine vs simulator):",
         f"  {'policy':22s} {'TTFT mean (s)':>16s} {'e2e mean (s)':>16s} {'attainment':>14s}",
