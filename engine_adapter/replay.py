@@ -65,13 +65,14 @@ def replay(executor, sets: Mapping[str, Sequence[IterationPlan]], block_size: in
                              f"iteration; only plans whose stages are all first ones replay")
     rng = np.random.default_rng(seed)
     order = [(label, i) for label, plans in sets.items() for i in range(len(plans))]
-    out: dict[str, list[Sample | None]] = {label: [None] * len(p) for label, p in sets.items()}
+    measured: dict[tuple[str, int], Sample] = {}
     for k in rng.permutation(len(order)):
         label, i = order[k]
         plan = sets[label][i]
         result = executor.execute(with_data(plan, block_size, num_blocks, vocab, rng))
         executor.reset()  # (a first stage that is not its batch's last carried its rows on)
-        out[label][i] = Sample(plan, tuple(result.distinct_experts), result.latency_s)
+        measured[label, i] = Sample(plan, tuple(result.distinct_experts), result.latency_s)
         if on_plan:
             on_plan()
-    return out  # type: ignore[return-value]  (every slot is filled)
+    return {label: [measured[label, i] for i in range(len(plans))]
+            for label, plans in sets.items()}

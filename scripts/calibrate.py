@@ -167,11 +167,6 @@ def device_executor(model: str, device: str, dtype: str, prefill_budget: int,
     engine_cfg = EngineConfig(model=model, device=device, dtype=dtype,
                               prefill_budget=prefill_budget, kv_cache_tokens=65536)
     mc = ModelConfig.load(model)
-    try:
-        engine_cfg.present_device()
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}: measure with --device cpu (a record replays on the device "
-                          "type that measured it)") from None
     executor = TorchExecutor(build_model(engine_cfg, mc), engine_cfg.num_kv_blocks,
                              engine_cfg.block_size)
     warm_up(executor, engine_cfg, mc)

@@ -261,7 +261,7 @@ def test_calibrate_and_replay_say_so_where_the_gpu_is_not(tmp_path, capsys):
             main([*args, "--out", str(tmp_path / "out"), "--profile-dir", str(tmp_path)])
         assert exc.value.code == 2
         err = capsys.readouterr().err
-        assert "but this machine has no CUDA device: measure with --device cpu" in err, err
+        assert "but this machine has no CUDA device" in err, err
     assert not list(tmp_path.rglob("*.json"))
     with pytest.raises(SystemExit) as exc:
         main(["--replay", str(gpu_record), "--refit", str(gpu_record)])

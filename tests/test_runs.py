@@ -184,18 +184,39 @@ def test_runs_under_kv_pressure_and_a_horizon():
         assert ss["requests_finished"] > 0 and 0 < len(slow.rewards.missed) < 60
 
 
+def _layered_property(mcfg: ModelConfig, profile, rate: float, seed: int, groups: int,
+                      staggered: bool, kv: int, slo: SLO, horizon: float | None = None) -> None:
+    """Fixed-G episodes on ShareGPT with runs and one by one agree (G 0: every layer its own
+    group). Unstaggered, the engine's cap (as lpenv-eval sets it) lets runs pass waiting
+    requests. With a horizon an episode may end before any run: the horizon can come before
+    the first stretch without decisions."""
+    policy = FixedGroups(groups or mcfg.num_layers, staggered=staggered)
+    workload = WorkloadConfig(lengths="sharegpt", rate=rate, num_requests=25, max_output=120)
+    fast, sf = _episode(mcfg, profile, workload, True, policy, kv_tokens=kv, slo=slo, seed=seed,
+                        cap=policy.max_in_flight, horizon_s=horizon)
+    slow, ss = _episode(mcfg, profile, workload, False, policy, kv_tokens=kv, slo=slo,
+                        seed=seed, horizon_s=horizon)
+    _assert_identical(fast, slow, sf, ss, require_runs=horizon is None)
+
+
+def _chunked_property(mcfg: ModelConfig, profile, rate: float, seed: int, chunk: int, kv: int,
+                      slo: SLO, horizon: float | None = None) -> None:
+    """Chunked episodes on arXiv with runs and one by one agree."""
+    workload = WorkloadConfig(lengths="arxiv", rate=rate, num_requests=12, max_prompt=7000,
+                              max_output=80)
+    fast, sf = _episode(mcfg, profile, workload, True, ChunkedPrefill(chunk), kv_tokens=kv,
+                        slo=slo, seed=seed, horizon_s=horizon)
+    slow, ss = _episode(mcfg, profile, workload, False, ChunkedPrefill(chunk), kv_tokens=kv,
+                        slo=slo, seed=seed, horizon_s=horizon)
+    _assert_identical(fast, slow, sf, ss, require_runs=horizon is None)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rate=st.floats(0.5, 12.0), seed=st.integers(0, 2**16), groups=st.sampled_from([1, 3, 8]),
        staggered=st.booleans(), kv=st.sampled_from([4096, 20000, 1 << 20]),
        slo=st.sampled_from([SLO(3.0, 0.03), SLO(0.5, 0.125)]))
 def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, staggered, kv, slo):
-    # Unstaggered, the engine's cap (as lpenv-eval sets it) lets runs pass waiting requests.
-    policy = FixedGroups(groups, staggered=staggered)
-    workload = WorkloadConfig(lengths="sharegpt", rate=rate, num_requests=25, max_output=120)
-    fast, sf = _episode(QWEN, NOISY, workload, True, policy, kv_tokens=kv, slo=slo, seed=seed,
-                        cap=policy.max_in_flight)
-    slow, ss = _episode(QWEN, NOISY, workload, False, policy, kv_tokens=kv, slo=slo, seed=seed)
-    _assert_identical(fast, slow, sf, ss)
+    _layered_property(QWEN, NOISY, rate, seed, groups, staggered, kv, slo)
 
 
 @pytest.mark.slow
@@ -206,18 +227,11 @@ def test_runs_equal_single_steps_on_any_workload(rate, seed, groups, staggered, 
        horizon=st.sampled_from([None, 5.0, 13.0]),
        slo=st.sampled_from([SLO(3.0, 0.03), SLO(0.5, 0.125), PAPER_SLO]))
 def test_runs_equal_single_steps_long(case, rate, seed, groups, staggered, kv, horizon, slo):
-    """The property above, longer (``make test-slow``): both models and CPU and GPU pricing,
-    G up to every layer its own group (0), caches from a few thousand tokens (long prompts
-    rejected, preemption) to a million, and horizons that cut episodes (one may end before
-    any run: a horizon before the first stretch without decisions)."""
+    """The property above, longer (``make test-slow``): both models, CPU and GPU pricing, G up
+    to every layer its own group, caches from a few thousand tokens (long prompts rejected,
+    preemption) to a million, and horizons that cut episodes."""
     mcfg, profile, _ = CASES[case]
-    policy = FixedGroups(groups or mcfg.num_layers, staggered=staggered)
-    workload = WorkloadConfig(lengths="sharegpt", rate=rate, num_requests=25, max_output=120)
-    fast, sf = _episode(mcfg, profile, workload, True, policy, kv_tokens=kv, slo=slo, seed=seed,
-                        cap=policy.max_in_flight, horizon_s=horizon)
-    slow, ss = _episode(mcfg, profile, workload, False, policy, kv_tokens=kv, slo=slo,
-                        seed=seed, horizon_s=horizon)
-    _assert_identical(fast, slow, sf, ss, require_runs=horizon is None)
+    _layered_property(mcfg, profile, rate, seed, groups, staggered, kv, slo, horizon)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -225,13 +239,7 @@ def test_runs_equal_single_steps_long(case, rate, seed, groups, staggered, kv, h
        chunk=st.sampled_from([64, 256, 512]), kv=st.sampled_from([8192, 30000, 1 << 20]),
        slo=st.sampled_from([SLO(3.0, 0.03), SLO(0.5, 0.125)]))
 def test_chunked_runs_equal_single_steps_on_any_workload(rate, seed, chunk, kv, slo):
-    workload = WorkloadConfig(lengths="arxiv", rate=rate, num_requests=12, max_prompt=7000,
-                              max_output=80)
-    fast, sf = _episode(QWEN, NOISY, workload, True, ChunkedPrefill(chunk), kv_tokens=kv,
-                        slo=slo, seed=seed)
-    slow, ss = _episode(QWEN, NOISY, workload, False, ChunkedPrefill(chunk), kv_tokens=kv,
-                        slo=slo, seed=seed)
-    _assert_identical(fast, slow, sf, ss)
+    _chunked_property(QWEN, NOISY, rate, seed, chunk, kv, slo)
 
 
 @pytest.mark.slow
@@ -243,13 +251,7 @@ def test_chunked_runs_equal_single_steps_on_any_workload(rate, seed, chunk, kv, 
 def test_chunked_runs_equal_single_steps_long(case, rate, seed, chunk, kv, horizon, slo):
     """The chunked property, longer (``make test-slow``)."""
     mcfg, profile, _ = CASES[case]
-    workload = WorkloadConfig(lengths="arxiv", rate=rate, num_requests=12, max_prompt=7000,
-                              max_output=80)
-    fast, sf = _episode(mcfg, profile, workload, True, ChunkedPrefill(chunk), kv_tokens=kv,
-                        slo=slo, seed=seed, horizon_s=horizon)
-    slow, ss = _episode(mcfg, profile, workload, False, ChunkedPrefill(chunk), kv_tokens=kv,
-                        slo=slo, seed=seed, horizon_s=horizon)
-    _assert_identical(fast, slow, sf, ss, require_runs=horizon is None)
+    _chunked_property(mcfg, profile, rate, seed, chunk, kv, slo, horizon)
 
 
 @pytest.mark.parametrize("mcfg,profile", [(QWEN, "h100-sxm-tp2"), (GPTOSS, "a100-80g"),
