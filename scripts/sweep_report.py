@@ -210,15 +210,31 @@ def _pyplot():
     return plt
 
 
+# Each policy's line, marker and fill differ (the i-th policy in name order takes the i-th):
+# policies that attain alike draw on top of each other, and each stays visible.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = (("o", 6, None), ("s", 9, "none"), ("^", 10, "none"), ("D", 7, None),
+           ("v", 10, "none"), ("P", 8, None))
+
+
+def series_style(i: int, markers: bool = True) -> dict:
+    """Matplotlib keywords for the ``i``-th series of a panel."""
+    style = {"ls": LINE_STYLES[i % len(LINE_STYLES)]}
+    if markers:
+        marker, size, fill = MARKERS[i % len(MARKERS)]
+        style.update(marker=marker, ms=size, **({"mfc": fill} if fill else {}))
+    return style
+
+
 def plot_attainment(runs: Sequence[dict], path: Path, target: float = TARGET) -> None:
     plt = _pyplot()
     groups = curves(runs)
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
     for ax, (scenario, by_policy) in zip(axes[0], groups.items()):
-        for policy, by_rate in sorted(by_policy.items()):
+        for i, (policy, by_rate) in enumerate(sorted(by_policy.items())):
             rates = sorted(by_rate)
             ax.plot(rates, [100 * mean_of(by_rate[r], "slo_attainment") for r in rates],
-                    marker="o", label=policy)
+                    label=policy, **series_style(i))
         ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{target:.0%} target")
         ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(-3, 103),
                title=scenario_title(scenario))
@@ -238,7 +254,7 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _cdf(ax, values: np.ndarray, label: str, points: int = 2000) -> None:
+def _cdf(ax, values: np.ndarray, label: str, points: int = 2000, **style) -> None:
     """The empirical CDF, drawn through at most ``points`` of its own steps (both ends kept):
     a paper panel's TBT gaps run to millions, which a 500-pixel axis cannot show and
     matplotlib draws for a minute."""
@@ -246,7 +262,7 @@ def _cdf(ax, values: np.ndarray, label: str, points: int = 2000) -> None:
     if not xs.size:
         return
     at = np.unique(np.linspace(0, xs.size - 1, min(points, xs.size)).round().astype(int))
-    ax.step(xs[at], (at + 1) / xs.size, where="post", label=label)
+    ax.step(xs[at], (at + 1) / xs.size, where="post", label=label, **style)
 
 
 def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
@@ -273,14 +289,14 @@ def plot_cdfs(runs: Sequence[dict], ttft_path: Path, tbt_path: Path,
                 if col >= len(rates):
                     ax.set_visible(False)
                     continue
-                for policy, by_rate in sorted(by_policy.items()):
+                for i, (policy, by_rate) in enumerate(sorted(by_policy.items())):
                     recs = [rec for run in by_rate.get(rates[col], [])
                             for rec in counted(run, requests_of(run["run_dir"]))]
                     if what == "ttft":
                         values = np.array([r.ttft for r in recs if r.ttft is not None])
                     else:
                         values = tbt_gaps_of(recs)[0] * 1e3
-                    _cdf(ax, values, policy)
+                    _cdf(ax, values, policy, **series_style(i, markers=False))
                 slo = s["ttft_slo_s"] if what == "ttft" else (s["tbt_slo_s"] or 0) * 1e3
                 if slo:
                     ax.axvline(slo, color="grey", ls="--", lw=1, label="SLO")

@@ -74,7 +74,8 @@ def test_runs_without_a_hydra_config_are_told_apart_by_their_summaries(tmp_path)
 def test_cdfs_count_the_requests_the_summary_counts(warm_run, monkeypatch, tmp_path):
     """Warm-up requests are out of the CDFs as they are out of summary.json."""
     drawn = []
-    monkeypatch.setattr(sweep_report, "_cdf", lambda ax, values, label: drawn.append(values))
+    monkeypatch.setattr(sweep_report, "_cdf",
+                        lambda ax, values, label, **style: drawn.append(values))
     (summary,) = sweep_report.load_runs([warm_run])
     sweep_report.plot_cdfs([summary], tmp_path / "ttft.png", tmp_path / "tbt.png")
     ttfts, gaps_ms = drawn
