@@ -192,8 +192,9 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
                  invalid_penalty: float = 0.05, verbose: int = 0) -> dict:
     """Train a policy on ``gymnasium.make("lpenv/LayeredPrefill-v1", **env_kwargs)``.
 
-    Writes under ``out_dir``: ``tb/`` (TensorBoard), ``checkpoints/``, ``model.zip`` (the SB3
-    model), ``env_config.json``, ``policy/`` (the exported artifact) and ``summary.json``.
+    Writes under ``out_dir``: ``tb/`` (TensorBoard; ``log/progress.csv`` without it),
+    ``checkpoints/``, ``model.zip`` (the SB3 model), ``env_config.json``, ``policy/`` (the
+    exported artifact) and ``summary.json``. Nothing outside it.
     ``eval_seeds`` default to ``1000, 1001, ...`` (``eval_episodes`` of them), apart from the
     training seeds (``seed``, ``seed + 1``, ... for the ``n_envs`` envs). ``eval_freq`` in
     environment steps (all envs together); None evaluates only at the end.
@@ -229,6 +230,12 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
         from stable_baselines3 import PPO
 
         model = PPO("MlpPolicy", venv, **common, **with_activation_class(params))
+    if not tensorboard:
+        # (SB3 would log into a new SB3-<date> folder under the system's temp folder, one per
+        # run, left behind: the run folder keeps the progress table instead)
+        from stable_baselines3.common.logger import configure
+
+        model.set_logger(configure(str(out / "log"), ["stdout", "csv"] if verbose else ["csv"]))
 
     paper = evaluate(PaperRule(max_groups=config["observation"]["num_layers"]), kwargs, seeds)
     log: list[dict] = []
@@ -262,6 +269,7 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
                   "policy": str(policy_dir), "env_config": str(out / "env_config.json"),
                   "checkpoints": str(out / "checkpoints"),
                   "tensorboard": str(out / "tb") if tensorboard else None,
+                  "progress": None if tensorboard else str(out / "log" / "progress.csv"),
                   "summary": str(out / "summary.json")},
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -4,6 +4,8 @@ beats the random policy, plain PPO refuses (never changes) masked actions."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -120,7 +122,13 @@ def test_maskable_ppo_beats_random_policy(tmp_path, one_thread):
     assert again["returns"] == pytest.approx(learned["returns"])
 
 
-def test_plain_ppo_trains_and_exports(tmp_path):
+def test_plain_ppo_trains_and_exports(tmp_path, monkeypatch):
+    # Without TensorBoard the progress table stays in the run folder: nothing lands in the
+    # system's temp folder (SB3's default: a new SB3-<date> folder per run).
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
     result = train_policy(SMALL, algo="ppo", total_timesteps=256, seed=0, out_dir=tmp_path,
                           eval_episodes=1, eval_freq=128, progress_bar=False,
                           tensorboard=False, hyperparams={"n_steps": 128})
@@ -129,6 +137,9 @@ def test_plain_ppo_trains_and_exports(tmp_path):
     # One evaluation per eval_freq steps; the last step's is the final one, not listed twice.
     assert [e["timesteps"] for e in result["evaluations"]] == [128, 256]
     assert result["evaluations"][-1]["learned"] == result["learned"]
+    assert [p.name for p in temp.iterdir() if p.name.startswith("SB3")] == []
+    progress = Path(result["paths"]["progress"]).read_text().splitlines()
+    assert "eval/learned_return" in progress[0] and len(progress) > 1
 
 
 def test_subproc_vec_env_trains(tmp_path):
