@@ -28,12 +28,23 @@ RUN_RATES ?= 1,2,3,4
 RUN_ARGS ?= workload=arxiv4k workload.num_requests=24 workload.max_output=32
 # More overrides on top, e.g. RUN_EXTRA=hardware=cpu-auto after `make calibrate`.
 RUN_EXTRA ?=
+# The CPU SLOs were set on the machine cpu-generic was read off. `auto` first measures how many
+# times as long this machine runs the engine (lpenv-calibrate --speed, about 15 s) and scales
+# every measured latency by the inverse, so the table reads alike on a slower or faster
+# machine; a number scales by that, 1 leaves the latencies as measured.
+RUN_SPEED ?= auto
 LEARNED ?= results/learned/policy
 EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
-	workload.rate=$(RUN_RATES) $(RUN_ARGS) $(RUN_EXTRA)
+	workload.rate=$(RUN_RATES) $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) $(RUN_EXTRA)
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
+	mkdir -p $(RUN_DIR)
+	@if [ "$(RUN_SPEED)" = auto ]; then \
+	  $(BIN)/lpenv-calibrate --speed --out $(RUN_DIR) && \
+	  $(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1]))['override'])" \
+	    $(RUN_DIR)/speed.json > $(RUN_DIR)/speed.args; \
+	else echo "backend.latency_scale=$(RUN_SPEED)" > $(RUN_DIR)/speed.args; fi
 	$(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${hydra.job.num}' policy=chunked,paper,slo_aware
 	$(EVAL) 'hydra.sweep.subdir=fixed-$${hydra.job.num}' policy=fixed policy.groups=1,8
 	@if [ -f $(LEARNED)/policy.json ]; then \

@@ -280,14 +280,20 @@ def percentage_errors(cost: CostModel, samples: Sequence[Sample],
     return np.abs(speed * predicted_latencies(cost, samples, distinct) - measured) / measured
 
 
+def speed_ratios(cost: CostModel, samples: Sequence[Sample]) -> np.ndarray:
+    """Measured over predicted latency per sample: how many times as long as ``cost``
+    prices it each iteration took."""
+    measured = np.array([s.measured_s for s in samples])
+    return measured / predicted_latencies(cost, samples)
+
+
 def window_speed(cost: CostModel, samples: Sequence[Sample]) -> float:
     """How much longer than the fit predicts the machine took while ``samples`` were measured
     (one held-out run): the median of measured over predicted latency, 1.0 where it ran at
     the fit's speed. A shared machine's speed moves by 10-20% from one minute to the next;
     ``percentage_errors(..., speed=window_speed(...))`` is then what is left of the error: how
     well the cost model tells which iterations cost more than which."""
-    measured = np.array([s.measured_s for s in samples])
-    return float(np.median(measured / predicted_latencies(cost, samples)))
+    return float(np.median(speed_ratios(cost, samples)))
 
 
 def _pass_ratios(samples: Sequence[Sample], passes: int) -> np.ndarray | None:

@@ -1,7 +1,8 @@
 """Backends behind one interface: an executor for the engine core.
 
-* ``torch``: the real MoE model (CPU or CUDA). Latency ``measured`` (host timer or CUDA events)
-  or ``modeled`` (the cost model prices each plan the real model ran: reproducible episodes).
+* ``torch``: the real MoE model (CPU or CUDA). Latency ``measured`` (host timer or CUDA events;
+  ``latency_scale`` multiplies it: this machine's run at a reference machine's pace) or
+  ``modeled`` (the cost model prices each plan the real model ran: reproducible episodes).
 * ``sim``: the same engine core with each plan priced by the cost model (``hardware``
   profile) and distinct experts from a routing model (``routing``): no weights, no tensors;
   refused where the weights and KV cache would not fit the profile's devices
@@ -30,6 +31,7 @@ from engine_adapter.hardware import HardwareProfile, ProfileExtrapolation, resol
 from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.routing import RoutingModel
+from engine_adapter.scaled_latency import ScaledLatency, check_scale
 
 BACKENDS = ("torch", "sim", "vllm")
 LATENCIES = ("measured", "modeled")
@@ -43,6 +45,9 @@ class BackendConfig:
     hardware: str = "cpu-generic"  # profile (engine_adapter.hardware) for the cost model
     routing: str = "uniform"  # sim: uniform | zipf:S | empirical:PATH
     latency_noise: bool = True  # sim: draw the profile's calibrated latency scatter
+    # torch, measured: each measured latency times this (``engine_adapter.reference_speed``:
+    # ``lpenv-calibrate --speed`` gives the one that runs at ``cpu-generic``'s pace)
+    latency_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
@@ -56,6 +61,12 @@ class BackendConfig:
         if not isinstance(self.latency_noise, bool):  # ("false" from a shell is truthy)
             raise ValueError(f"backend.latency_noise must be true or false, got "
                              f"{self.latency_noise!r}")
+        scaled = check_scale(self.latency_scale, "backend.latency_scale") != 1
+        if scaled and (self.name == "sim" or self.latency == "modeled"):
+            raise ValueError(
+                "backend.latency_scale scales measured latencies (backend.name=torch, "
+                "backend.latency=measured); the simulator and modeled latency take their pace "
+                "from backend.hardware")
         resolve_profile(self.hardware)  # an unknown or missing profile fails here, clearly
 
     @property
@@ -138,4 +149,6 @@ def build_executor(backend: BackendConfig, config: EngineConfig, model_config: M
     if backend.latency == "modeled":
         cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
         return ModeledLatency(executor, cost)
+    if backend.latency_scale != 1:
+        return ScaledLatency(executor, backend.latency_scale)
     return executor

@@ -23,6 +23,11 @@ Writes ``<out>/<name>.json`` (the report), ``<out>/<name>_fidelity.png`` and
 ``lpenv-calibrate --refit <out>/<name>_record.json`` fits and reports again anywhere, without
 the device (measure on a borrowed GPU for minutes, fit at leisure).
 Run it on an otherwise idle machine: another process on the same cores changes the timings.
+
+``--speed`` measures only how many times as long as a profile (``--against``, default
+``cpu-generic``) this machine runs the engine (``engine_adapter.reference_speed``) and writes
+``<out>/speed.json`` with the ``backend.latency_scale`` that runs measured latencies at that
+profile's pace: ``make run``'s first step.
 """
 
 from __future__ import annotations
@@ -69,9 +74,11 @@ from engine_adapter.hardware import (
     DATASHEET_PROFILES,
     HardwareProfile,
     profile_dir,
+    resolve_profile,
     write_profile,
 )
 from engine_adapter.model_config import DEFAULT_MODEL, ModelConfig
+from engine_adapter.reference_speed import SPEED_GRID, measure_reference_speed
 from engine_adapter.routing import RoutingModel, record_routing
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
@@ -420,7 +427,20 @@ def main(argv: list[str] | None = None) -> None:
                         "with grid ones of the same kinds (the record's model, device and dtype), "
                         "and report how much of the held-out error was the machine's speed; "
                         "fits and installs nothing")
+    p.add_argument("--speed", action="store_true",
+                   help="measure only how many times as long as --against this machine runs "
+                        "the engine (a short grid, under a minute here) and write "
+                        "<out>/speed.json with the backend.latency_scale that runs measured "
+                        "latencies at that profile's pace (make run's); fits and installs "
+                        "nothing")
+    p.add_argument("--against", default="cpu-generic",
+                   help="--speed's reference profile (cpu-generic: the machine the CPU SLOs "
+                        "were set on)")
     args = p.parse_args(argv)
+    if args.speed and (args.refit or args.replay or args.repeats
+                       or args.energy_s is not None):
+        p.error("--speed measures a short grid of its own: --refit, --replay, --repeats and "
+                "--energy-s do not apply")
     if args.replay and (args.refit or args.quick or args.repeats or args.energy_s is not None):
         p.error("--replay runs a record's iterations again: --refit, --quick, --repeats and "
                 "--energy-s do not apply")
@@ -435,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.settle_s is not None and args.settle_s < 0:
         p.error(f"--settle-s must be >= 0, got {args.settle_s}")
     started = time.perf_counter()
+    if args.speed:
+        speed_main(args, p, started)
+        return
     if args.replay:
         replay_main(args, p, started)
         return
@@ -457,6 +480,32 @@ def main(argv: list[str] | None = None) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"wrote {path} in {report['wall_s']:.0f} s (measurements: {report['record_path']})")
+
+
+def speed_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: float) -> None:
+    """``--speed`` (``engine_adapter.reference_speed``)."""
+    try:
+        reference = resolve_profile(args.against)
+        grid = CalibrationGrid.quick() if args.quick else SPEED_GRID
+        cfg, mc, executor = device_executor(args.model, args.device, args.dtype,
+                                            grid.prefill_budget, args.settle_s)
+        with tqdm(total=grid.size(mc.num_layers), desc="speed", unit="probe") as bar:
+            speed = measure_reference_speed(executor, cfg, mc, reference, grid, args.seed,
+                                            bar.update)
+    except (ConfigError, ValueError) as exc:
+        p.exit(2, f"lpenv-calibrate: {exc}\n")
+    report = {"model": mc.name, "device": str(cfg.torch_device), "dtype": args.dtype,
+              "torch_threads": torch.get_num_threads(), "quick": args.quick,
+              **speed.to_json(), "wall_s": time.perf_counter() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "speed.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"this machine ran {speed.iterations} iterations of {mc.name} {speed.speed:.2f}x as "
+          f"long as {speed.reference} prices them (median; p10-p90 {speed.p10:.2f}-"
+          f"{speed.p90:.2f}x): {report['override']} runs measured latencies at "
+          f"{speed.reference}'s pace")
+    print(f"wrote {path} in {report['wall_s']:.0f} s")
 
 
 def replay_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: float) -> None:

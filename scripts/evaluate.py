@@ -165,8 +165,8 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         "policy_params": policy_params(cfg.policy),
         "engine": setup.backend.name,
         "mode": setup.engine.mode,
-        "latency": (f"simulated:{setup.backend.hardware}" if setup.backend.name == "sim"
-                    else setup.backend.latency),
+        "latency": latency_label(setup.backend),
+        "latency_scale": setup.backend.latency_scale,
         "hardware": setup.backend.hardware,
         "device": str(setup.engine.torch_device),
         "model": setup.engine.model,
@@ -183,6 +183,16 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         "wall_time_s": wall,
     }
     return summary, episode
+
+
+def latency_label(backend: BackendConfig) -> str:
+    """Where the run's iteration latencies came from: the simulator's profile, the cost
+    model's (modeled), or the clock (measured; times ``latency_scale`` where scaled)."""
+    if backend.name == "sim":
+        return f"simulated:{backend.hardware}"
+    if backend.latency_scale != 1:
+        return f"{backend.latency} x{backend.latency_scale:.3g}"
+    return backend.latency
 
 
 def arrival_rate(workload: WorkloadConfig, requests: Sequence[RequestSpec]) -> float:

@@ -26,12 +26,16 @@ from engine_adapter.calibration import (
 from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel, coefficients, from_coefficients
+from engine_adapter.decision import Decision
+from engine_adapter.engine import Engine
 from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.hardware import DATASHEET_PROFILES, resolve_profile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationPlan, Segment, StageWork
+from engine_adapter.reference_speed import reference_speed
 from engine_adapter.routing import RoutingModel, record_routing
+from engine_adapter.scaled_latency import ScaledLatency
 from tests.sim_episode import play_trivially
 
 # A sum-form profile with every term in play, none of them round numbers.
@@ -83,6 +87,57 @@ def test_window_speed_takes_the_machines_speed_out_of_the_error():
     assert np.median(percentage_errors(cost, slow)) == pytest.approx(0.2 / 1.2, abs=0.01)
     assert np.median(percentage_errors(cost, slow, speed=speed)) < 0.02
     assert window_speed(cost, samples) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_reference_speed_is_how_many_times_as_long_and_its_scale_undoes_it():
+    """Iterations measured on a machine 1.6x as slow as the reference (5% noise): the speed is
+    found, its spread brackets it, and the scale it gives brings the iterations back to the
+    reference's pace."""
+    mc, cost, samples = _sim_samples(TRUE)
+    noise = np.random.default_rng(2).lognormal(0, 0.05, len(samples))
+    slow = [replace(s, measured_s=1.6 * s.measured_s * n) for s, n in zip(samples, noise)]
+    speed = reference_speed(slow, cost)
+    assert speed.reference == "truth" and speed.iterations == len(samples)
+    assert speed.speed == pytest.approx(1.6, rel=0.02)
+    assert speed.p10 < speed.speed < speed.p90
+    assert speed.latency_scale == pytest.approx(1 / speed.speed)
+    back = [replace(s, measured_s=s.measured_s * speed.latency_scale) for s in slow]
+    assert reference_speed(back, cost).speed == pytest.approx(1.0)
+    assert speed.to_json()["override"] == f"backend.latency_scale={speed.latency_scale:.4g}"
+    with pytest.raises(ValueError, match="no iterations"):
+        reference_speed([], cost)
+
+
+def test_scaled_latency_runs_the_engine_at_the_scaled_pace():
+    """The same requests on the same executor, once as measured and once scaled by 0.4:
+    the same schedule, every iteration 0.4 as long on the clock, energy modeled from the
+    clock's time following it; runs (priced at once by the inner executor) are not taken."""
+    mc = ModelConfig.load("qwen3-moe-tiny")
+    cfg = EngineConfig(model=mc.name, prefill_budget=256, kv_cache_tokens=4096)
+
+    def engine(scale: float | None, lengths: tuple[int, ...] = (40, 300, 7)) -> Engine:
+        sim = SimExecutor(mc, CostModel(mc, TRUE, 4), "uniform")
+        engine = Engine(cfg, executor=sim if scale is None else ScaledLatency(sim, scale),
+                        model_config=mc, decide=lambda view: Decision(2, view.fcfs_admission()))
+        for n in lengths:
+            engine.add_request_of_length(n, 5)
+        return engine
+
+    plain, scaled = engine(None), engine(0.4)
+    reports, scaled_reports = plain.run(), scaled.run()
+    assert [r.stages for r in scaled_reports] == [r.stages for r in reports]
+    np.testing.assert_allclose([r.latency_s for r in scaled_reports],
+                               [0.4 * r.latency_s for r in reports], rtol=1e-12)
+    assert scaled.clock.now() == pytest.approx(0.4 * plain.clock.now())
+    assert sum(r.energy_j for r in scaled_reports) < sum(r.energy_j for r in reports)
+    # The simulator would price a run at once, unscaled: scaled, each iteration goes alone.
+    for scale, runs in ((None, True), (0.4, False)):
+        e = engine(scale, (40,))
+        start = Decision(2, e.decision_view().fcfs_admission())
+        assert (e.step_run(float("inf"), start) is not None) == runs
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="latency scale must be a positive number"):
+            ScaledLatency(SimExecutor(mc, CostModel(mc, TRUE, 4), "uniform"), bad)
 
 
 def test_measurement_scatter_is_one_measurements_own_noise_whatever_the_drift():
@@ -235,6 +290,30 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     summary = play_trivially(env, seed=0)["summary"]
     assert summary["requests_finished"] == 6
     assert summary["energy_source"] == "modeled:cpu-auto-wall"  # the fitted constants
+
+
+def test_calibrate_speed_measures_against_a_profile_and_installs_nothing(tmp_path, capsys,
+                                                                         monkeypatch):
+    """``--speed`` (make run's first step): the real engine (tiny model, quick grid) against
+    cpu-generic; speed.json carries the override make run passes on; no profile written."""
+    from scripts.calibrate import main
+
+    monkeypatch.setenv("LPENV_PROFILE_DIR", str(tmp_path / "profiles"))
+    main(["--speed", "--quick", "--model", "qwen3-moe-tiny", "--device", "cpu", "--out",
+          str(tmp_path / "out")])
+    speed = json.loads((tmp_path / "out" / "speed.json").read_text())
+    assert speed["reference"] == "cpu-generic" and speed["model"] == "qwen3-moe-tiny"
+    assert speed["iterations"] > 0 and 0 < speed["p10"] <= speed["speed"] <= speed["p90"]
+    assert speed["latency_scale"] == pytest.approx(1 / speed["speed"])
+    assert speed["override"].startswith("backend.latency_scale=")
+    assert "as long as cpu-generic prices them" in capsys.readouterr().out
+    assert not (tmp_path / "profiles").exists()
+    for args, says in ((["--repeats", "2"], "do not apply"),
+                       (["--against", "no-such-profile"], "unknown hardware profile")):
+        with pytest.raises(SystemExit) as info:
+            main(["--speed", "--quick", "--model", "qwen3-moe-tiny", "--out",
+                  str(tmp_path / "again"), *args])
+        assert info.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):

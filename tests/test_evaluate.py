@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.scaled_latency import ScaledLatency
+from lpenv.backends import build_executor
 from lpenv.metrics import RequestRecord
 from scripts import sweep_report
 from scripts.evaluate import (
@@ -70,6 +73,21 @@ def test_single_run_writes_summary_and_requests(tmp_path):
                         abs_tol=1e-5)
     assert sum(r.attains(2.0, 0.125) for r in recs) / 6 == pytest.approx(
         on_disk["slo_attainment"])
+
+
+def test_a_scaled_measured_run_says_so(tmp_path):
+    """``backend.latency_scale`` (make run's speed against cpu-generic) reaches the executor
+    and the summary, whose latency label keeps such runs apart in a sweep report."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            "model=qwen3-moe-tiny", "workload.num_requests=2", "progress=false",
+            "backend.latency_scale=0.5"])
+    summary = evaluate(cfg, tmp_path)
+    assert (summary["latency"], summary["latency_scale"]) == ("measured x0.5", 0.5)
+    assert summary["requests_finished"] == 2
+    setup = build(cfg)
+    executor = build_executor(setup.backend, setup.engine, ModelConfig.load(setup.engine.model))
+    assert isinstance(executor, ScaledLatency) and executor.scale == 0.5
 
 
 def test_modeled_runs_repeat_exactly(tmp_path):
