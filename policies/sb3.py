@@ -32,7 +32,7 @@ import numpy as np
 import lpenv
 from lpenv.episode import Episode
 from policies import env_configuration
-from policies.export import export_sb3, learned_from_sb3
+from policies.export import engine_defaults, export_sb3, learned_from_sb3
 from policies.learned import ACTIVATIONS, serving_mask
 from policies.paper_rule import PaperRule
 from policies.protocol import Policy
@@ -237,7 +237,9 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
 
         model.set_logger(configure(str(out / "log"), ["stdout", "csv"] if verbose else ["csv"]))
 
-    paper = evaluate(PaperRule(max_groups=config["observation"]["num_layers"]), kwargs, seeds)
+    # The paper's rule as lpenv-eval runs it: its thresholds in the engine's chunk size (the
+    # paper's 512 tokens on a CPU-scaled engine would make nearly every batch G = 1).
+    paper = evaluate(PaperRule(**engine_defaults("paper", config)), kwargs, seeds)
     log: list[dict] = []
     compare = _callbacks(config, kwargs, seeds, eval_freq, paper, log)
     every = max(1, (checkpoint_freq or max(total_timesteps // 4, 1)) // n_envs)

@@ -17,6 +17,7 @@ import lpenv
 from policies.env_configuration import env_kwargs
 from policies.export import load_policy
 from policies.learned import LearnedPolicy
+from policies.paper_rule import PaperRule
 from policies.random_policy import RandomPolicy
 from policies.sb3 import RefuseInvalid, ServingMask, evaluate, train_policy
 
@@ -36,6 +37,8 @@ WORKLOAD = {
 }
 EVAL_SEEDS = [100, 101, 102, 103, 104, 105]
 SMALL = {**WORKLOAD, "workload": {**WORKLOAD["workload"], "num_requests": 6}}
+# (the paper rule's thresholds scale with the chunk: 32-token units put these batches at G > 1)
+SMALL_CHUNKED = {**SMALL, "engine": {**SMALL["engine"], "chunk_tokens": 32}}
 
 
 def test_env_passes_sb3_env_checker():
@@ -129,8 +132,8 @@ def test_plain_ppo_trains_and_exports(tmp_path, monkeypatch):
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.delenv("SB3_LOGDIR", raising=False)
-    result = train_policy(SMALL, algo="ppo", total_timesteps=256, seed=0, out_dir=tmp_path,
-                          eval_episodes=1, eval_freq=128, progress_bar=False,
+    result = train_policy(SMALL_CHUNKED, algo="ppo", total_timesteps=256, seed=0,
+                          out_dir=tmp_path, eval_episodes=1, eval_freq=128, progress_bar=False,
                           tensorboard=False, hyperparams={"n_steps": 128})
     assert isinstance(load_policy(result["paths"]["policy"]), LearnedPolicy)
     assert 0.0 <= result["learned"]["attainment_mean"] <= 1.0
@@ -138,6 +141,11 @@ def test_plain_ppo_trains_and_exports(tmp_path, monkeypatch):
     assert [e["timesteps"] for e in result["evaluations"]] == [128, 256]
     assert result["evaluations"][-1]["learned"] == result["learned"]
     assert [p.name for p in temp.iterdir() if p.name.startswith("SB3")] == []
+    # The baseline is the paper's rule as lpenv-eval runs it: thresholds in the engine's chunk
+    # size (conf/policy/paper.yaml), not the paper's 512 tokens.
+    chunk = SMALL_CHUNKED["engine"]["chunk_tokens"]
+    assert result["paper_rule"] == evaluate(PaperRule(unit=chunk), env_kwargs(SMALL_CHUNKED),
+                                            result["eval_seeds"])
     progress = Path(result["paths"]["progress"]).read_text().splitlines()
     assert "eval/learned_return" in progress[0] and len(progress) > 1
 
