@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Both cores for the engine's matmuls.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test test-slow lint bench bench-sim calibrate paper clean
+.PHONY: run train test test-slow lint bench bench-sim calibrate paper clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,14 @@ run: $(STAMP)
 	    policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
 	else echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
 	$(BIN)/lpenv-sweep-report $(RUN_DIR)
+
+# A learned policy for `make run`: MaskablePPO on the simulator (cpu-generic, the pace make run
+# keeps) on make run's workload at 3 req/s, exported to $(LEARNED) where make run finds it
+# (50,000 steps: about 90 s here).
+TRAIN_STEPS ?= 50000
+train: $(STAMP)
+	$(BIN)/lpenv-train backend.name=sim $(RUN_ARGS) workload.rate=3 \
+	  train.total_timesteps=$(TRAIN_STEPS) train.export_path=$(LEARNED)
 
 # The engine benchmark: chunked against layered prefill on the CPU model.
 bench: $(STAMP)
