@@ -41,7 +41,7 @@ run: $(STAMP)
 	rm -rf $(RUN_DIR)
 	mkdir -p $(RUN_DIR)
 	@if [ "$(RUN_SPEED)" = auto ]; then \
-	  $(BIN)/lpenv-calibrate --speed --out $(RUN_DIR) && \
+	  $(BIN)/lpenv-calibrate --speed --device cpu --out $(RUN_DIR) && \
 	  $(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1]))['override'])" \
 	    $(RUN_DIR)/speed.json > $(RUN_DIR)/speed.args; \
 	else echo "backend.latency_scale=$(RUN_SPEED)" > $(RUN_DIR)/speed.args; fi
