@@ -82,7 +82,8 @@ class LayeredPrefillEnv(gym.Env):
     ``gymnasium.make("lpenv/LayeredPrefill-v1", engine=..., workload=..., slo=..., reward=...,
     backend=..., group_choices=None, admission_levels=4, allow_stagger=True, queue_slots=8,
     horizon_s=None, max_decisions=None, rate_scale=None, energy_scale=0.01,
-    render_mode=None)``; ``rate_scale`` (req/s; None: the workload's rate) and
+    render_mode=None)``; ``rate_scale`` (req/s; None: the workload's rate, or its
+    ``rate_max``) and
     ``energy_scale`` (J per token) normalize the observation's arrival rate and energy per
     token (``lpenv.observation``); ``engine``, ``workload``,
     ``reward`` and ``backend`` take their config dataclasses or mappings (Hydra configs),
@@ -158,7 +159,8 @@ class LayeredPrefillEnv(gym.Env):
             prefill_budget=self.engine_config.prefill_budget,
             max_num_seqs=self.engine_config.max_num_seqs, max_model_len=self.max_model_len,
             num_layers=self.model_config.num_layers, queue_slots=queue_slots,
-            rate_scale=self.workload_config.rate if rate_scale is None else rate_scale,
+            rate_scale=(self.workload_config.rate_max or self.workload_config.rate)
+            if rate_scale is None else rate_scale,
             energy_scale=energy_scale)
         self.action_space = spaces.MultiDiscrete(self.codec.nvec)
         self.observation_space = spaces.Box(0.0, CLIP, (self.obs_spec.size,), np.float32)

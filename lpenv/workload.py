@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -37,12 +37,16 @@ class WorkloadConfig:
     ``warmup_s + duration_s`` seconds (the paper: 600 s after a 60 s warm-up), at ``rate``
     (Poisson or Gamma), or at a trace's own ``arrival_time_s`` where it has them (``rate`` and
     ``arrival`` then play no part: ``arrival_source``). Requests that arrive in the first
-    ``warmup_s`` are served but left out of the request metrics.
+    ``warmup_s`` are served but left out of the request metrics. With ``rate_max``, each
+    episode's rate is drawn uniformly from ``[rate, rate_max]`` first (training across loads:
+    an agent trained at one rate meets others when it serves); an evaluation sweeps rates
+    instead.
     """
 
     name: str = "arxiv4k"
     arrival: str = "poisson"  # poisson | gamma
     rate: float = 1.0  # requests per second
+    rate_max: float | None = None  # each episode's rate uniform in [rate, rate_max]
     cv: float = 1.0  # gamma arrivals: coefficient of variation of the gaps
     num_requests: int = 32
     lengths: str = "arxiv4k"
@@ -60,6 +64,9 @@ class WorkloadConfig:
             raise ValueError(f"workload.arrival must be poisson or gamma, got {self.arrival!r}")
         if self.rate <= 0 or self.cv <= 0 or self.scale <= 0:
             raise ValueError("workload rate, cv and scale must be positive")
+        if self.rate_max is not None and not self.rate_max >= self.rate:
+            raise ValueError(f"workload.rate_max must be at least workload.rate ({self.rate}), "
+                             f"got {self.rate_max}")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError(f"workload.duration_s must be positive, got {self.duration_s}")
         if self.warmup_s < 0:
@@ -141,6 +148,9 @@ def _gaps(config: WorkloadConfig, rng: np.random.Generator, n: int) -> np.ndarra
 
 def generate(config: WorkloadConfig, rng: np.random.Generator) -> list[RequestSpec]:
     """The requests of one episode, sorted by arrival time."""
+    if config.rate_max is not None:  # (drawn first: the rest as at a fixed rate)
+        config = replace(config, rate=float(rng.uniform(config.rate, config.rate_max)),
+                         rate_max=None)
     n = config.num_requests
     arrivals = None
     trace = _read_trace(config.trace) if config.trace is not None else None

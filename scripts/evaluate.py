@@ -115,6 +115,9 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
             raise ValueError(f"horizon_s must be positive or null, got {cfg.horizon_s}")
         parts = {name: to_dataclass(name, cfg[name])
                  for name in ("workload", "slo", "reward", "backend")}
+        if parts["workload"].rate_max is not None:
+            raise ValueError("workload.rate_max draws each training episode's rate; an "
+                             "evaluation runs one rate: sweep workload.rate=1,2,3 instead")
         engine = to_dataclass("engine", cfg.engine)
         model = ModelConfig.load(engine.model)
         context = PolicyContext(model, parts["slo"].ttft_s, parts["slo"].tbt_s,

@@ -301,6 +301,7 @@ def test_unknown_key_in_a_group_file_is_rejected(tmp_path):
     (["engine.mode=pipelined"], "mode must be one of"),
     (["backend.latency=guessed"], "latency must be one of"),
     (["backend.latency_scale=0"], "latency_scale must be a positive number, got 0"),
+    (["workload.rate_max=9"], "an evaluation runs one rate: sweep workload.rate"),
     (["backend.name=sim", "backend.latency_scale=0.5"], "scales measured latencies"),
     (["backend.latency=modeled", "backend.latency_scale=0.5"], "scales measured latencies"),
     (["engine.model=no-such-model"], "no-such-model"),

@@ -166,6 +166,16 @@ def test_one_seed_one_workload_on_every_backend():
         {"latency": "modeled"})
 
 
+def test_rate_max_scales_the_observation_to_the_top_of_the_range():
+    # (each reset's own rate: tests/test_workload.py)
+    env = make(workload={**SMALL["workload"], "rate": 10.0, "rate_max": 40.0},
+               backend={"name": "sim"})
+    assert env.unwrapped.obs_spec.rate_scale == 40.0
+    assert make().unwrapped.obs_spec.rate_scale == SMALL["workload"]["rate"]
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+
+
 def test_a_reset_env_copies_and_unpickles_and_goes_on_alike():
     import copy
     import pickle

@@ -33,3 +33,22 @@ def test_a_trace_with_arrival_times_brings_its_own(tmp_path):
     assert arrival_rate(w, requests) == pytest.approx(2.0)  # not the 9 req/s configured
     everything = WorkloadConfig(trace=str(path), num_requests=100, scale=1.0)
     assert len(generate(everything, np.random.default_rng(0))) == 40
+
+
+def test_rate_max_draws_each_episodes_rate_within_its_range():
+    """Training across loads: each episode (seed) at its own rate in [rate, rate_max], the
+    same seed the same workload; without rate_max every episode runs at rate."""
+    config = WorkloadConfig(rate=1.0, rate_max=4.0, num_requests=400)
+
+    def rate(requests) -> float:
+        return (len(requests) - 1) / (requests[-1].arrival_time - requests[0].arrival_time)
+
+    rates = [rate(generate(config, np.random.default_rng(seed))) for seed in range(20)]
+    assert 0.85 < min(rates) < 1.8 and 3.2 < max(rates) < 4.6
+    again = generate(config, np.random.default_rng(7))
+    assert again == generate(config, np.random.default_rng(7))
+    fixed = [rate(generate(WorkloadConfig(rate=2.0, num_requests=400),
+                           np.random.default_rng(seed))) for seed in range(20)]
+    assert max(fixed) / min(fixed) < 1.3
+    with pytest.raises(ValueError, match="rate_max must be at least workload.rate"):
+        WorkloadConfig(rate=3.0, rate_max=2.0)
