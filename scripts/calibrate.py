@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                         "fits and installs nothing")
     p.add_argument("--speed", action="store_true",
                    help="measure only how many times as long as --against this machine runs "
-                        "the engine (a short grid, under a minute here) and write "
+                        "the engine (a short grid, about 15 s here) and write "
                         "<out>/speed.json with the backend.latency_scale that runs measured "
                         "latencies at that profile's pace (make run's); fits and installs "
                         "nothing")
