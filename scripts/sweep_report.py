@@ -321,6 +321,11 @@ def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TA
     width = max([24, *(len(r["line"]) + 2 for r in runs)])
     for scenario, by_policy in curves(runs).items():
         lines.append(scenario_title(scenario))
+        scales = {r.get("latency_scale", 1) for r in runs if scenario_of(r) == scenario}
+        if scales != {1}:
+            lines.append(f"(measured x{', '.join(f'{x:.3g}' for x in sorted(scales))}: each "
+                         "measured latency times that, backend.latency_scale; make run's "
+                         "undoes this machine's speed against cpu-generic, in speed.json)")
         head = (f"{'policy':<{width}}{'rate':>6}{'runs':>6}{'SLO att.':>10}{'TTFT att.':>10}"
                 f"{'TBT att.':>10}{'TTFT p90 s':>11}{'TBT p99 ms':>11}{'E2E s':>8}{'mJ/tok':>8}"
                 f"{'expert GB':>10}{'wall s':>8}")

@@ -31,6 +31,7 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     assert (out / "speed.args").read_text().strip() == speed["override"]
     scale = float(speed["override"].split("=")[1])
     assert f"measured x{scale:.3g}" in run.stdout  # the table's heading says how it was run
+    assert f"(measured x{scale:.3g}: each measured latency times that" in run.stdout
     assert "no learned policy at" in run.stdout
     with (out / "goodput.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
