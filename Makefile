@@ -54,7 +54,8 @@ run: $(STAMP)
 	$(BIN)/lpenv-sweep-report $(RUN_DIR)
 
 # A learned policy for `make run`: MaskablePPO on the simulator (cpu-generic, the pace make run
-# keeps) on make run's workload at 3 req/s, exported to $(LEARNED) where make run finds it
+# keeps) on make run's workload at 3 req/s, the actor that evaluated best on six episodes
+# (train.keep_best) exported to $(LEARNED) where make run finds it
 # (50,000 steps: about 90 s here). TRAIN_ARGS='workload.rate=1 workload.rate_max=4' trains
 # across make run's rates instead (one run of each here: the single rate served better).
 # RL runs vary: on the simulator at 1-4 req/s (12 seeds) policies trained so reached
@@ -62,7 +63,7 @@ run: $(STAMP)
 TRAIN_STEPS ?= 50000
 TRAIN_ARGS ?= workload.rate=3
 train: $(STAMP)
-	$(BIN)/lpenv-train backend.name=sim $(RUN_ARGS) $(TRAIN_ARGS) \
+	$(BIN)/lpenv-train backend.name=sim $(RUN_ARGS) $(TRAIN_ARGS) train.eval_episodes=6 \
 	  train.total_timesteps=$(TRAIN_STEPS) train.export_path=$(LEARNED)
 
 # The engine benchmark: chunked against layered prefill on the CPU model.

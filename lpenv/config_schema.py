@@ -169,6 +169,7 @@ class TrainSection:
     n_envs: int = 1
     eval_episodes: int = 2
     eval_freq: int | None = 2048  # env steps between evaluations; null: only at the end
+    keep_best: bool = True  # export the actor that evaluated best, not the last one
     checkpoint_freq: int | None = None  # env steps between checkpoints; null: 4 per run
     progress_bar: bool = True
     tensorboard: bool = True

@@ -141,10 +141,11 @@ def learned_from_sb3(model: Any, config: Mapping) -> LearnedPolicy:
     return LearnedPolicy(ObservationSpec(**c["observation"]), _codec(c["actions"]), net)
 
 
-def export_sb3(model: Any, env: Any, path: str | Path) -> Path:
+def export_sb3(model: Any, env: Any, path: str | Path, timesteps: int | None = None) -> Path:
     """Write an SB3 PPO/MaskablePPO model's actor as an artifact folder at ``path``.
 
-    ``env``: the env it was trained on (gym env, VecEnv) or its configuration mapping."""
+    ``env``: the env it was trained on (gym env, VecEnv) or its configuration mapping;
+    ``timesteps``: the steps the actor had trained (default: the model's)."""
     config = env_config(env)
     spec, tensors = sb3_actor(model)
     obs_spec, codec = ObservationSpec(**config["observation"]), _codec(config["actions"])
@@ -155,7 +156,8 @@ def export_sb3(model: Any, env: Any, path: str | Path) -> Path:
     doc = _header("learned", config)
     doc |= {"network": spec.to_json(), "weights": WEIGHTS,
             "training": {"algorithm": type(model).__name__,
-                         "num_timesteps": int(model.num_timesteps)}}
+                         "num_timesteps": int(model.num_timesteps if timesteps is None
+                                               else timesteps)}}
     return _write(path, doc, tensors)
 
 

@@ -84,7 +84,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         seed=cfg.seed, n_envs=t.n_envs, out_dir=str(out_dir), eval_episodes=t.eval_episodes,
         eval_freq=t.eval_freq, progress_bar=t.progress_bar, tensorboard=t.tensorboard,
         hyperparams=OmegaConf.to_container(t.hyperparams, resolve=True),
-        checkpoint_freq=t.checkpoint_freq, invalid_penalty=t.invalid_penalty)
+        checkpoint_freq=t.checkpoint_freq, invalid_penalty=t.invalid_penalty,
+        keep_best=t.keep_best)
     exported = Path(result["paths"]["policy"])
     if t.export_path:
         target = Path(t.export_path)
@@ -110,6 +111,9 @@ def _main(cfg: DictConfig) -> float:
           f"({result['steps_per_s']:.0f} steps/s): attainment learned "
           f"{learned['attainment_mean']:.3f} vs paper rule {paper['attainment_mean']:.3f}; "
           f"return {learned['return_mean']:.3f} vs {paper['return_mean']:.3f}")
+    if result["exported_timesteps"] != result["total_timesteps"]:
+        print(f"exported the actor of step {result['exported_timesteps']}, the best evaluated "
+              f"(the last one's return: {result['final']['return_mean']:.3f})")
     print("policy: " + result["paths"].get("published", result["paths"]["policy"]))
     log.info("%s", json.dumps(result["paths"]))
     return float(learned["return_mean"])

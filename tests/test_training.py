@@ -139,7 +139,17 @@ def test_plain_ppo_trains_and_exports(tmp_path, monkeypatch):
     assert 0.0 <= result["learned"]["attainment_mean"] <= 1.0
     # One evaluation per eval_freq steps; the last step's is the final one, not listed twice.
     assert [e["timesteps"] for e in result["evaluations"]] == [128, 256]
-    assert result["evaluations"][-1]["learned"] == result["learned"]
+    assert result["evaluations"][-1]["learned"] == result["final"]
+    # The exported actor is the best evaluated (the first where two tie), and it is the one
+    # that was evaluated: loaded, it gives that evaluation again.
+    best = max(result["evaluations"], key=lambda e: e["learned"]["return_mean"])
+    assert (result["exported_timesteps"], result["learned"]) == (best["timesteps"],
+                                                                  best["learned"])
+    exported = json.loads((Path(result["paths"]["policy"]) / "policy.json").read_text())
+    assert exported["training"]["num_timesteps"] == best["timesteps"]
+    again = evaluate(load_policy(result["paths"]["policy"]), env_kwargs(SMALL_CHUNKED),
+                     result["eval_seeds"])
+    assert again["returns"] == pytest.approx(result["learned"]["returns"])
     assert [p.name for p in temp.iterdir() if p.name.startswith("SB3")] == []
     # The baseline is the paper's rule as lpenv-eval runs it: thresholds in the engine's chunk
     # size (conf/policy/paper.yaml), not the paper's 512 tokens.
