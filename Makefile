@@ -31,8 +31,11 @@ RUN_EXTRA ?=
 # The CPU SLOs were set on the machine cpu-generic was read off. `auto` first measures how many
 # times as long this machine runs the engine (lpenv-calibrate --speed, about 15 s) and scales
 # every measured latency by the inverse, so the table reads alike on a slower or faster
-# machine; a number scales by that, 1 leaves the latencies as measured.
+# machine; a number scales by that, 1 leaves the latencies as measured. The probe measures the
+# model, dtype and device the runs use (RUN_ARGS and RUN_EXTRA, as lpenv-eval composes them).
 RUN_SPEED ?= auto
+# The fixed layer-group counts G compared (at most the model's layers).
+RUN_GROUPS ?= 1,8
 LEARNED ?= results/learned/policy
 EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
 	workload.rate=$(RUN_RATES) $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) $(RUN_EXTRA)
@@ -41,12 +44,12 @@ run: $(STAMP)
 	rm -rf $(RUN_DIR)
 	mkdir -p $(RUN_DIR)
 	@if [ "$(RUN_SPEED)" = auto ]; then \
-	  $(BIN)/lpenv-calibrate --speed --device cpu --out $(RUN_DIR) && \
+	  $(BIN)/lpenv-calibrate --speed --out $(RUN_DIR) $(RUN_ARGS) $(RUN_EXTRA) && \
 	  $(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1]))['override'])" \
 	    $(RUN_DIR)/speed.json > $(RUN_DIR)/speed.args; \
 	else echo "backend.latency_scale=$(RUN_SPEED)" > $(RUN_DIR)/speed.args; fi
 	$(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${hydra.job.num}' policy=chunked,paper,slo_aware
-	$(EVAL) 'hydra.sweep.subdir=fixed-$${hydra.job.num}' policy=fixed policy.groups=1,8
+	$(EVAL) 'hydra.sweep.subdir=fixed-$${hydra.job.num}' policy=fixed policy.groups=$(RUN_GROUPS)
 	@if [ -f $(LEARNED)/policy.json ]; then \
 	  $(EVAL) 'hydra.sweep.subdir=learned-$${hydra.job.num}' policy=learned \
 	    policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \

@@ -27,7 +27,9 @@ Run it on an otherwise idle machine: another process on the same cores changes t
 ``--speed`` measures only how many times as long as a profile (``--against``, default
 ``cpu-generic``) this machine runs the engine (``engine_adapter.reference_speed``) and writes
 ``<out>/speed.json`` with the ``backend.latency_scale`` that runs measured latencies at that
-profile's pace: ``make run``'s first step.
+profile's pace: ``make run``'s first step. Given lpenv-eval's overrides after it
+(``lpenv-calibrate --speed --out DIR model=mixtral-tiny ...``), it measures the model, dtype
+and device those runs use, as make run does with its own.
 """
 
 from __future__ import annotations
@@ -436,7 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--against", default="cpu-generic",
                    help="--speed's reference profile (cpu-generic: the machine the CPU SLOs "
                         "were set on)")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="with --speed: lpenv-eval's overrides (model=..., engine.dtype=...); "
+                        "the probe measures the model, dtype and device those runs use instead "
+                        "of --model, --dtype and --device")
     args = p.parse_args(argv)
+    if args.overrides and not args.speed:
+        p.error(f"overrides ({' '.join(args.overrides)}) go with --speed only")
     if args.speed and (args.refit or args.replay or args.repeats
                        or args.energy_s is not None):
         p.error("--speed measures a short grid of its own: --refit, --replay, --repeats and "
@@ -485,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
 def speed_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: float) -> None:
     """``--speed`` (``engine_adapter.reference_speed``)."""
     try:
+        if args.overrides:
+            args.model, args.dtype, args.device = evaluated_engine(args.overrides)
         reference = resolve_profile(args.against)
         grid = CalibrationGrid.quick() if args.quick else SPEED_GRID
         cfg, mc, executor = device_executor(args.model, args.device, args.dtype,
@@ -506,6 +516,23 @@ def speed_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: fl
           f"{speed.p90:.2f}x): {report['override']} runs measured latencies at "
           f"{speed.reference}'s pace")
     print(f"wrote {path} in {report['wall_s']:.0f} s")
+
+
+def evaluated_engine(overrides: list[str]) -> tuple[str, str, str]:
+    """The model, dtype and device ``lpenv-eval OVERRIDES`` runs the engine with (its config
+    composed as it composes it); a ValueError that says what is wrong with them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from scripts.evaluate import CONFIG_DIR
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            engine = compose("evaluate", overrides=list(overrides)).engine
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ValueError(f"lpenv-eval's overrides {' '.join(overrides)}: {exc}") from exc
+    return engine.model, engine.dtype, engine.device
 
 
 def replay_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: float) -> None:

@@ -316,6 +316,27 @@ def test_calibrate_speed_measures_against_a_profile_and_installs_nothing(tmp_pat
         assert info.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_calibrate_speed_measures_the_engine_lpenv_eval_overrides_give(tmp_path, capsys):
+    """``--speed`` with lpenv-eval's overrides (make run passes RUN_ARGS and RUN_EXTRA) probes
+    the model and dtype those runs use, not --model's default; bad overrides are a clear
+    error, and overrides without --speed are refused."""
+    from scripts.calibrate import main
+
+    main(["--speed", "--quick", "--out", str(tmp_path / "out"), "model=mixtral-tiny",
+          "engine.dtype=bfloat16", "engine.device=cpu", "workload.rate=3"])
+    speed = json.loads((tmp_path / "out" / "speed.json").read_text())
+    assert (speed["model"], speed["dtype"], speed["device"]) == ("mixtral-tiny", "bfloat16",
+                                                                 "cpu")
+    assert "iterations of mixtral-tiny" in capsys.readouterr().out
+    for args, says in ((["--speed", "model=no-such-model"], "lpenv-eval's overrides"),
+                       (["--speed", "engine.prefill_budgt=3"], "prefill_budgt"),
+                       (["model=mixtral-tiny"], "go with --speed only")):
+        with pytest.raises(SystemExit) as info:
+            main(["--quick", "--out", str(tmp_path / "again"), *args])
+        assert info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
 def test_calibrate_refuses_a_model_the_engine_cannot_run(tmp_path, capsys):
     from scripts.calibrate import main
 

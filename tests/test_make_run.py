@@ -1,5 +1,6 @@
 """`make run`, the main job, end to end on a small workload: the speed probe, every policy's
-sweep on the real engine at the reference machine's pace, the table and the plots."""
+sweep on the real engine at the reference machine's pace, the table and the plots. The model
+comes from RUN_EXTRA, as a user's would, and the probe must measure that one."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     out = tmp_path / "main"
     run = subprocess.run(
         ["make", "-o", str(prefix / ".installed"), "run", f"VENV={prefix}", f"RUN_DIR={out}",
-         "RUN_RATES=20", f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=",
+         "RUN_RATES=20", f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=model=qwen3-moe-tiny",
+         "RUN_GROUPS=1,4",
          "RUN_ARGS=workload=arxiv4k workload.scale=0.02 workload.num_requests=3 "
          "workload.max_output=4 progress=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     speed = json.loads((out / "speed.json").read_text())
     assert speed["reference"] == "cpu-generic" and speed["latency_scale"] > 0
+    assert speed["model"] == "qwen3-moe-tiny"  # the runs' model, not the default's
     assert (out / "speed.args").read_text().strip() == speed["override"]
     scale = float(speed["override"].split("=")[1])
     assert f"measured x{scale:.3g}" in run.stdout  # the table's heading says how it was run
@@ -36,7 +39,7 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     with (out / "goodput.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["policy"] for r in rows) == [
-        "chunked", "fixed groups=1", "fixed groups=8", "paper", "slo_aware"]
+        "chunked", "fixed groups=1", "fixed groups=4", "paper", "slo_aware"]
     assert {r["latency"] for r in rows} == {f"measured x{scale:.3g}"}
     for plot in ("attainment_vs_rate.png", "ttft_cdf.png", "tbt_cdf.png"):
         assert (out / plot).stat().st_size > 0
