@@ -129,6 +129,39 @@ class ActionCodec:
         return Decision(min(self.group_choices[g_idx], view.num_layers),
                         view.level_admission(level, self.admission_levels))
 
+    def encode(self, decision: Decision, view: SchedulerView, round_groups: bool = False
+               ) -> list[int]:
+        """The action that ``decode`` turns into ``decision`` at ``view`` (what a policy's
+        decision is in this action space, e.g. to imitate it): waiting is ``[0, top level,
+        0]``; a start is its G's index and the lowest admission level that admits exactly its
+        requests. An InvalidAction where no action means it (a G not among
+        ``group_choices``, an admission no level makes, a budget below the engine's); with
+        ``round_groups``, a G not among them becomes the choice whose largest layer group is
+        nearest its own (the default choices hold one G per largest group: the paper rule's
+        G = 4 on 5 layers, groups of 2, 1, 1, 1, becomes G = 3, groups of 2, 2, 1)."""
+        if not decision.admit:
+            return [0, self.admission_levels - 1, WAIT]
+        layers = view.num_layers
+        g = next((i for i, c in enumerate(self.group_choices)
+                  if min(c, layers) == decision.num_groups), None)
+        if g is None and round_groups:
+            largest = math.ceil(layers / decision.num_groups)
+            g = min(range(len(self.group_choices)), key=lambda i: abs(
+                math.ceil(layers / min(self.group_choices[i], layers)) - largest))
+        if g is None:
+            raise InvalidAction(f"G = {decision.num_groups} is not among the action's "
+                                f"group_choices {list(self.group_choices)}")
+        if decision.budget is not None and decision.budget < view.prefill_budget:
+            raise InvalidAction(f"a {decision.budget}-token budget: the action's levels all "
+                                f"fill the engine's {view.prefill_budget}")
+        admit = tuple(decision.admit)
+        for level in range(self.admission_levels):
+            if view.level_admission(level, self.admission_levels) == admit:
+                return [g, level, START]
+        raise InvalidAction(f"admitting {list(admit)} is none of the "
+                            f"{self.admission_levels} admission levels (FCFS prefixes of the "
+                            "queue)")
+
     def to_json(self) -> dict:
         return {"group_choices": list(self.group_choices),
                 "admission_levels": self.admission_levels, "allow_stagger": self.allow_stagger}

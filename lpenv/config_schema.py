@@ -170,6 +170,9 @@ class TrainSection:
     eval_episodes: int = 2
     eval_freq: int | None = 2048  # env steps between evaluations; null: only at the end
     keep_best: bool = True  # export the actor that evaluated best, not the last one
+    imitate: str | None = None  # a hand-written policy cloned before RL (paper); null: none
+    imitate_episodes: int = 30  # its demonstration episodes
+    imitate_epochs: int = 60  # passes over its decisions
     checkpoint_freq: int | None = None  # env steps between checkpoints; null: 4 per run
     progress_bar: bool = True
     tensorboard: bool = True

@@ -32,7 +32,7 @@ import numpy as np
 
 import lpenv
 from lpenv.episode import Episode
-from policies import env_configuration
+from policies import env_configuration, imitation
 from policies.export import engine_defaults, export_sb3, learned_from_sb3
 from policies.learned import ACTIVATIONS, serving_mask
 from policies.paper_rule import PaperRule
@@ -127,7 +127,7 @@ def evaluate(policy: Policy, kwargs: dict, seeds: Sequence[int]) -> dict:
 
 
 def _callbacks(config: dict, kwargs: dict, seeds: Sequence[int], eval_freq: int | None,
-               paper: dict, log: list):
+               paper: dict, log: list, evaluate_first: bool = False):
     from stable_baselines3.common.callbacks import BaseCallback
 
     class CompareToPaperRule(BaseCallback):
@@ -140,6 +140,8 @@ def _callbacks(config: dict, kwargs: dict, seeds: Sequence[int], eval_freq: int 
 
         def _on_training_start(self) -> None:
             self.t0, self.last = time.perf_counter(), 0
+            if evaluate_first:  # (a cloned actor: a candidate before any RL)
+                self.evaluate()
 
         def _on_step(self) -> bool:
             if eval_freq and self.num_timesteps - self.last >= eval_freq:
@@ -198,7 +200,8 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
                  tensorboard: bool = True, hyperparams: dict | None = None, *,
                  eval_seeds: Sequence[int] | None = None, checkpoint_freq: int | None = None,
                  invalid_penalty: float = 0.05, verbose: int = 0,
-                 keep_best: bool = True) -> dict:
+                 keep_best: bool = True, imitate: str | None = None,
+                 imitate_episodes: int = 30, imitate_epochs: int = 60) -> dict:
     """Train a policy on ``gymnasium.make("lpenv/LayeredPrefill-v1", **env_kwargs)``.
 
     Writes under ``out_dir``: ``tb/`` (TensorBoard; ``log/progress.csv`` without it),
@@ -209,6 +212,9 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
     environment steps (all envs together); None evaluates only at the end.
     ``keep_best``: the exported actor is the one whose evaluation had the best return (the
     final one where none beat it; ``model.zip`` is always the final model).
+    ``imitate``: a hand-written policy's name (``paper``): before RL the actor is cloned from
+    its decisions on ``imitate_episodes`` episodes, ``imitate_epochs`` passes
+    (``policies.imitation``), and evaluated at step 0, so that ``keep_best`` can export it.
 
     Returns the exported actor's (``learned``), the final actor's and the paper rule's
     evaluations, every evaluation, steps/s and the paths.
@@ -218,6 +224,9 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if n_envs < 1 or total_timesteps < 1 or eval_episodes < 1:
         raise ValueError("n_envs, total_timesteps and eval_episodes must be positive")
+    if imitate is not None and (imitate_episodes < 1 or imitate_epochs < 1):
+        raise ValueError("train.imitate_episodes and train.imitate_epochs must be positive, "
+                         f"got {imitate_episodes} and {imitate_epochs}")
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
@@ -225,6 +234,7 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
     out.mkdir(parents=True, exist_ok=True)
     config = env_configuration.env_config(kwargs)
     kwargs = env_configuration.env_kwargs(config)  # complete: what the artifact records
+    teacher = imitation.teacher(imitate, config) if imitate is not None else None
     (out / "env_config.json").write_text(json.dumps(config, indent=2) + "\n")
     seeds = list(eval_seeds) if eval_seeds is not None else [1000 + i
                                                              for i in range(eval_episodes)]
@@ -252,8 +262,19 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
     # The paper's rule as lpenv-eval runs it: its thresholds in the engine's chunk size (the
     # paper's 512 tokens on a CPU-scaled engine would make nearly every batch G = 1).
     paper = evaluate(PaperRule(**engine_defaults("paper", config)), kwargs, seeds)
+    cloned = None
+    if teacher is not None:
+        demo_env = make_env(kwargs, monitor=False)()
+        demos = imitation.demonstrate(teacher, demo_env, range(
+            imitation.DEMONSTRATION_SEED, imitation.DEMONSTRATION_SEED + imitate_episodes))
+        demo_env.close()
+        cloned = {"teacher": imitate, **imitation.clone(model.policy, demos, imitate_epochs,
+                                                          seed=seed)}
+        print(f"cloned {imitate}'s {cloned['decisions']} decisions on {imitate_episodes} "
+              f"episodes: the actor takes {cloned['agreement']:.1%} of them", flush=True)
     log: list[dict] = []
-    compare = _callbacks(config, kwargs, seeds, eval_freq, paper, log)
+    compare = _callbacks(config, kwargs, seeds, eval_freq, paper, log,
+                         evaluate_first=cloned is not None)
     every = max(1, (checkpoint_freq or max(total_timesteps // 4, 1)) // n_envs)
     checkpoints = CheckpointCallback(every, str(out / "checkpoints"), name_prefix=algo)
     if progress_bar and not _progress_bar_available():
@@ -285,7 +306,7 @@ def train_policy(env_kwargs: dict | None = None, algo: str = "maskable_ppo",
         "algo": algo, "total_timesteps": int(model.num_timesteps), "seed": seed,
         "n_envs": n_envs, "train_s": train_s, "steps_per_s": rate, "eval_seeds": seeds,
         "learned": learned, "exported_timesteps": exported_at, "final": final,
-        "paper_rule": paper, "evaluations": log,
+        "paper_rule": paper, "evaluations": log, "imitation": cloned,
         "hyperparams": {k: v for k, v in params.items()},
         "paths": {"out_dir": str(out), "model": str(out / "model.zip"),
                   "policy": str(policy_dir), "env_config": str(out / "env_config.json"),

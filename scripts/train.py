@@ -65,14 +65,19 @@ def check(cfg: DictConfig) -> None:
         check_export_path(Path(t.export_path))
     if t.algo not in ALGOS:
         raise ValueError(f"train.algo must be one of {ALGOS}, got {t.algo!r}")
-    for key in ("total_timesteps", "n_envs", "eval_episodes"):
+    for key in ("total_timesteps", "n_envs", "eval_episodes", "imitate_episodes",
+                "imitate_epochs"):
         if t[key] < 1:
             raise ValueError(f"train.{key} must be positive, got {t[key]}")
     from lpenv.env import LayeredPrefillEnv  # specs and checks only: no model is built
+    from policies.env_configuration import env_config
+    from policies.imitation import teacher
     from policies.sb3 import with_activation_class
 
     LayeredPrefillEnv(**env_kwargs(cfg)).close()  # env.* values, the backend, the memory
     with_activation_class(OmegaConf.to_container(t.hyperparams, resolve=True))
+    if t.imitate is not None:
+        teacher(t.imitate, env_config(env_kwargs(cfg)))
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
@@ -85,7 +90,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         eval_freq=t.eval_freq, progress_bar=t.progress_bar, tensorboard=t.tensorboard,
         hyperparams=OmegaConf.to_container(t.hyperparams, resolve=True),
         checkpoint_freq=t.checkpoint_freq, invalid_penalty=t.invalid_penalty,
-        keep_best=t.keep_best)
+        keep_best=t.keep_best, imitate=t.imitate, imitate_episodes=t.imitate_episodes,
+        imitate_epochs=t.imitate_epochs)
     exported = Path(result["paths"]["policy"])
     if t.export_path:
         target = Path(t.export_path)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lpenv
+from engine_adapter.decision import Decision
 from lpenv.actions import InvalidAction, default_group_choices
 
 SMALL = dict(
@@ -251,6 +252,40 @@ def test_every_action_the_mask_allows_is_taken_as_its_level_says(seed, kv_tokens
     summary = info["summary"]
     assert starts > 0
     assert summary["requests_finished"] + summary["requests_rejected"] == 10
+
+
+def test_encode_gives_the_action_that_decodes_to_the_decision():
+    """``ActionCodec.encode`` (what imitation learns from) is ``decode``'s inverse over an
+    episode of random valid actions; decisions no action means are refused, not rounded."""
+    env = make(group_choices=[1, 3, 5], backend={"name": "sim"})
+    env.reset(seed=3)
+    u = env.unwrapped
+    codec, rng = u.codec, np.random.default_rng(3)
+    starts = skipped_head = 0
+    while True:
+        parts = np.split(u.action_masks(), np.cumsum(codec.nvec)[:-1])
+        action = [int(rng.choice(np.flatnonzero(p))) for p in parts]
+        view, can_wait = u.view, u.episode.can_wait()
+        decision = codec.decode(action, view, can_wait)
+        again = codec.encode(decision, view)
+        assert codec.decode(again, view, can_wait) == decision
+        if decision.admit:
+            starts += 1
+            assert again[0] == action[0] and again[1] <= action[1]  # the lowest such level
+            with pytest.raises(InvalidAction, match="group_choices"):
+                codec.encode(Decision(2, decision.admit), view)
+            with pytest.raises(InvalidAction, match="budget"):
+                codec.encode(Decision(1, decision.admit, budget=view.prefill_budget - 1), view)
+            if len(view.waiting) > 1:  # the head skipped: no level admits that
+                skipped_head += 1
+                with pytest.raises(InvalidAction, match="admission levels"):
+                    codec.encode(Decision(1, (view.waiting[1].request_id,)), view)
+        else:
+            assert again == [0, codec.admission_levels - 1, 0]
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            break
+    assert starts > 0 and skipped_head > 0
 
 
 def test_wait_is_masked_when_nothing_runs_and_nothing_will_arrive():
