@@ -37,8 +37,11 @@ RUN_SPEED ?= auto
 # The fixed layer-group counts G compared (at most the model's layers).
 RUN_GROUPS ?= 1,8
 LEARNED ?= results/learned/policy
+comma := ,
+# One rate at a time, every policy at it before the next rate: policies compared at a rate ran
+# minutes apart at most, side by side as this shared machine's speed drifts.
 EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
-	workload.rate=$(RUN_RATES) $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) $(RUN_EXTRA)
+	workload.rate=$$rate $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) $(RUN_EXTRA)
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
@@ -48,12 +51,19 @@ run: $(STAMP)
 	  $(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1]))['override'])" \
 	    $(RUN_DIR)/speed.json > $(RUN_DIR)/speed.args; \
 	else echo "backend.latency_scale=$(RUN_SPEED)" > $(RUN_DIR)/speed.args; fi
-	$(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${hydra.job.num}' policy=chunked,paper,slo_aware
-	$(EVAL) 'hydra.sweep.subdir=fixed-$${hydra.job.num}' policy=fixed policy.groups=$(RUN_GROUPS)
-	@if [ -f $(LEARNED)/policy.json ]; then \
-	  $(EVAL) 'hydra.sweep.subdir=learned-$${hydra.job.num}' policy=learned \
-	    policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
-	else echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
+	@if [ ! -f $(LEARNED)/policy.json ]; then \
+	  echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
+	@for rate in $(subst $(comma), ,$(RUN_RATES)); do \
+	  echo "== $$rate req/s"; \
+	  $(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${workload.rate}' \
+	    policy=chunked,paper,slo_aware || exit 1; \
+	  $(EVAL) 'hydra.sweep.subdir=fixed-$${policy.groups}-$${workload.rate}' policy=fixed \
+	    policy.groups=$(RUN_GROUPS) || exit 1; \
+	  if [ -f $(LEARNED)/policy.json ]; then \
+	    $(EVAL) 'hydra.sweep.subdir=learned-$${workload.rate}' policy=learned \
+	      policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
+	  fi; \
+	done
 	$(BIN)/lpenv-sweep-report $(RUN_DIR)
 
 # A learned policy for `make run`: MaskablePPO on the simulator (cpu-generic, the pace make run

@@ -79,8 +79,8 @@ def demonstrate(policy: Policy, env: gym.Env, seeds: Sequence[int]) -> Demonstra
             else:
                 decision = policy(view)
                 action = codec.encode(decision, view, round_groups=True)
-                rounded += bool(decision.admit) and codec.decode(
-                    action, view, u.episode.can_wait()).num_groups != decision.num_groups
+                rounded += bool(decision.admit) and min(
+                    codec.group_choices[action[0]], view.num_layers) != decision.num_groups
                 mask = env.get_wrapper_attr("action_masks")()
                 if all(mask[o + a] for o, a in zip(offsets, action)):
                     observations.append(obs)

@@ -1,6 +1,7 @@
 """`make run`, the main job, end to end on a small workload: the speed probe, every policy's
-sweep on the real engine at the reference machine's pace, the table and the plots. The model
-comes from RUN_EXTRA, as a user's would, and the probe must measure that one."""
+sweep on the real engine at the reference machine's pace, one rate at a time, the table and
+the plots. The model comes from RUN_EXTRA, as a user's would, and the probe must measure that
+one."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     out = tmp_path / "main"
     run = subprocess.run(
         ["make", "-o", str(prefix / ".installed"), "run", f"VENV={prefix}", f"RUN_DIR={out}",
-         "RUN_RATES=20", f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=model=qwen3-moe-tiny",
+         "RUN_RATES=10,20", f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=model=qwen3-moe-tiny",
          "RUN_GROUPS=1,4",
          "RUN_ARGS=workload=arxiv4k workload.scale=0.02 workload.num_requests=3 "
          "workload.max_output=4 progress=false"],
@@ -41,5 +42,11 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     assert sorted(r["policy"] for r in rows) == [
         "chunked", "fixed groups=1", "fixed groups=4", "paper", "slo_aware"]
     assert {r["latency"] for r in rows} == {f"measured x{scale:.3g}"}
+    # Every policy at a rate before any at the next: side by side as the machine drifts.
+    runs = {path.parent.name: path.stat().st_mtime for path in out.glob("*/summary.json")}
+    assert sorted(runs) == sorted(f"{name}-{rate}" for rate in (10.0, 20.0) for name in (
+        "chunked", "paper", "slo_aware", "fixed-1", "fixed-4"))
+    assert max(t for name, t in runs.items() if name.endswith("-10.0")) < min(
+        t for name, t in runs.items() if name.endswith("-20.0"))
     for plot in ("attainment_vs_rate.png", "ttft_cdf.png", "tbt_cdf.png"):
         assert (out / plot).stat().st_size > 0
