@@ -71,8 +71,8 @@ run: $(STAMP)
 # (train.imitate=paper), the actor that evaluated best on six episodes (train.keep_best)
 # exported to $(LEARNED) where make run finds it (50,000 steps: about 2 minutes here).
 # RL runs vary: on the simulator at 3 and 4 req/s (12 seeds) three runs from a random actor
-# reached 83-99% and 56-89%, five from the clone 99% and 83-92%, against the paper rule's 100%
-# and 92%. TRAIN_ARGS='workload.rate=3' trains from a random actor;
+# reached 83-99% and 56-89%, six from the clone 99-100% and 83-92%, against the paper rule's
+# 100% and 92%. TRAIN_ARGS='workload.rate=3' trains from a random actor;
 # TRAIN_ARGS='workload.rate=1 workload.rate_max=4 train.imitate=paper' across make run's rates.
 TRAIN_STEPS ?= 50000
 TRAIN_ARGS ?= workload.rate=3 train.imitate=paper
