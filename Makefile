@@ -36,12 +36,16 @@ RUN_EXTRA ?=
 RUN_SPEED ?= auto
 # The fixed layer-group counts G compared (at most the model's layers).
 RUN_GROUPS ?= 1,8
+# Workload seeds per point, averaged by the report: on a noisy machine RUN_SEEDS=0,1,2 steadies
+# the points (each seed one more run of every point: about 7 minutes here).
+RUN_SEEDS ?= 0
 LEARNED ?= results/learned/policy
 comma := ,
 # One rate at a time, every policy at it before the next rate: policies compared at a rate ran
 # minutes apart at most, side by side as this shared machine's speed drifts.
 EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
-	workload.rate=$$rate $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) $(RUN_EXTRA)
+	workload.rate=$$rate seed=$(RUN_SEEDS) $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) \
+	$(RUN_EXTRA)
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
@@ -55,12 +59,13 @@ run: $(STAMP)
 	  echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
 	@for rate in $(subst $(comma), ,$(RUN_RATES)); do \
 	  echo "== $$rate req/s"; \
-	  $(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${workload.rate}' \
+	  $(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${workload.rate}-s$${seed}' \
 	    policy=chunked,paper,slo_aware || exit 1; \
-	  $(EVAL) 'hydra.sweep.subdir=fixed-$${policy.groups}-$${workload.rate}' policy=fixed \
+	  $(EVAL) 'hydra.sweep.subdir=fixed-$${policy.groups}-$${workload.rate}-s$${seed}' \
+	    policy=fixed \
 	    policy.groups=$(RUN_GROUPS) || exit 1; \
 	  if [ -f $(LEARNED)/policy.json ]; then \
-	    $(EVAL) 'hydra.sweep.subdir=learned-$${workload.rate}' policy=learned \
+	    $(EVAL) 'hydra.sweep.subdir=learned-$${workload.rate}-s$${seed}' policy=learned \
 	      policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
 	  fi; \
 	done

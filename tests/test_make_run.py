@@ -24,7 +24,7 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     run = subprocess.run(
         ["make", "-o", str(prefix / ".installed"), "run", f"VENV={prefix}", f"RUN_DIR={out}",
          "RUN_RATES=10,20", f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=model=qwen3-moe-tiny",
-         "RUN_GROUPS=1,4",
+         "RUN_GROUPS=1,4", "RUN_SEEDS=0,1",
          "RUN_ARGS=workload=arxiv4k workload.scale=0.02 workload.num_requests=3 "
          "workload.max_output=4 progress=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -44,9 +44,10 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     assert {r["latency"] for r in rows} == {f"measured x{scale:.3g}"}
     # Every policy at a rate before any at the next: side by side as the machine drifts.
     runs = {path.parent.name: path.stat().st_mtime for path in out.glob("*/summary.json")}
-    assert sorted(runs) == sorted(f"{name}-{rate}" for rate in (10.0, 20.0) for name in (
-        "chunked", "paper", "slo_aware", "fixed-1", "fixed-4"))
-    assert max(t for name, t in runs.items() if name.endswith("-10.0")) < min(
-        t for name, t in runs.items() if name.endswith("-20.0"))
+    assert sorted(runs) == sorted(f"{name}-{rate}-s{seed}" for rate in (10.0, 20.0)
+                                  for name in ("chunked", "paper", "slo_aware", "fixed-1",
+                                               "fixed-4") for seed in (0, 1))
+    assert max(t for name, t in runs.items() if "-10.0-" in name) < min(
+        t for name, t in runs.items() if "-20.0-" in name)
     for plot in ("attainment_vs_rate.png", "ttft_cdf.png", "tbt_cdf.png"):
         assert (out / plot).stat().st_size > 0
