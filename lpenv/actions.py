@@ -116,18 +116,26 @@ class ActionCodec:
                 type(x) is int and 0 <= x < n for x, n in zip(values, nvec)):
             raise InvalidAction(f"action {values} is outside MultiDiscrete({nvec})")
         mask = self._mask(view, can_wait)
-        off = 0
-        for component, (x, n) in enumerate(zip(values, nvec)):
-            if not mask[off + x]:
-                raise InvalidAction(
-                    f"action {values}: component {component} value {x} is masked out "
-                    f"here (mask {mask.astype(int).tolist()})")
-            off += n
+        masked = self.masked_components(values, mask)
+        if masked:
+            component = masked[0]
+            raise InvalidAction(
+                f"action {values}: component {component} value {values[component]} is masked "
+                f"out here (mask {mask.astype(int).tolist()})")
         g_idx, level, start = values
         if start == WAIT:
             return Decision.wait()
         return Decision(min(self.group_choices[g_idx], view.num_layers),
                         view.level_admission(level, self.admission_levels))
+
+    def masked_components(self, action: Sequence[int], mask: np.ndarray) -> list[int]:
+        """The components of ``action`` (in range) that the flat ``mask`` (``masks``) forbids."""
+        bad, off = [], 0
+        for component, (x, n) in enumerate(zip(action, self.nvec)):
+            if not mask[off + int(x)]:
+                bad.append(component)
+            off += n
+        return bad
 
     def encode(self, decision: Decision, view: SchedulerView, round_groups: bool = False
                ) -> list[int]:

@@ -67,7 +67,6 @@ def demonstrate(policy: Policy, env: gym.Env, seeds: Sequence[int]) -> Demonstra
     ``policies.sb3.make_env``); each decision recorded as its action."""
     u = env.unwrapped
     codec = u.codec
-    offsets = np.cumsum([0, *codec.nvec[:-1]])
     observations, masks, actions, skipped, rounded = [], [], [], 0, 0
     for seed in seeds:
         obs, _ = env.reset(seed=int(seed))
@@ -82,7 +81,7 @@ def demonstrate(policy: Policy, env: gym.Env, seeds: Sequence[int]) -> Demonstra
                 rounded += bool(decision.admit) and min(
                     codec.group_choices[action[0]], view.num_layers) != decision.num_groups
                 mask = env.get_wrapper_attr("action_masks")()
-                if all(mask[o + a] for o, a in zip(offsets, action)):
+                if not codec.masked_components(action, mask):
                     observations.append(obs)
                     masks.append(mask)
                     actions.append(action)

@@ -77,8 +77,7 @@ class RefuseInvalid(gym.Wrapper):
     def step(self, action):
         mask = self.env.get_wrapper_attr("action_masks")()
         a = np.asarray(action).reshape(-1)
-        offsets = np.cumsum([0, *self.env.unwrapped.codec.nvec[:-1]])
-        bad = [k for k, (x, off) in enumerate(zip(a, offsets)) if not mask[off + int(x)]]
+        bad = self.env.unwrapped.codec.masked_components(a, mask)
         if not bad:
             self._in_a_row = 0
             self._obs, reward, term, trunc, self._info = self.env.step(action)
