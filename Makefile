@@ -36,8 +36,8 @@ RUN_EXTRA ?=
 RUN_SPEED ?= auto
 # The fixed layer-group counts G compared (at most the model's layers).
 RUN_GROUPS ?= 1,8
-# Workload seeds per point, averaged by the report: on a noisy machine RUN_SEEDS=0,1,2 steadies
-# the points (each seed one more run of every point: about 7 minutes here).
+# Workload seeds per point, averaged by the report: RUN_SEEDS=0,1,2 averages every point over
+# three workloads (and three times as many minutes of a noisy machine: 23 minutes here).
 RUN_SEEDS ?= 0
 LEARNED ?= results/learned/policy
 comma := ,
@@ -62,8 +62,7 @@ run: $(STAMP)
 	  $(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${workload.rate}-s$${seed}' \
 	    policy=chunked,paper,slo_aware || exit 1; \
 	  $(EVAL) 'hydra.sweep.subdir=fixed-$${policy.groups}-$${workload.rate}-s$${seed}' \
-	    policy=fixed \
-	    policy.groups=$(RUN_GROUPS) || exit 1; \
+	    policy=fixed policy.groups=$(RUN_GROUPS) || exit 1; \
 	  if [ -f $(LEARNED)/policy.json ]; then \
 	    $(EVAL) 'hydra.sweep.subdir=learned-$${workload.rate}-s$${seed}' policy=learned \
 	      policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
