@@ -239,6 +239,13 @@ def test_training_with_imitation_evaluates_the_clone_first(tmp_path):
     cloned = result["imitation"]
     assert cloned["teacher"] == "paper" and cloned["episodes"] == 2 and cloned["epochs"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["imitation"] == cloned
+    # Plain PPO's actor (no masks in its distribution) clones too.
+    plain = train_policy({**SMALL, "backend": {"name": "sim"}}, algo="ppo", total_timesteps=64,
+                         out_dir=tmp_path / "ppo", eval_episodes=1, progress_bar=False,
+                         tensorboard=False, hyperparams={"n_steps": 64}, imitate="paper",
+                         imitate_episodes=2, imitate_epochs=3)
+    assert plain["imitation"]["decisions"] == cloned["decisions"]
+    assert plain["evaluations"][0]["timesteps"] == 0
     for name, says in (("chunked", "cannot teach on a layered engine"),
                        ("learned", "not a hand-written policy")):
         with pytest.raises(ValueError, match=says):
