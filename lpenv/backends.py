@@ -8,7 +8,10 @@
   refused where the weights and KV cache would not fit the profile's devices
   (``engine_adapter.device_memory``), as the real engine is where they would not fit its
   device's free memory (``check_backend``).
-* ``vllm`` arrives with its own issue; asking for it now is a clear error.
+* ``vllm``: vLLM itself, serving the chunked-prefill baseline with the same model, weights,
+  workload and virtual clock (``engine_adapter.vllm_engine``; ``lpenv-eval policy=chunked
+  backend.name=vllm``). It has no layered prefill, so the env and layered policies refuse it;
+  latency is measured (``latency_scale`` applies).
 
 Built models are cached per process, so env resets and several envs share one set of weights.
 """
@@ -32,6 +35,7 @@ from engine_adapter.model import MoETransformer
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.routing import RoutingModel
 from engine_adapter.scaled_latency import ScaledLatency, check_scale
+from engine_adapter.vllm_engine import require_vllm
 
 BACKENDS = ("torch", "sim", "vllm")
 LATENCIES = ("measured", "modeled")
@@ -52,12 +56,11 @@ class BackendConfig:
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
-        if self.name == "vllm":
-            raise NotImplementedError(
-                f"backend {self.name!r} is not available yet (it comes with its own issue); "
-                "use backend 'torch'")
         if self.latency not in LATENCIES:
             raise ValueError(f"latency must be one of {LATENCIES}, got {self.latency!r}")
+        if self.name == "vllm" and self.latency != "measured":
+            raise ValueError("backend vllm measures its latencies (backend.latency=measured): "
+                             "the cost model cannot price the steps vLLM schedules")
         if not isinstance(self.latency_noise, bool):  # ("false" from a shell is truthy)
             raise ValueError(f"backend.latency_noise must be true or false, got "
                              f"{self.latency_noise!r}")
@@ -90,7 +93,8 @@ def check_backend(backend: BackendConfig, config: EngineConfig, model_config: Mo
     """Refuse, before anything is built or run, what the backend could not serve, each a
     ``ConfigError`` that says why: a KV cache that cannot hold one request; on the
     simulator, a routing model it cannot read, or weights and KV cache its devices could not
-    hold (``engine_adapter.device_memory``); on the real engine, a CUDA device that is not
+    hold (``engine_adapter.device_memory``); on vLLM, a layered engine or no vLLM to import;
+    on the real engine (and vLLM), a CUDA device that is not
     there, or weights and KV cache beyond the device's free memory (host memory on the CPU:
     rather than an allocator failure or the OOM killer)."""
     max_model_len(config, model_config)
@@ -100,6 +104,13 @@ def check_backend(backend: BackendConfig, config: EngineConfig, model_config: Mo
         RoutingModel(model_config, backend.routing)
         check_fits(resolve_profile(backend.hardware), model_config, config)
         return
+    if backend.name == "vllm":
+        if config.mode != "chunked":
+            raise ConfigError(
+                "vLLM has no layered prefill: backend vllm serves the chunked baseline "
+                "(lpenv-eval policy=chunked backend.name=vllm); the env and layered policies "
+                "run on backend torch or sim")
+        require_vllm()
     try:
         device = config.present_device()
     except ConfigError as exc:
@@ -140,6 +151,9 @@ def free_memory(device: torch.device) -> float | None:
 
 def build_executor(backend: BackendConfig, config: EngineConfig, model_config: ModelConfig):
     check_backend(backend, config, model_config)
+    if backend.name == "vllm":
+        raise ConfigError("backend vllm runs whole, not as an executor of the engine here: "
+                          "engine_adapter.vllm_engine.VllmEngine")
     if backend.name == "sim":
         cost = CostModel(model_config, backend.hardware, config.torch_dtype.itemsize)
         return SimExecutor(model_config, cost, backend.routing, backend.hardware,

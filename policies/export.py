@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out {args.out} is a file: give a folder (new, or an artifact to replace)")
     try:
         config = normalize_config(json.loads(Path(args.env_config).read_text()))
-    except (OSError, ValueError, NotImplementedError) as exc:  # (bad JSON, a bad value, vllm)
+    except (OSError, ValueError) as exc:  # (bad JSON, a bad value, a backend it refuses)
         p.error(f"--env-config {args.env_config}: {exc}")
     try:
         if args.checkpoint:

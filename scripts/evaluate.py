@@ -55,6 +55,7 @@ from lpenv.config_schema import (
     to_dataclass,
 )
 from lpenv.episode import Episode
+from lpenv.metrics import MetricsRecorder
 from lpenv.reward import SLO, RewardConfig
 from lpenv.workload import RequestSpec, WorkloadConfig, generate
 from policies.protocol import Policy, PolicyContext
@@ -134,13 +135,20 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
             mode_settings["chunk_tokens"] = policy.chunk_tokens
         engine = EngineConfig(**{**asdict(engine), **mode_settings})
         check_backend(parts["backend"], engine, model)
-    except (ConfigError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigProblem(str(exc)) from exc
+    label = policy_label(cfg, overrides)
+    if parts["backend"].name == "vllm" and not cfg.policy.label:
+        label += " (vLLM)"  # (beside the engine's own chunked runs in a report)
     return Setup(engine, model, parts["workload"], parts["slo"], parts["reward"],
-                 parts["backend"], policy, policy_label(cfg, overrides))
+                 parts["backend"], policy, label)
 
 
-def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
+def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
+    """Serve the workload (on vLLM where the backend is ``vllm``); the summary and the
+    recorder its metrics came from."""
+    if setup.backend.name == "vllm":
+        return run_vllm(cfg, setup)
     executor = build_executor(setup.backend, setup.engine, setup.model)
     if hasattr(executor, "reseed"):  # the simulator's latency noise follows the run's seed
         executor.reseed(int(cfg.seed))
@@ -150,8 +158,7 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
                     model_config=setup.model)
     rng = np.random.default_rng(cfg.seed)
     requests = generate(setup.workload, rng)
-    bar = tqdm(total=len(requests), unit="req", disable=not cfg.progress, leave=False,
-               desc=f"{setup.label} @ {setup.workload.rate:g} req/s")
+    bar = progress(cfg, setup, len(requests))
 
     def on_iteration(report) -> None:
         bar.update(len(report.finished))
@@ -162,7 +169,46 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
     metrics = episode.run(setup.policy)
     wall = time.perf_counter() - start
     bar.close()
-    summary = {
+    return summary_of(cfg, setup, requests, metrics, wall), episode.recorder
+
+
+def run_vllm(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
+    """The workload on vLLM (``engine_adapter.vllm_engine``): the same requests and prompts
+    as the episode draws from the seed, the same clock and metrics. Its energy and bytes
+    are unknown (null in the summary)."""
+    from engine_adapter.vllm_engine import VllmEngine
+
+    server = VllmEngine(setup.engine, setup.model)
+    if cfg.warmup:  # (first steps of new shapes run slow, as on the engine here)
+        server.generate([[0] * 64, [1] * 8], 4)
+    rng = np.random.default_rng(cfg.seed)
+    requests = generate(setup.workload, rng)
+    vocab = setup.model.vocab_size
+    # The episode's prompts: drawn from the same stream, in arrival order, one per request.
+    arrivals = [(r.request_id, r.arrival_time, rng.integers(0, vocab, r.prompt_tokens).tolist(),
+                 r.output_tokens) for r in requests]
+    recorder = MetricsRecorder(setup.workload.warmup_s)
+    bar = progress(cfg, setup, len(requests))
+    start = time.perf_counter()
+    server.serve(arrivals, recorder, VirtualClock(), setup.backend.latency_scale,
+                 cfg.horizon_s, bar.update)
+    wall = time.perf_counter() - start
+    bar.close()
+    metrics = recorder.summary(setup.slo.ttft_s, setup.slo.tbt_s)
+    metrics.update(energy_j=None, energy_per_token_j=None, expert_bytes=None, total_bytes=None,
+                   energy_source="none: vLLM reports no energy or bytes")
+    return summary_of(cfg, setup, requests, metrics, wall), recorder
+
+
+def progress(cfg: DictConfig, setup: Setup, total: int) -> tqdm:
+    return tqdm(total=total, unit="req", disable=not cfg.progress, leave=False,
+                desc=f"{setup.label} @ {setup.workload.rate:g} req/s")
+
+
+def summary_of(cfg: DictConfig, setup: Setup, requests: Sequence[RequestSpec], metrics: dict,
+               wall: float) -> dict:
+    """What summary.json holds: the run's identity, then its metrics."""
+    return {
         "policy": setup.label,
         "policy_name": str(cfg.policy.name),
         "policy_params": policy_params(cfg.policy),
@@ -185,7 +231,6 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, Episode]:
         **metrics,
         "wall_time_s": wall,
     }
-    return summary, episode
 
 
 def latency_label(backend: BackendConfig) -> str:
@@ -213,11 +258,11 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_requests_csv(episode: Episode, slo: SLO, path: Path) -> None:
+def write_requests_csv(recorder: MetricsRecorder, slo: SLO, path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
-        for rec in episode.recorder.requests.values():
+        for rec in recorder.requests.values():
             first = rec.token_times[0] if rec.token_times else ""
             w.writerow([rec.request_id, f"{rec.arrival_time:.6f}",
                         first if first == "" else f"{first:.6f}",
@@ -231,11 +276,11 @@ def write_requests_csv(episode: Episode, slo: SLO, path: Path) -> None:
 def evaluate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
     """Run one evaluation; write ``summary.json`` and ``requests.csv`` into ``out_dir``."""
     setup = build(cfg, overrides)
-    summary, episode = run_episode(cfg, setup)
+    summary, recorder = run_episode(cfg, setup)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: _finite(v) for k, v in summary.items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    write_requests_csv(episode, setup.slo, out_dir / "requests.csv")
+    write_requests_csv(recorder, setup.slo, out_dir / "requests.csv")
     return summary
 
 

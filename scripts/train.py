@@ -108,7 +108,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
 def _main(cfg: DictConfig) -> float:
     try:
         check(cfg)
-    except (ValueError, TypeError, NotImplementedError) as exc:
+    except (ValueError, TypeError) as exc:
         sys.exit(f"lpenv-train: invalid configuration: {exc}")
     out_dir = Path(cfg.train.out_dir or HydraConfig.get().runtime.output_dir)
     result = train(cfg, out_dir)

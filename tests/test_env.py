@@ -407,7 +407,7 @@ def test_measured_latency_warms_the_engine_up_once_before_the_first_episode(monk
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown key\(s\) engine.chunk; engine takes"):
         make(engine={"model": "qwen3-moe-tiny", "chunk": 5})
-    with pytest.raises(NotImplementedError, match="not available yet"):
+    with pytest.raises(ValueError, match="vLLM has no layered prefill"):
         make(backend={"name": "vllm"})
     with pytest.raises(ValueError, match="layered"):
         make(engine={"model": "qwen3-moe-tiny", "mode": "chunked"})

