@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
 PY ?= python3
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Both cores for the engine's matmuls.
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job: the chunked baseline, fixed G, the paper's rule, the SLO-aware heuristic and
+# The main job: the chunked baseline, fixed G, the paper's rule, the SLO-aware heuristic,
+# vLLM's chunked baseline (where `make vllm` installed it) and
 # (if lpenv-train has exported one to $(LEARNED)) the learned policy, on the embedded real
 # engine (qwen3-moe-cpu, measured latency, virtual clock), one workload at $(RUN_RATES) req/s.
 # Jobs run one at a time (parallel jobs would share the cores and slow each other's measured
@@ -40,12 +42,17 @@ RUN_GROUPS ?= 1,8
 # three workloads (and three times as many minutes of a noisy machine: 23 minutes here).
 RUN_SEEDS ?= 0
 LEARNED ?= results/learned/policy
+# vLLM's chunked baseline at each rate too, from $(VLLM_VENV) (`make vllm`): auto where vllm
+# imports there, 1 insists, 0 leaves it out. (vLLM's CPU attention wants head sizes of 32 and
+# more: not qwen3-moe-tiny.)
+RUN_VLLM ?= auto
 comma := ,
 # One rate at a time, every policy at it before the next rate: policies compared at a rate ran
 # minutes apart at most, side by side as this shared machine's speed drifts.
-EVAL = $(BIN)/lpenv-eval -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
+EVAL_ARGS = -m hydra.sweep.dir=$(RUN_DIR) hydra.launcher.n_jobs=1 \
 	workload.rate=$$rate seed=$(RUN_SEEDS) $(RUN_ARGS) $$(cat $(RUN_DIR)/speed.args) \
 	$(RUN_EXTRA)
+EVAL = $(BIN)/lpenv-eval $(EVAL_ARGS)
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
@@ -57,7 +64,11 @@ run: $(STAMP)
 	else echo "backend.latency_scale=$(RUN_SPEED)" > $(RUN_DIR)/speed.args; fi
 	@if [ ! -f $(LEARNED)/policy.json ]; then \
 	  echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
-	@for rate in $(subst $(comma), ,$(RUN_RATES)); do \
+	@vllm=$(RUN_VLLM); if [ "$$vllm" = auto ]; then \
+	  if $(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null; then vllm=1; else vllm=0; \
+	    echo "no vLLM in $(VLLM_VENV) (make vllm installs it): its chunked baseline skipped"; \
+	  fi; fi; \
+	for rate in $(subst $(comma), ,$(RUN_RATES)); do \
 	  echo "== $$rate req/s"; \
 	  $(EVAL) 'hydra.sweep.subdir=$${policy.name}-$${workload.rate}-s$${seed}' \
 	    policy=chunked,paper,slo_aware || exit 1; \
@@ -66,6 +77,10 @@ run: $(STAMP)
 	  if [ -f $(LEARNED)/policy.json ]; then \
 	    $(EVAL) 'hydra.sweep.subdir=learned-$${workload.rate}-s$${seed}' policy=learned \
 	      policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
+	  fi; \
+	  if [ "$$vllm" = 1 ]; then \
+	    $(VLLM_VENV)/bin/lpenv-eval $(EVAL_ARGS) 'hydra.sweep.subdir=vllm-$${workload.rate}-s$${seed}' \
+	      policy=chunked backend.name=vllm || exit 1; \
 	  fi; \
 	done
 	$(BIN)/lpenv-sweep-report $(RUN_DIR)
@@ -114,7 +129,6 @@ test-slow: $(STAMP)
 # here), then `$(VLLM_VENV)/bin/lpenv-eval policy=chunked backend.name=vllm` serves the
 # chunked baseline on vLLM. `make test-vllm` runs tests/test_vllm.py there: the engine's
 # tokens and log-probabilities against vLLM's, and the vLLM baseline (.ci/run runs it).
-VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 $(VLLM_STAMP): pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)

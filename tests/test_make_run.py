@@ -6,6 +6,7 @@ one."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     run = subprocess.run(
         ["make", "-o", str(prefix / ".installed"), "run", f"VENV={prefix}", f"RUN_DIR={out}",
          "RUN_RATES=10,20", f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=model=qwen3-moe-tiny",
-         "RUN_GROUPS=1,4", "RUN_SEEDS=0,1",
+         "RUN_GROUPS=1,4", "RUN_SEEDS=0,1", f"VLLM_VENV={prefix}",
          "RUN_ARGS=workload=arxiv4k workload.scale=0.02 workload.num_requests=3 "
          "workload.max_output=4 progress=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -37,6 +38,8 @@ def test_make_run_measures_the_speed_then_runs_every_policy_at_that_pace(tmp_pat
     assert f"measured x{scale:.3g}" in run.stdout  # the table's heading says how it was run
     assert f"(measured x{scale:.3g}: each measured latency times that" in run.stdout
     assert "no learned policy at" in run.stdout
+    if importlib.util.find_spec("vllm") is None:  # (tests/test_vllm.py runs it with vLLM)
+        assert "its chunked baseline skipped" in run.stdout
     with (out / "goodput.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["policy"] for r in rows) == [

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from policies.fixed import FixedGroups
 from policies.paper_rule import PaperRule
 from scripts.evaluate import CONFIG_DIR, ConfigProblem, build, evaluate
 
+ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 24
 PROMPT_LENS = (37, 90, 128, 200)
 LOGPROB_TOL = 1e-4
@@ -183,3 +186,28 @@ def test_without_vllm_the_backend_says_how_to_install_it(small_model, monkeypatc
     with pytest.raises(ConfigError, match=r"needs vLLM.*make vllm"):
         check_backend(BackendConfig(name="vllm"), engine_config(small_model, "chunked"),
                       ModelConfig.load(str(small_model)))
+
+
+@needs_vllm
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_run_serves_vllms_chunked_baseline_beside_the_policies(small_model, tmp_path):
+    prefix = Path(sys.prefix)  # (this environment has vLLM: both of make run's)
+    out = tmp_path / "main"
+    model = (f"engine.model={small_model} engine.weights={small_model} "
+             "engine.kv_cache_tokens=4096 engine.max_model_len=512 engine.max_num_seqs=8")
+    run = subprocess.run(
+        ["make", "-o", str(prefix / ".installed"), "run", f"VENV={prefix}",
+         f"VLLM_VENV={prefix}", "RUN_VLLM=auto", f"RUN_DIR={out}", "RUN_RATES=10",
+         f"LEARNED={tmp_path / 'none'}", f"RUN_EXTRA={model}", "RUN_GROUPS=1,2",
+         "RUN_SPEED=1", "RUN_ARGS=workload=arxiv4k workload.scale=0.02 "
+         "workload.num_requests=3 workload.max_output=4 progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "baseline skipped" not in run.stdout
+    with (out / "goodput.csv").open(newline="") as f:
+        policies = sorted(r["policy"] for r in csv.DictReader(f))
+    assert policies == ["chunked", "chunked (vLLM)", "fixed groups=1", "fixed groups=2",
+                        "paper", "slo_aware"]
+    summary = json.loads((out / "vllm-10.0-s0" / "summary.json").read_text())
+    assert summary["engine"] == "vllm" and summary["requests_finished"] == 3
+
