@@ -13,6 +13,7 @@ import torch
 from engine_adapter.config import EngineConfig
 from engine_adapter.engine import Engine
 from policies.fixed import FixedGroups
+from tests.greedy_outputs import greedy_outputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,19 +34,12 @@ def reference(tiny_checkpoint):
     return model.eval()
 
 
-def _run(folder, mode: str, policy=None, **cfg) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+def _run(folder, mode: str, policy=None, **cfg) -> tuple[list[list[int]], list[list[int]],
+                                                        list[torch.Tensor]]:
     engine = Engine(EngineConfig(model=str(folder), weights=str(folder), mode=mode,
                                  kv_cache_tokens=4096, **cfg), decide=policy)
-    engine.executor.capture_logits = True
     prompts = _prompts(engine.model_config.vocab_size)
-    ids = [engine.add_request(p, MAX_TOKENS) for p in prompts]
-    tokens = {rid: [] for rid in ids}
-    logits = {rid: [] for rid in ids}
-    for report in engine.run():
-        for ev in report.events:
-            tokens[ev.request_id].append(ev.token_id)
-            logits[ev.request_id].append(report.logits[ev.request_id])
-    return prompts, [tokens[r] for r in ids], [logits[r] for r in ids]
+    return (prompts, *greedy_outputs(engine, prompts, MAX_TOKENS))
 
 
 def _check_against_reference(reference, prompts, tokens, logits) -> None:
@@ -54,7 +48,7 @@ def _check_against_reference(reference, prompts, tokens, logits) -> None:
         full = torch.tensor([prompt + toks[:-1]])
         with torch.no_grad():
             ref = reference(full).logits[0, len(prompt) - 1:]
-        ours = torch.stack(lgts)
+        ours = lgts
         rel = (ours - ref).abs().max() / ref.abs().max()
         assert rel <= REL_TOL, f"relative logits error {rel:.2e}"
         assert toks == ref.argmax(-1).tolist(), "greedy tokens differ from the reference"

@@ -31,6 +31,7 @@ from lpenv.metrics import MetricsRecorder
 from policies.fixed import FixedGroups
 from policies.paper_rule import PaperRule
 from scripts.evaluate import CONFIG_DIR, ConfigProblem, build, evaluate
+from tests.greedy_outputs import greedy_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 24
@@ -83,17 +84,9 @@ def engine_tokens(folder: Path, mode: str, policy, batch: list[list[int]]
                   ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """The engine's greedy tokens for ``batch`` (queued together) and the log-softmax of the
     logits each came from."""
-    engine = Engine(engine_config(folder, mode), decide=policy)
-    engine.executor.capture_logits = True
-    ids = [engine.add_request(p, MAX_TOKENS) for p in batch]
-    tokens = {rid: [] for rid in ids}
-    logits = {rid: [] for rid in ids}
-    for report in engine.run():
-        for ev in report.events:
-            tokens[ev.request_id].append(ev.token_id)
-            logits[ev.request_id].append(report.logits[ev.request_id])
-    return ([tokens[r] for r in ids],
-            [torch.log_softmax(torch.stack(logits[r]).double(), -1) for r in ids])
+    tokens, logits = greedy_outputs(Engine(engine_config(folder, mode), decide=policy), batch,
+                                    MAX_TOKENS)
+    return tokens, [torch.log_softmax(lg.double(), -1) for lg in logits]
 
 
 @needs_vllm
