@@ -106,12 +106,15 @@ class SchedulerView(NamedTuple):
                     f"{cap} tokens")
             tokens = min(w.num_uncomputed, budget)
             budget -= tokens
+            room = blocks + self._room_to_admit(w, tokens)
+            if room > self.free_blocks:
+                whole = " (its whole prompt must fit, as vLLM admits)" if not w.blocks_held else ""
+                raise InvalidDecision(
+                    f"admission needs {room} free KV blocks by request {rid}{whole}, only "
+                    f"{self.free_blocks} are free")
             blocks += self._blocks_to_admit(w, tokens)
             new_seqs += w.blocks_held == 0
             allotment.append((w, tokens))
-        if blocks > self.free_blocks:
-            raise InvalidDecision(
-                f"admission needs {blocks} KV blocks, only {self.free_blocks} are free")
         if self.num_running + new_seqs > self.max_num_seqs:
             raise InvalidDecision(
                 f"admission would run {self.num_running + new_seqs} requests, more than "
@@ -122,9 +125,10 @@ class SchedulerView(NamedTuple):
                        ) -> tuple[str, ...]:
         """The longest first-come-first-served prefix of the queue that fits the budget
         (default: the prefill budget; the last request a piece of its prompt if need be), the
-        free KV blocks and ``max_num_seqs``. With ``within``, only the requests that start
-        within the batch's first ``within`` tokens: fewer, each as much of its prompt as the
-        budget allows (what an env admission level admits)."""
+        free KV blocks (a request holding none needs room for its whole prompt, as vLLM
+        admits: ``_room_to_admit``) and ``max_num_seqs``. With ``within``, only the requests
+        that start within the batch's first ``within`` tokens: fewer, each as much of its
+        prompt as the budget allows (what an env admission level admits)."""
         budget = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
         blocks, seqs, used = self.free_blocks, self.num_running, 0
         admitted: list[str] = []
@@ -133,7 +137,8 @@ class SchedulerView(NamedTuple):
                 break
             tokens = min(w.num_uncomputed, budget)
             need = self._blocks_to_admit(w, tokens)
-            if need > blocks or (w.blocks_held == 0 and seqs >= self.max_num_seqs):
+            if (self._room_to_admit(w, tokens) > blocks
+                    or (w.blocks_held == 0 and seqs >= self.max_num_seqs)):
                 break
             admitted.append(w.request_id)
             budget -= tokens
@@ -160,12 +165,22 @@ class SchedulerView(NamedTuple):
         if not self.waiting or budget <= 0:
             return False
         w = self.waiting[0]
-        return (self._blocks_to_admit(w, min(w.num_uncomputed, budget)) <= self.free_blocks
+        return (self._room_to_admit(w, min(w.num_uncomputed, budget)) <= self.free_blocks
                 and (w.blocks_held > 0 or self.num_running < self.max_num_seqs))
 
     def _blocks_to_admit(self, w: WaitingRequest, tokens: int) -> int:
         """KV blocks ``w`` must add to take ``tokens`` more of its prompt."""
         return -(-(w.num_computed + tokens) // self.block_size) - w.blocks_held
+
+    def _room_to_admit(self, w: WaitingRequest, tokens: int) -> int:
+        """Free KV blocks ``w`` needs to be admitted with ``tokens`` more: the blocks it
+        adds, and where it holds none (new, or preempted for recompute) room for all it has
+        to compute. vLLM's admission (``scheduler_reserve_full_isl``, on by default in 0.32):
+        a request whose later pieces could not fit does not start, to be preempted later."""
+        need = self._blocks_to_admit(w, tokens)
+        if w.blocks_held:
+            return need
+        return max(need, -(-(w.num_computed + w.num_uncomputed) // self.block_size))
 
     def tokens_of(self, admit: Sequence[str]) -> int:
         return sum(t for _, t in self.allot(Decision(1, tuple(admit))))

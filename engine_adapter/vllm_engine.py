@@ -4,7 +4,9 @@
 (the engine's seeded or loaded weights, written once as a Hugging Face checkpoint that vLLM
 loads), the same workload and prompts, the same virtual clock (time advances by each vLLM
 step's measured wall time, times ``latency_scale``, and jumps to the next arrival when nothing
-runs) and the same metrics (``lpenv.metrics.MetricsRecorder``). vLLM schedules as vLLM does:
+runs; or, with ``backend.latency=modeled``, by what the cost model prices each step's plan
+at, as the engine's modeled latency does: vLLM's schedule at a profile's pace, reproducible)
+and the same metrics (``lpenv.metrics.MetricsRecorder``). vLLM schedules as vLLM does:
 chunked prefill with ``chunk_tokens`` tokens a step (decode tokens counted), up to
 ``max_num_seqs`` requests, a KV cache of the engine's size (in blocks of a multiple of 32
 tokens on the CPU: ``vllm_block_size``); it has no layered prefill. A step's time is all of
@@ -34,6 +36,7 @@ from engine_adapter.config import EngineConfig
 from engine_adapter.engine import max_model_len
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
+from engine_adapter.plan import IterationPlan, Segment, StageWork
 from engine_adapter.weights import dummy_weights, save_safetensors
 
 INSTALL = ("install vLLM beside lpenv: `make vllm` (a virtual environment of its own, "
@@ -92,6 +95,14 @@ def vllm_block_size(config: EngineConfig) -> int:
     return -(-config.block_size // 32) * 32
 
 
+def vllm_kv_bytes(config: EngineConfig, model_config: ModelConfig) -> int:
+    """vLLM's KV cache: as many tokens as the engine's, in its blocks, and one block more,
+    which vLLM keeps aside (its null block): as many usable."""
+    block = vllm_block_size(config)
+    blocks = -(-config.num_kv_blocks * config.block_size // block) + 1
+    return blocks * block * model_config.kv_bytes_per_token(config.torch_dtype.itemsize)
+
+
 class VllmEngine:
     """vLLM's ``LLMEngine``, stepped in this process, set up like ``config``'s chunked engine.
 
@@ -117,15 +128,25 @@ class VllmEngine:
             seed=config.seed, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.chunk_tokens,
             enable_chunked_prefill=True, block_size=vllm_block_size(config),
-            # The engine's KV cache: as many tokens.
-            kv_cache_memory_bytes=config.num_kv_blocks * config.block_size
-            * model_config.kv_bytes_per_token(config.torch_dtype.itemsize),
+            kv_cache_memory_bytes=vllm_kv_bytes(config, model_config),
             # Honest baselines: no cached prefixes, each step's outputs at its end (no
             # scheduling ahead), eager PyTorch as the engine here runs.
             enable_prefix_caching=False, async_scheduling=False, enforce_eager=True,
             disable_log_stats=False)
         self.engine = LLMEngine.from_engine_args(args)
-        self._served = 0
+        self._served = self._steps = 0
+        # What vLLM's scheduler decided each step (the in-process engine core's scheduler;
+        # vLLM 0.32's layout): the plan a modeled latency prices.
+        scheduler = self.engine.engine_core.engine_core.scheduler
+        schedule = scheduler.schedule
+        self._schedules: list = []
+
+        def recorded(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            self._schedules.append(out)
+            return out
+
+        scheduler.schedule = recorded
 
     def _params(self, max_tokens: int, logprobs: int | None = None):
         from vllm import SamplingParams
@@ -134,22 +155,40 @@ class VllmEngine:
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens,
                               ignore_eos=True, detokenize=False, logprobs=logprobs)
 
-    def _add(self, request_id: str, prompt: Sequence[int], params) -> None:
+    def _add(self, request_id: str, prompt: Sequence[int], params) -> str:
+        """Queue a request; vLLM's own id for it (the given one with a suffix)."""
         from vllm.inputs import TokensPrompt
 
-        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+        return self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)),
+                                       params)
+
+    def _step(self, names: dict[str, str], prompt_lens: dict[str, int]
+              ) -> tuple[list, IterationPlan | None]:
+        """One vLLM step: its outputs and, where it scheduled tokens, its plan in the
+        engine's terms (``names``: vLLM's ids to the workload's)."""
+        self._schedules.clear()
+        outputs = self.engine.step()
+        self._steps += 1
+        planned = [o for o in self._schedules if o.total_num_scheduled_tokens]
+        if len(planned) > 1:
+            raise RuntimeError(f"one vLLM step ran {len(planned)} schedules")
+        return outputs, (plan_of(planned[0], names, prompt_lens, self.model_config.num_layers,
+                                 self._steps) if planned else None)
 
     def serve(self, arrivals: Sequence[tuple[str, float, Sequence[int], int]],
               recorder, clock: VirtualClock, latency_scale: float = 1.0,
               horizon_s: float | None = None,
-              on_step: Callable[[int], None] | None = None) -> None:
+              on_step: Callable[[int], None] | None = None,
+              price: Callable[[IterationPlan], float] | None = None) -> list[IterationPlan]:
         """Serve ``arrivals`` (request id, arrival time, prompt token ids, output tokens, in
         arrival order) on ``clock`` into ``recorder``: each request added once the clock
         reaches its arrival, each step's tokens stamped with the clock at its end, up to
         ``horizon_s`` (requests left unfinished then are aborted; the recorder counts them
-        unfinished). A request longer than the model length is rejected at arrival, as the
+        unfinished). A step takes its measured wall time times ``latency_scale``, or with
+        ``price`` (a cost model's) what that prices the step's plan at: vLLM's schedule at a
+        modeled pace. A request longer than the model length is rejected at arrival, as the
         engine here rejects it (the recorder counts it, missed). ``on_step(finished)`` after
-        each step, e.g. a progress bar."""
+        each step, e.g. a progress bar. Returns each step's plan (what vLLM scheduled)."""
         if self.engine.has_unfinished_requests():
             raise RuntimeError("the vLLM engine still holds requests from an earlier run")
         pending = deque(arrivals)
@@ -158,6 +197,9 @@ class VllmEngine:
             raise ValueError("arrivals must come in the order of their arrival times")
         emitted: dict[str, int] = {}
         wanted: dict[str, int] = {}
+        names: dict[str, str] = {}
+        prompt_lens: dict[str, int] = {}
+        plans: list[IterationPlan] = []
         while pending or self.engine.has_unfinished_requests():
             if horizon_s is not None and clock.now() >= horizon_s:
                 break
@@ -166,25 +208,30 @@ class VllmEngine:
                 if len(prompt) + n > self.max_model_len:
                     recorder.arrival(rid, at, len(prompt), n, rejected=True)
                     continue
-                self._add(rid, prompt, self._params(n))
+                names[self._add(rid, prompt, self._params(n))] = rid
                 recorder.arrival(rid, at, len(prompt), n)
-                emitted[rid], wanted[rid] = 0, n
+                emitted[rid], wanted[rid], prompt_lens[rid] = 0, n, len(prompt)
             if not self.engine.has_unfinished_requests():
                 if not pending:
                     break  # (the last arrivals were rejected)
                 clock.advance_to(pending[0][1])  # nothing runs: time jumps to the arrival
                 continue
             start = time.perf_counter()
-            outputs = self.engine.step()
+            outputs, plan = self._step(names, prompt_lens)
             latency = (time.perf_counter() - start) * latency_scale
+            if plan is not None:
+                plans.append(plan)
+                if price is not None:
+                    latency = price(plan)
             clock.advance(latency)
             counts = {}
             finished = 0
             for out in outputs:
-                n = len(out.outputs[0].token_ids) - emitted[out.request_id]
+                rid = names.get(out.request_id, out.request_id)
+                n = len(out.outputs[0].token_ids) - emitted[rid]
                 if n:
-                    counts[out.request_id] = n
-                    emitted[out.request_id] += n
+                    counts[rid] = n
+                    emitted[rid] += n
                 finished += out.finished
             recorder.step(latency, clock.now(), counts)
             if on_step is not None:
@@ -192,6 +239,7 @@ class VllmEngine:
         left = [rid for rid, n in emitted.items() if n < wanted[rid]]
         if left:
             self.engine.abort_request(left)
+        return plans
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, logprobs: int = 1
                  ) -> list[tuple[list[int], list[dict[int, float]]]]:
@@ -207,6 +255,31 @@ class VllmEngine:
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out.outputs[0]
+            self._schedules.clear()  # (no plans wanted here)
         return [(list(done[r].token_ids),
                  [{t: lp.logprob for t, lp in step.items()} for step in done[r].logprobs])
                 for r in ids]
+
+
+def plan_of(schedule, names: dict[str, str], prompt_lens: dict[str, int], num_layers: int,
+            iteration: int) -> IterationPlan:
+    """vLLM's step (its ``SchedulerOutput``) as the engine's chunked plan: a generating
+    request's one token a decode row, every other request's tokens a piece of the step's one
+    prefill stage through all layers (its last row sampled where it ends the prompt), in the
+    order vLLM scheduled them (running requests first, then waiting ones). A request vLLM
+    recomputes after preemption counts as prefill, as the engine's recompute does."""
+    computed = {r.req_id: r.num_computed_tokens for r in schedule.scheduled_new_reqs}
+    cached = schedule.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    decode, pieces = [], []
+    for vllm_id, count in schedule.num_scheduled_tokens.items():
+        rid, start = names.get(vllm_id, vllm_id), computed[vllm_id]
+        prompt = prompt_lens.get(rid)
+        if prompt is None:  # (not served by ``serve``: a generate() warm-up, say)
+            prompt = start + count
+        if start >= prompt and count == 1 and vllm_id not in cached.resumed_req_ids:
+            decode.append(Segment(rid, start, 1, (), True))
+        else:
+            pieces.append(Segment(rid, start, count, (), start + count >= prompt))
+    stages = ((StageWork(iteration, 0, 1, 0, num_layers, tuple(pieces)),) if pieces else ())
+    return IterationPlan(iteration, "chunked", num_layers, tuple(decode), stages)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from engine_adapter.clock import VirtualClock
 from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel
 from engine_adapter.engine import Engine, warm_up
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
@@ -179,7 +180,11 @@ def run_vllm(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
     from engine_adapter.vllm_engine import VllmEngine
 
     server = VllmEngine(setup.engine, setup.model)
-    if cfg.warmup:  # (first steps of new shapes run slow, as on the engine here)
+    price = None
+    if setup.backend.latency == "modeled":  # (vLLM's schedule, priced as the engine's plans)
+        price = CostModel(setup.model, setup.backend.hardware,
+                          setup.engine.torch_dtype.itemsize).iteration_latency
+    elif cfg.warmup:  # (first steps of new shapes run slow, as on the engine here)
         server.generate([[0] * 64, [1] * 8], 4)
     rng = np.random.default_rng(cfg.seed)
     requests = generate(setup.workload, rng)
@@ -191,7 +196,7 @@ def run_vllm(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
     bar = progress(cfg, setup, len(requests))
     start = time.perf_counter()
     server.serve(arrivals, recorder, VirtualClock(), setup.backend.latency_scale,
-                 cfg.horizon_s, bar.update)
+                 cfg.horizon_s, bar.update, price)
     wall = time.perf_counter() - start
     bar.close()
     metrics = recorder.summary(setup.slo.ttft_s, setup.slo.tbt_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -189,3 +190,23 @@ def test_admits_any_is_whether_fcfs_admits(waiting, free, running, max_seqs, bud
                       for i, (left, done, held) in enumerate(waiting)),
         decode_context_lens=(), in_flight=())
     assert view.admits_any(budget) == bool(view.fcfs_admission(budget))
+
+
+def test_a_new_request_is_admitted_only_with_room_for_its_whole_prompt():
+    # vLLM's admission: the first 64-token piece of a 200-token prompt would fit 4 free
+    # blocks of 16, the whole prompt (13 blocks) would not. It waits rather than start, to be
+    # preempted when its later pieces find no room (tests/test_vllm.py: vLLM's schedules).
+    def view(free: int, held: int = 0, done: int = 0) -> SchedulerView:
+        return SchedulerView(
+            now=0.0, iteration=0, mode="chunked", num_layers=4, prefill_budget=64,
+            block_size=16, free_blocks=free, max_num_seqs=8, num_running=1, num_blocks=100,
+            waiting=(WaitingRequest("a", 0.0, 200, done, 200 - done, held),),
+            decode_context_lens=(), in_flight=())
+
+    assert view(12).fcfs_admission() == () and not view(12).admits_any()
+    with pytest.raises(InvalidDecision, match="whole prompt must fit"):
+        view(12).allot(Decision(1, ("a",)))
+    assert view(13).fcfs_admission() == ("a",) and view(13).admits_any()
+    assert view(13).allot(Decision(1, ("a",)))[0][1] == 64
+    # Holding its first piece's blocks, it takes the next piece where that piece fits.
+    assert view(4, held=4, done=64).fcfs_admission() == ("a",)
