@@ -98,6 +98,7 @@ class Scheduler:
         self._preempted: list[str] = []
         self.preempted_last: list[str] = []  # the last plan's, for its report
         self._prepared = False
+        self._held_back = False  # chunked mode: a preemption this iteration, no admission
         self._view: SchedulerView | None = None
         self._cancelled: list[int] = []
         self.stats = EngineStats()
@@ -162,7 +163,14 @@ class Scheduler:
         """
         if self._prepared:
             return
+        preempted = len(self._preempted)
         self._cancelled += self._grow_decodes()
+        if self.mode == "chunked" and self.waiting:
+            self._cancelled += self._grow_chunk()
+        # As vLLM: an iteration that preempted admits no one new (the room it made is for the
+        # requests running; where none runs, admission goes on, or nothing would).
+        self._held_back = (self.mode == "chunked" and len(self._preempted) > preempted
+                           and bool(self.decoding or self.batches))
         if self.waiting:
             self._unblock_head(now)
         self._prepared = True
@@ -422,7 +430,7 @@ class Scheduler:
         served in chunked mode), where one is due: its batch starts."""
         self._prepared = False
         cached, self._view = self._view, None
-        if not self.waiting or self.at_cap:
+        if not self.waiting or self.at_cap or self._held_back:
             return
         view = cached if cached is not None and cached.now == now else self.view(now)
         if self.mode == "chunked":
@@ -508,7 +516,9 @@ class Scheduler:
         self._admit_order.pop(req.request_id, None)
 
     def _grow_decodes(self) -> list[int]:
-        """Give every decoding request a KV slot for its next token, preempting if needed."""
+        """Give every decoding request a KV slot for its next token, in order, preempting
+        the most recently admitted holders of KV blocks where there is none: the request
+        itself, where it is the latest (as vLLM preempts)."""
         cancelled: list[int] = []
         capacity = self.blocks.block_size
         for req in list(self.decoding):
@@ -516,9 +526,23 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if len(req.block_table) * capacity >= req.num_tokens:
                 continue  # its last block has room: most iterations, most requests
-            while not self.blocks.can_grow(req, req.num_tokens):
-                cancelled += self._preempt_one(exclude=req)
-            self.blocks.grow(req, req.num_tokens)
+            while req.status == RequestStatus.DECODING and not self.blocks.can_grow(
+                    req, req.num_tokens):
+                cancelled += self._preempt_one()
+            if req.status == RequestStatus.DECODING:
+                self.blocks.grow(req, req.num_tokens)
+        return cancelled
+
+    def _grow_chunk(self) -> list[int]:
+        """Chunked mode, as vLLM: the queue's head part way through its prompt takes its
+        next chunk like a running request, preempting the most recently admitted holders of
+        KV blocks until the chunk fits, itself at the latest (to recompute later, admitted
+        again once its whole prompt fits). The batches it cancels."""
+        head, cancelled = self.waiting[0], []
+        budget = self.chunk_tokens - len(self.decoding)
+        while head.block_table and budget > 0 and not self.blocks.can_grow(
+                head, head.num_computed + min(head.num_uncomputed, budget)):
+            cancelled += self._preempt_one()
         return cancelled
 
     def _unblock_head(self, now: float) -> None:
@@ -536,12 +560,10 @@ class Scheduler:
             self.waiting.appendleft(head)  # the preempted request queues behind the head
         self._view = view  # (nothing changes before the decision: the one it is made on)
 
-    def _preempt_one(self, exclude: Request) -> list[int]:
-        """Preempt (for recompute) the most recently admitted holder of KV blocks."""
-        holders = [r for r in self.requests.values() if r.block_table and r is not exclude]
-        if not holders:
-            # Only possible if one request outgrows the whole cache, which add() rules out.
-            raise RuntimeError(f"request {exclude.request_id} cannot fit in the KV cache")
+    def _preempt_one(self) -> list[int]:
+        """Preempt (for recompute) the most recently admitted holder of KV blocks; the
+        batches it cancels. (Callers hold blocks themselves: there is always one.)"""
+        holders = [r for r in self.requests.values() if r.block_table]
         # An aborted request's batch first (it computes for nobody: skipping it jammed the
         # engine when it held the last blocks), then the most recently admitted.
         victim = max(holders, key=lambda r: (r.status == RequestStatus.ABORTED,

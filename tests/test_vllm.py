@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -190,6 +191,65 @@ def test_the_engines_chunked_schedule_is_vllms_step_for_step(small_model, tmp_pa
         with (tmp_path / run / "requests.csv").open(newline="") as f:
             times.append([(r["request_id"], r["token_times_s"]) for r in csv.DictReader(f)])
     assert times[0] == times[1]
+
+
+class PlanRecorder:
+    """Wraps an executor and keeps every plan it runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.device, self.plans = inner, inner.device, []
+
+    def execute(self, plan):
+        self.plans.append(plan)
+        return self.inner.execute(plan)
+
+
+def steps(plans) -> list[tuple]:
+    """Each plan's decode rows and prefill pieces (request, first position, tokens)."""
+    return [([(s.request_id, s.start, s.length) for s in p.decode],
+             [(s.request_id, s.start, s.length) for st in p.stages for s in st.segments])
+            for p in plans]
+
+
+@needs_vllm
+def test_with_preemption_too_the_schedule_is_vllms(small_model):
+    """A KV cache of 640 tokens (20 blocks of 32) for 60 requests: running requests run out
+    of blocks and are preempted to recompute later; vLLM and the engine preempt the same
+    ones at the same steps, plan for plan."""
+    from engine_adapter.cost_model import CostModel
+    from engine_adapter.executor_sim import SimExecutor
+    from engine_adapter.vllm_engine import VllmEngine
+    from lpenv.workload import WorkloadConfig, generate
+
+    config = EngineConfig(model=str(small_model), weights=str(small_model), mode="chunked",
+                          kv_cache_tokens=640, block_size=32, max_model_len=512,
+                          max_num_seqs=16, chunk_tokens=64)
+    model = ModelConfig.load(str(small_model))
+    rng = np.random.default_rng(0)
+    requests = generate(WorkloadConfig(lengths="arxiv4k", scale=0.1, rate=200,
+                                       num_requests=60, max_output=12, max_prompt=400), rng)
+    arrivals = [(r.request_id, r.arrival_time, rng.integers(0, model.vocab_size,
+                                                            r.prompt_tokens).tolist(),
+                 r.output_tokens) for r in requests]
+    cost = CostModel(model)
+    theirs = VllmEngine(config, model).serve(arrivals, MetricsRecorder(), VirtualClock(),
+                                             price=cost.iteration_latency)
+    executor = PlanRecorder(SimExecutor(model, CostModel(model), noise=False))
+    engine = Engine(config, executor=executor, clock=VirtualClock(), model_config=model)
+    pending = list(arrivals)
+    while pending or engine.has_unfinished():
+        while pending and pending[0][1] <= engine.clock.now():
+            rid, at, prompt, n = pending.pop(0)
+            engine.add_request(prompt, n, rid, at)
+        if engine.step(None) is None:
+            engine.clock.advance_to(pending[0][1])
+    assert steps(theirs) == steps(executor.plans)
+    # Requests did restart from position 0 after holding KV: preempted, recomputed.
+    starts: dict[str, list[int]] = {}
+    for _, pieces in steps(theirs):
+        for rid, start, _ in pieces:
+            starts.setdefault(rid, []).append(start)
+    assert sum(1 for s in starts.values() if s.count(0) > 1) >= 3
 
 
 def test_vllm_refuses_layered_prefill(small_model):
