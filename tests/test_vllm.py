@@ -154,7 +154,9 @@ def test_lpenv_eval_on_vllm_serves_the_episodes_workload(small_model, tmp_path):
     assert summary["engine"] == "vllm" and summary["mode"] == "chunked"
     assert summary["policy"] == "chunked (vLLM)"  # (apart from the engine's own in a report)
     assert summary["requests_finished"] == summary["requests_total"] == 8
-    assert summary["energy_per_token_j"] is None and "vLLM" in summary["energy_source"]
+    # vLLM's bytes from its steps' plans, their energy from the CPU's model, as the engine's.
+    assert summary["energy_source"] == "modeled:cpu-generic"
+    assert summary["energy_per_token_j"] > 0 and summary["expert_bytes"] > 0
     assert json.loads((tmp_path / "summary.json").read_text())["engine"] == "vllm"
     with (tmp_path / "requests.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -233,7 +235,7 @@ def test_with_preemption_too_the_schedule_is_vllms(small_model):
                  r.output_tokens) for r in requests]
     cost = CostModel(model)
     theirs = VllmEngine(config, model).serve(arrivals, MetricsRecorder(), VirtualClock(),
-                                             price=cost.iteration_latency)
+                                             cost=cost)
     executor = PlanRecorder(SimExecutor(model, CostModel(model), noise=False))
     engine = Engine(config, executor=executor, clock=VirtualClock(), model_config=model)
     pending = list(arrivals)
