@@ -44,7 +44,10 @@ from omegaconf import OmegaConf
 from lpenv.metrics import RequestRecord, goodput, measured, tbt_gaps_of
 
 TARGET = 0.9
-SCENARIO_KEYS = ("workload", "model", "engine", "latency", "ttft_slo_s", "tbt_slo_s")
+# A scenario is what its lines are compared under: the real engine and vLLM, measured on the
+# same machine at the same pace, share one (their lines tell them apart); the simulator's
+# latency ("simulated:<profile>") sets its runs apart.
+SCENARIO_KEYS = ("workload", "model", "latency", "ttft_slo_s", "tbt_slo_s")
 # Settings that may differ between runs averaged into one point: the x axis and the seeds.
 ACROSS = {"workload.rate", "seed", "progress"}
 # A run without a Hydra config (e.g. evaluate() called directly): the settings its summary
@@ -154,9 +157,18 @@ def scenario_of(run: dict) -> tuple:
     return tuple(run.get(k) for k in SCENARIO_KEYS)
 
 
-def scenario_title(scenario: tuple) -> str:
+def engines_of(by_rate_or_policy: dict) -> str:
+    """The engines whose runs a line (rate -> runs) or a scenario (line -> rate -> runs)
+    holds, in words."""
+    values = list(by_rate_or_policy.values())
+    lines = values if values and isinstance(values[0], dict) else [by_rate_or_policy]
+    return " and ".join(sorted({str(run.get("engine")) for line in lines
+                                for runs in line.values() for run in runs}))
+
+
+def scenario_title(scenario: tuple, by_policy: dict) -> str:
     s = dict(zip(SCENARIO_KEYS, scenario))
-    return (f"{s['workload']}, {s['model']} ({s['engine']}, {s['latency']}); "
+    return (f"{s['workload']}, {s['model']} ({engines_of(by_policy)}, {s['latency']}); "
             f"SLO TTFT {s['ttft_slo_s']} s, TBT {_ms(s['tbt_slo_s'])} ms")
 
 
@@ -183,7 +195,8 @@ def goodput_rows(runs: Sequence[dict], target: float = TARGET) -> list[dict]:
     for scenario, by_policy in curves(runs).items():
         for policy, by_rate in sorted(by_policy.items()):
             att = {rate: mean_of(rs, "slo_attainment") for rate, rs in sorted(by_rate.items())}
-            rows.append({**dict(zip(SCENARIO_KEYS, scenario)), "policy": policy,
+            rows.append({**dict(zip(SCENARIO_KEYS, scenario)), "engine": engines_of(by_rate),
+                         "policy": policy,
                          "goodput_rate": goodput(att, target), "target": target,
                          "rates": " ".join(f"{r:g}" for r in att),
                          "attainment": " ".join(f"{a:.3f}" for a in att.values()),
@@ -237,7 +250,7 @@ def plot_attainment(runs: Sequence[dict], path: Path, target: float = TARGET) ->
                     label=policy, **series_style(i))
         ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{target:.0%} target")
         ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(-3, 103),
-               title=scenario_title(scenario))
+               title=scenario_title(scenario, by_policy))
         _finish_panel(ax, legend_size=8)
     _save(plt, fig, path)
 
@@ -320,7 +333,7 @@ def format_tables(runs: Sequence[dict], rows: Sequence[dict], target: float = TA
     lines = []
     width = max([24, *(len(r["line"]) + 2 for r in runs)])
     for scenario, by_policy in curves(runs).items():
-        lines.append(scenario_title(scenario))
+        lines.append(scenario_title(scenario, by_policy))
         scales = {r.get("latency_scale", 1) for r in runs if scenario_of(r) == scenario}
         if scales != {1}:
             lines.append(f"(measured x{', '.join(f'{x:.3g}' for x in sorted(scales))}: each "
@@ -367,8 +380,8 @@ def report(folders: Sequence[Path], out: Path, target: float = TARGET) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = goodput_rows(runs, target)
     write_csv(out / "runs.csv", runs, RUN_COLUMNS)
-    write_csv(out / "goodput.csv", rows, (*SCENARIO_KEYS, "policy", "goodput_rate", "target",
-                                          "rates", "attainment"))
+    write_csv(out / "goodput.csv", rows, (*SCENARIO_KEYS, "engine", "policy", "goodput_rate",
+                                          "target", "rates", "attainment"))
     plot_attainment(runs, out / "attainment_vs_rate.png", target)
     plot_cdfs(runs, out / "ttft_cdf.png", out / "tbt_cdf.png")
     files = [out / n for n in ("attainment_vs_rate.png", "ttft_cdf.png", "tbt_cdf.png",

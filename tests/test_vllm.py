@@ -283,9 +283,13 @@ def test_make_run_serves_vllms_chunked_baseline_beside_the_policies(small_model,
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "baseline skipped" not in run.stdout
     with (out / "goodput.csv").open(newline="") as f:
-        policies = sorted(r["policy"] for r in csv.DictReader(f))
-    assert policies == ["chunked", "chunked (vLLM)", "fixed groups=1", "fixed groups=2",
-                        "paper", "slo_aware"]
+        rows = list(csv.DictReader(f))
+    assert sorted(r["policy"] for r in rows) == [
+        "chunked", "chunked (vLLM)", "fixed groups=1", "fixed groups=2", "paper", "slo_aware"]
+    # One scenario, one panel: vLLM's line beside the engine's, each saying its engine.
+    assert len({(r["workload"], r["model"], r["latency"]) for r in rows}) == 1
+    assert {r["policy"]: r["engine"] for r in rows}["chunked (vLLM)"] == "vllm"
+    assert {r["engine"] for r in rows} == {"torch", "vllm"}
     summary = json.loads((out / "vllm-10.0-s0" / "summary.json").read_text())
     assert summary["engine"] == "vllm" and summary["requests_finished"] == 3
 
