@@ -22,6 +22,13 @@ from lpenv.workload import RequestSpec
 DecisionPoint = Callable[[SchedulerView], bool]
 
 
+def draw_prompt(rng: np.random.Generator, spec: RequestSpec, vocab: int) -> list[int]:
+    """A request's prompt token ids, drawn from the episode's stream, one draw per request in
+    arrival order: what every engine serving the workload is given (the real engine here,
+    vLLM in ``lpenv-eval``)."""
+    return rng.integers(0, vocab, spec.prompt_tokens).tolist()
+
+
 class Episode:
     def __init__(self, engine: Engine, requests: list[RequestSpec], slo: SLO,
                  reward: RewardConfig, rng: np.random.Generator,
@@ -73,7 +80,7 @@ class Episode:
             spec = self.pending.popleft()
             try:
                 if engine.needs_token_ids:
-                    prompt = self.rng.integers(0, vocab, spec.prompt_tokens).tolist()
+                    prompt = draw_prompt(self.rng, spec, vocab)
                     engine.add_request(prompt, spec.output_tokens, spec.request_id,
                                        spec.arrival_time)
                 else:  # the simulator: the prompt's length is all that matters

@@ -55,7 +55,7 @@ from lpenv.config_schema import (
     register_configs,
     to_dataclass,
 )
-from lpenv.episode import Episode
+from lpenv.episode import Episode, draw_prompt
 from lpenv.metrics import MetricsRecorder
 from lpenv.reward import SLO, RewardConfig
 from lpenv.workload import RequestSpec, WorkloadConfig, generate
@@ -183,13 +183,12 @@ def run_vllm(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
     if setup.backend.latency == "modeled":  # (vLLM's schedule, priced as the engine's plans)
         cost = CostModel(setup.model, setup.backend.hardware, setup.engine.torch_dtype.itemsize)
     elif cfg.warmup:  # (first steps of new shapes run slow, as on the engine here)
-        server.generate([[0] * 64, [1] * 8], 4)
+        server.generate([[0] * max(1, min(64, server.max_model_len - 4)), [1] * 8], 4)
     rng = np.random.default_rng(cfg.seed)
     requests = generate(setup.workload, rng)
     vocab = setup.model.vocab_size
-    # The episode's prompts: drawn from the same stream, in arrival order, one per request.
-    arrivals = [(r.request_id, r.arrival_time, rng.integers(0, vocab, r.prompt_tokens).tolist(),
-                 r.output_tokens) for r in requests]
+    arrivals = [(r.request_id, r.arrival_time, draw_prompt(rng, r, vocab), r.output_tokens)
+                for r in requests]
     recorder = MetricsRecorder(setup.workload.warmup_s)
     bar = progress(cfg, setup, len(requests))
     start = time.perf_counter()
