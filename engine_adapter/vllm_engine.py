@@ -22,6 +22,8 @@ error. Its CPU attention wants head sizes of 32 and more (``qwen3-moe-cpu``, not
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -77,7 +79,10 @@ def checkpoint(config: EngineConfig, model_config: ModelConfig,
             raise ConfigError(f"weights folder {folder} has no config.json for vLLM to read")
         return folder
     cache = checkpoint_cache() if cache is None else cache
-    folder = cache / f"{model_config.name}-seed{config.seed}-{config.dtype}"
+    # (the configuration's digest in the name: an edited model config is another checkpoint)
+    digest = hashlib.sha256(json.dumps(model_config.hf_config, sort_keys=True).encode())
+    folder = cache / (f"{model_config.name}-{digest.hexdigest()[:12]}-seed{config.seed}-"
+                      f"{config.dtype}")
     if (folder / "model.safetensors").is_file():
         return folder
     weights = dummy_weights(model_config, config.torch_dtype, torch.device("cpu"),

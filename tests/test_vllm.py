@@ -293,3 +293,30 @@ def test_make_run_serves_vllms_chunked_baseline_beside_the_policies(small_model,
     summary = json.loads((out / "vllm-10.0-s0" / "summary.json").read_text())
     assert summary["engine"] == "vllm" and summary["requests_finished"] == 3
 
+
+def test_the_checkpoint_vllm_loads_holds_the_engines_weights(tmp_path):
+    from engine_adapter.vllm_engine import checkpoint
+    from engine_adapter.weights import hf_views, load_safetensors
+
+    config = EngineConfig(model="qwen3-moe-tiny", seed=3)
+    model = ModelConfig.load("qwen3-moe-tiny")
+    folder = checkpoint(config, model, cache=tmp_path)
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert checkpoint(config, model, cache=tmp_path) == folder  # written once, then reused
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    ours = hf_views(model, dummy_weights(model, torch.float32, torch.device("cpu"), seed=3))
+    theirs = hf_views(model, load_safetensors(model, folder, torch.float32,
+                                              torch.device("cpu")))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # Another seed, or an edited model configuration, is another checkpoint.
+    assert checkpoint(EngineConfig(model="qwen3-moe-tiny", seed=4), model, tmp_path) != folder
+    edited = ModelConfig.from_hf_dict({**model.hf_config, "rms_norm_eps": 1e-5},
+                                      "qwen3-moe-tiny")
+    assert checkpoint(config, edited, cache=tmp_path) != folder
+    assert not list(tmp_path.glob(".*"))  # (no half-written folder left)
+    # Weights of the user's own are loaded where they lie; a folder without config.json is
+    # a clear error.
+    assert checkpoint(EngineConfig(model="qwen3-moe-tiny", weights=str(folder)), model) == folder
+    with pytest.raises(ConfigError, match="no config.json"):
+        checkpoint(EngineConfig(model="qwen3-moe-tiny", weights=str(tmp_path)), model)
+
