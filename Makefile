@@ -43,8 +43,9 @@ RUN_GROUPS ?= 1,8
 RUN_SEEDS ?= 0
 LEARNED ?= results/learned/policy
 # vLLM's chunked baseline at each rate too, from $(VLLM_VENV) (`make vllm`): auto where vllm
-# imports there, 1 insists, 0 leaves it out. (vLLM's CPU attention wants head sizes of 32 and
-# more: not qwen3-moe-tiny.)
+# imports there (a run it cannot serve is skipped, its error printed), 1 insists (an error
+# stops make run), 0 leaves it out. (vLLM's CPU attention wants head sizes of 32 and more: not
+# qwen3-moe-tiny.)
 RUN_VLLM ?= auto
 comma := ,
 # One rate at a time, every policy at it before the next rate: policies compared at a rate ran
@@ -65,7 +66,7 @@ run: $(STAMP)
 	@if [ ! -f $(LEARNED)/policy.json ]; then \
 	  echo "no learned policy at $(LEARNED) (lpenv-train exports one there): skipped"; fi
 	@vllm=$(RUN_VLLM); if [ "$$vllm" = auto ]; then \
-	  if $(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null; then vllm=1; else vllm=0; \
+	  if $(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null; then vllm=found; else vllm=0; \
 	    echo "no vLLM in $(VLLM_VENV) (make vllm installs it): its chunked baseline skipped"; \
 	  fi; fi; \
 	for rate in $(subst $(comma), ,$(RUN_RATES)); do \
@@ -78,9 +79,11 @@ run: $(STAMP)
 	    $(EVAL) 'hydra.sweep.subdir=learned-$${workload.rate}-s$${seed}' policy=learned \
 	      policy.path=$(LEARNED) || echo "the learned policy at $(LEARNED) did not run: skipped"; \
 	  fi; \
-	  if [ "$$vllm" = 1 ]; then \
+	  if [ "$$vllm" != 0 ]; then \
 	    $(VLLM_VENV)/bin/lpenv-eval $(EVAL_ARGS) 'hydra.sweep.subdir=vllm-$${workload.rate}-s$${seed}' \
-	      policy=chunked backend.name=vllm || exit 1; \
+	      policy=chunked backend.name=vllm || { [ "$$vllm" = found ] && \
+	      echo "vLLM did not serve this (its error above): its chunked baseline skipped"; \
+	      } || exit 1; \
 	  fi; \
 	done
 	$(BIN)/lpenv-sweep-report $(RUN_DIR)

@@ -320,3 +320,30 @@ def test_the_checkpoint_vllm_loads_holds_the_engines_weights(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         checkpoint(EngineConfig(model="qwen3-moe-tiny", weights=str(tmp_path)), model)
 
+
+@needs_vllm
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_run_skips_vllm_on_a_model_it_cannot_serve_unless_insisted(tmp_path):
+    """qwen3-moe-tiny's heads (16) are too small for vLLM's CPU attention: found by
+    RUN_VLLM=auto, vLLM's baseline is skipped and make run goes on; with RUN_VLLM=1 it
+    stops."""
+    prefix = Path(sys.prefix)
+
+    def make_run(mode: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "-o", str(prefix / ".installed"), "run", f"VENV={prefix}",
+             f"VLLM_VENV={prefix}", f"RUN_VLLM={mode}", f"RUN_DIR={out}", "RUN_RATES=10",
+             f"LEARNED={tmp_path / 'none'}", "RUN_EXTRA=model=qwen3-moe-tiny",
+             "RUN_GROUPS=1", "RUN_SPEED=1", "RUN_ARGS=workload=arxiv4k workload.scale=0.02 "
+             "workload.num_requests=2 workload.max_output=4 progress=false"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    found = make_run("auto", tmp_path / "auto")
+    assert found.returncode == 0, found.stdout[-3000:] + found.stderr[-3000:]
+    assert "vLLM did not serve this (its error above): its chunked baseline skipped" in (
+        found.stdout)
+    assert (tmp_path / "auto" / "goodput.csv").is_file()  # the others ran, the report too
+    insisted = make_run("1", tmp_path / "insisted")
+    assert insisted.returncode != 0
+    assert not (tmp_path / "insisted" / "goodput.csv").exists()
+
