@@ -258,7 +258,7 @@ class VllmEngine:
                     latency, traffic.total_bytes, traffic.flops),
                 energy_source=self.energy.source)
             for out in outputs:
-                rid = names.get(out.request_id, out.request_id)
+                rid = out.request_id  # (outputs carry the id given; the scheduler vLLM's own)
                 for index in range(emitted[rid], len(out.outputs[0].token_ids)):
                     report.events.append(TokenEvent(rid, index, 0, clock.now()))
                 emitted[rid] = len(out.outputs[0].token_ids)
@@ -304,10 +304,8 @@ def plan_of(schedule, names: dict[str, str], prompt_lens: dict[str, int], num_la
     computed.update(zip(cached.req_ids, cached.num_computed_tokens))
     decode, pieces = [], []
     for vllm_id, count in schedule.num_scheduled_tokens.items():
-        rid, start = names.get(vllm_id, vllm_id), computed[vllm_id]
-        prompt = prompt_lens.get(rid)
-        if prompt is None:  # (not served by ``serve``: a generate() warm-up, say)
-            prompt = start + count
+        rid, start = names[vllm_id], computed[vllm_id]
+        prompt = prompt_lens[rid]
         if start >= prompt and count == 1 and vllm_id not in cached.resumed_req_ids:
             decode.append(Segment(rid, start, 1, (), True))
         else:
