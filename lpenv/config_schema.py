@@ -157,6 +157,18 @@ class EnvOptions:
     energy_scale: float = 0.01
 
 
+@dataclass
+class ServeConfig(Sections):
+    """``lpenv-serve``: one policy on the real engine, behind an OpenAI-compatible API."""
+
+    policy: PolicyConfig = MISSING
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the server to the network: say so explicitly
+    port: int = 8000
+    tokenizer: str | None = None  # a folder with tokenizer.json; null: prompt bytes are tokens
+    served_model_name: str | None = None  # what clients name as "model"; null: engine.model
+    warmup: bool = True  # one small request first, so one-time costs miss the first client
+
+
 ALGOS = ("maskable_ppo", "ppo")
 
 
@@ -196,6 +208,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
     for name, schema in POLICY_SCHEMAS.items():
         # Under schema/policy, not policy/, so `policy=` offers only the real options.
         cs.store(group="schema/policy", name=name, node=schema, package="policy")

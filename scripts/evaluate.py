@@ -120,22 +120,7 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
         if parts["workload"].rate_max is not None:
             raise ValueError("workload.rate_max draws each training episode's rate; an "
                              "evaluation runs one rate: sweep workload.rate=1,2,3 instead")
-        engine = to_dataclass("engine", cfg.engine)
-        model = ModelConfig.load(engine.model)
-        context = PolicyContext(model, parts["slo"].ttft_s, parts["slo"].tbt_s,
-                                parts["backend"].hardware, engine.torch_dtype.itemsize,
-                                engine=engine)
-        policy = make_policy(str(cfg.policy.name), context, **policy_params(cfg.policy))
-        # The engine runs in the policy's mode; a chunked policy brings its token budget, one
-        # that keeps to a number of batches in flight that cap.
-        caps = [c for c in (getattr(policy, "max_in_flight", None),
-                            engine.max_batches_in_flight) if c is not None]
-        mode_settings: dict[str, Any] = {"mode": policy.mode,
-                                         "max_batches_in_flight": min(caps, default=None)}
-        if policy.mode == "chunked":
-            mode_settings["chunk_tokens"] = policy.chunk_tokens
-        engine = EngineConfig(**{**asdict(engine), **mode_settings})
-        check_backend(parts["backend"], engine, model)
+        engine, model, policy = engine_and_policy(cfg, parts["slo"], parts["backend"])
     except (ConfigError, ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigProblem(str(exc)) from exc
     label = policy_label(cfg, overrides)
@@ -143,6 +128,29 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> Setup:
         label += " (vLLM)"  # (beside the engine's own chunked runs in a report)
     return Setup(engine, model, parts["workload"], parts["slo"], parts["reward"],
                  parts["backend"], policy, label)
+
+
+def engine_and_policy(cfg: DictConfig, slo: SLO, backend: BackendConfig
+                      ) -> tuple[EngineConfig, ModelConfig, Policy]:
+    """The policy of ``cfg.policy`` and the engine configuration it runs in (its mode, a
+    chunked policy's token budget, its cap on batches in flight), checked against
+    ``backend`` (``lpenv-eval`` and ``lpenv-serve``)."""
+    engine = to_dataclass("engine", cfg.engine)
+    model = ModelConfig.load(engine.model)
+    context = PolicyContext(model, slo.ttft_s, slo.tbt_s, backend.hardware,
+                            engine.torch_dtype.itemsize, engine=engine)
+    policy = make_policy(str(cfg.policy.name), context, **policy_params(cfg.policy))
+    # The engine runs in the policy's mode; a chunked policy brings its token budget, one
+    # that keeps to a number of batches in flight that cap.
+    caps = [c for c in (getattr(policy, "max_in_flight", None),
+                        engine.max_batches_in_flight) if c is not None]
+    mode_settings: dict[str, Any] = {"mode": policy.mode,
+                                     "max_batches_in_flight": min(caps, default=None)}
+    if policy.mode == "chunked":
+        mode_settings["chunk_tokens"] = policy.chunk_tokens
+    engine = EngineConfig(**{**asdict(engine), **mode_settings})
+    check_backend(backend, engine, model)
+    return engine, model, policy
 
 
 def run_episode(cfg: DictConfig, setup: Setup) -> tuple[dict, MetricsRecorder]:
