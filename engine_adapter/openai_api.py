@@ -5,6 +5,8 @@
   ``stream_options.include_usage``. Decoding is greedy, so ``temperature`` must be 0 (or
   left out) and ``n`` 1; an output has exactly ``max_tokens`` tokens (these models have no
   end-of-sequence: ``ignore_eos`` is accepted and changes nothing).
+* ``POST /tokenize`` (``prompt`` -> ``tokens``) and ``POST /detokenize`` (``tokens`` ->
+  ``prompt``), as vLLM's server has them: clients check their tokenizer against the server's.
 * ``GET /v1/models``, ``GET /health`` (503 once the loop has stopped), ``GET /metrics``.
 
 A client that disconnects, mid-stream or while its request waits, is noticed within
@@ -41,12 +43,7 @@ class _ClientGone(Exception):
 def parse_completion(body: bytes, codec: ByteCodec | HFCodec, model: str) -> dict:
     """The checked fields of a ``/v1/completions`` body: prompt (token ids), max_tokens,
     stream, include_usage."""
-    try:
-        doc = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object")
+    doc = _object(body)
     if doc.get("model") not in (None, model):
         raise BadRequest(f"model {doc['model']!r} is not served here; this server serves "
                          f"{model!r}")
@@ -76,6 +73,17 @@ def parse_completion(body: bytes, codec: ByteCodec | HFCodec, model: str) -> dic
         raise BadRequest("stream_options must be an object")
     return {"prompt": ids, "max_tokens": max_tokens, "stream": stream,
             "include_usage": bool(options.get("include_usage", False))}
+
+
+def _object(body: bytes) -> dict:
+    """A request body's JSON object."""
+    try:
+        doc = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    return doc
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -140,16 +148,39 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route GET {self.path}")
 
     def do_POST(self) -> None:
-        if self.path != "/v1/completions":
+        route = {"/v1/completions": self._complete, "/tokenize": self._tokenize,
+                 "/detokenize": self._detokenize}.get(self.path)
+        if route is None:
             self._error(404, f"no route POST {self.path}")
             return
-        srv = self.server
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
             self._error(413, f"the body is over {MAX_BODY} bytes")
             return
         try:
-            req = parse_completion(self.rfile.read(length), srv.codec, srv.model)
+            route(self.rfile.read(length))
+        except BadRequest as exc:
+            self._error(400, str(exc))
+
+    def _tokenize(self, body: bytes) -> None:
+        prompt = _object(body).get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string")
+        ids = self.server.codec.encode(prompt)
+        self._json(200, {"tokens": ids, "count": len(ids),
+                         "max_model_len": self.server.loop.engine.max_model_len})
+
+    def _detokenize(self, body: bytes) -> None:
+        tokens = _object(body).get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+            raise BadRequest("tokens must be a list of token ids")
+        decoder = self.server.codec.decoder()
+        self._json(200, {"prompt": "".join(decoder.push(t) for t in tokens)})
+
+    def _complete(self, body: bytes) -> None:
+        srv = self.server
+        try:
+            req = parse_completion(body, srv.codec, srv.model)
             stream = srv.loop.submit(req["prompt"], req["max_tokens"])
         except (BadRequest, RequestError) as exc:
             self._error(400, str(exc))
@@ -173,11 +204,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _items(self, stream: TokenStream):
         """The stream's tokens, then its end; raises _ClientGone if the client left."""
+        checked = time.monotonic()
         while True:
             item = stream.get(POLL_S)
-            if item is None:
+            # (looked at every POLL_S, tokens or not: a request without a stream writes
+            # nothing until its end)
+            if time.monotonic() - checked >= POLL_S:
                 if self._client_gone():
                     raise _ClientGone
+                checked = time.monotonic()
+            if item is None:
                 continue
             yield item
             if isinstance(item, StreamEnd):
