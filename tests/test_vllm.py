@@ -347,3 +347,26 @@ def test_make_run_skips_vllm_on_a_model_it_cannot_serve_unless_insisted(tmp_path
     assert insisted.returncode != 0
     assert not (tmp_path / "insisted" / "goodput.csv").exists()
 
+
+
+@needs_vllm
+def test_vllms_benchmark_client_load_tests_lpenv_serve(tmp_path):
+    """vLLM's own client (``vllm bench serve``) against lpenv-serve: every request completes,
+    with the prompt and output lengths it asked for, and the server counts the same."""
+    from scripts import bench_serve
+
+    n, prompt, output = 10, 96, 6
+    result = bench_serve.main(["--out", str(tmp_path / "b.json"), "--rate", "4",
+                               "--num-prompts", str(n), "--input-len", str(prompt),
+                               "--output-len", str(output), "model=qwen3-moe-tiny",
+                               "warmup=false"])
+    assert json.loads((tmp_path / "b.json").read_text()) == result
+    client, server = result["client"], result["server"]
+    assert (client["completed"], client["failed"]) == (n, 0)
+    assert client["total_input_tokens"] == n * prompt  # (the client's tokenizer is the server's)
+    assert client["total_output_tokens"] == n * output
+    assert client["median_ttft_ms"] > 0 and client["median_tpot_ms"] > 0
+    assert server['lpenv_requests_total{outcome="finished"}'] == n
+    assert server["lpenv_prompt_tokens_total"] == n * prompt
+    assert server["lpenv_generation_tokens_total"] == n * output
+    assert server["lpenv_kv_blocks_free"] == server["lpenv_kv_blocks_total"]
