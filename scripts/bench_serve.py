@@ -8,7 +8,9 @@ a tokenizer whose words are token ids, so the client's prompts have exactly
 ``--input-len`` tokens on the server too), runs vLLM's client against it in a subprocess
 (Poisson arrivals at ``--rate``, random prompts), and writes one JSON: the client's figures
 (TTFT, TPOT, ITL, throughput as vLLM measures them), the server's ``/metrics`` at the end
-(SLO attainment, prefill batches by layer groups, energy) and the run's settings. Needs vLLM
+(SLO attainment, prefill batches by layer groups, energy) and the run's settings. With
+``--vllm``, vLLM's own OpenAI server then serves the same weights as lpenv's chunked baseline
+(``backend.name=vllm``'s settings) to the same client: ``"vllm"`` in the JSON. Needs vLLM
 (``make vllm``): run it with ``.venv-vllm/bin/python``.
 """
 
@@ -16,15 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
+from engine_adapter.engine import max_model_len
+from engine_adapter.model_config import ModelConfig
 from engine_adapter.text_codec import write_word_tokenizer
 from scripts.evaluate import CONFIG_DIR
 
@@ -57,45 +66,114 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def client(url: str, name: str, tokenizer: Path, args: argparse.Namespace, work: Path,
+           tag: str) -> dict:
+    """vLLM's benchmark client against the server at ``url``: its figures."""
+    out = work / f"client-{tag}.json"
+    cmd = [sys.executable, "-c", CLIENT, "--backend", "openai", "--base-url", url,
+           "--model", name, "--tokenizer", str(tokenizer), "--dataset-name", "random",
+           "--random-input-len", str(args.input_len), "--random-output-len",
+           str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
+           str(args.num_prompts), "--request-rate", str(args.rate), "--seed", str(args.seed),
+           "--ignore-eos", "--save-result", "--result-dir", str(work), "--result-filename",
+           out.name, "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM's benchmark client failed ({done.returncode}):\n"
+                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    return {k: result.get(k) for k in CLIENT_FIGURES}
+
+
+def compose_serve(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("serve", overrides=overrides)
+
+
+@contextmanager
+def vllm_server(overrides: list[str], tokenizer: Path, name: str, work: Path):
+    """vLLM's own OpenAI server on the same weights, set up as lpenv's chunked baseline
+    (``policy=chunked``: the same token budget, sequences, KV cache and block size as
+    ``backend.name=vllm``); its URL while it runs."""
+    from engine_adapter.vllm_engine import checkpoint, vllm_block_size, vllm_kv_bytes
+    from lpenv.config_schema import to_dataclass
+    from scripts.evaluate import engine_and_policy
+
+    cfg = compose_serve([*overrides, "policy=chunked"])
+    engine, model, _ = engine_and_policy(cfg, to_dataclass("slo", cfg.slo),
+                                         to_dataclass("backend", cfg.backend))
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(checkpoint(engine, model)), "--tokenizer", str(tokenizer),
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", engine.dtype, "--max-model-len", str(max_model_len(engine, model)),
+           "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens",
+           str(engine.chunk_tokens), "--enable-chunked-prefill", "--block-size",
+           str(vllm_block_size(engine)), "--kv-cache-memory-bytes",
+           str(vllm_kv_bytes(engine, model)), "--no-enable-prefix-caching", "--enforce-eager",
+           "--seed", str(engine.seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    log = (work / "vllm-server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited ({proc.returncode}):\n"
+                                   + (work / "vllm-server.log").read_text()[-3000:])
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("vLLM's server did not come up in 600 s") from None
+                time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     from scripts.serve import start  # (after argparse: --help needs no engine)
 
     work = Path(tempfile.mkdtemp(prefix="lpenv-bench-serve-"))
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        probe = compose("serve", overrides=overrides)
-    from engine_adapter.model_config import ModelConfig
-
-    vocab = ModelConfig.load(probe.engine.model).vocab_size
+    vocab = ModelConfig.load(compose_serve(overrides).engine.model).vocab_size
     tokenizer = write_word_tokenizer(work / "tokenizer", vocab)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("serve", overrides=["port=0", f"tokenizer={tokenizer}", *overrides])
+    cfg = compose_serve(["port=0", f"tokenizer={tokenizer}", *overrides])
     server = start(cfg)
     name = server.http.model
     try:
-        cmd = [sys.executable, "-c", CLIENT, "--backend", "openai", "--base-url", server.url,
-               "--model", name, "--tokenizer", str(tokenizer), "--dataset-name", "random",
-               "--random-input-len", str(args.input_len), "--random-output-len",
-               str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
-               str(args.num_prompts), "--request-rate", str(args.rate), "--seed",
-               str(args.seed), "--ignore-eos", "--save-result", "--result-dir", str(work),
-               "--result-filename", "client.json", "--percentile-metrics", "ttft,tpot,itl",
-               "--metric-percentiles", "50,99"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"vLLM's benchmark client failed ({done.returncode}):\n"
-                               f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        client = json.loads((work / "client.json").read_text())
+        lpenv = client(server.url, name, tokenizer, args, work, "lpenv")
         server_metrics = scrape(server.url)
     finally:
         server.stop()
-    return {
+    result = {
         "settings": {"rate": args.rate, "num_prompts": args.num_prompts,
                      "input_len": args.input_len, "output_len": args.output_len,
                      "seed": args.seed, "overrides": overrides, "model": name,
                      "policy": str(cfg.policy.name), "mode": server.loop.engine.config.mode},
-        "client": {k: client.get(k) for k in CLIENT_FIGURES},
+        "client": lpenv,
         "server": server_metrics,
     }
+    if args.vllm:  # (after lpenv's run: the two never share the cores)
+        with vllm_server(overrides, tokenizer, name, work) as url:
+            result["vllm"] = client(url, name, tokenizer, args, work, "vllm")
+    return result
+
+
+def line(label: str, c: dict, n: int, attainment: str = "") -> str:
+    return (f"{label}: {c['completed']}/{n} completed, {c['failed']} failed; TTFT median "
+            f"{c['median_ttft_ms']:.0f} ms, p99 {c['p99_ttft_ms']:.0f} ms; TPOT median "
+            f"{c['median_tpot_ms']:.0f} ms, p99 {c['p99_tpot_ms']:.0f} ms; "
+            f"{c['output_throughput']:.1f} output tok/s{attainment}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-len", type=int, default=16, help="output tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="the client's (s)")
+    p.add_argument("--vllm", action="store_true",
+                   help="then vLLM's own server on the same weights (its chunked baseline)")
     p.add_argument("overrides", nargs="*", help="lpenv-serve overrides, e.g. policy=chunked")
     args = p.parse_args(argv)
     for key in ("rate", "num_prompts", "input_len", "output_len"):
@@ -115,14 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args, args.overrides)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    c, s = result["client"], result["server"]
+    st, s = result["settings"], result["server"]
     finished = s.get('lpenv_requests_total{outcome="finished"}', 0)
     attained = s.get("lpenv_slo_attained_total", 0)
-    print(f"{result['settings']['policy']} ({result['settings']['mode']}) at {args.rate:g} "
-          f"req/s: {c['completed']}/{args.num_prompts} completed, {c['failed']} failed; TTFT "
-          f"median {c['median_ttft_ms']:.0f} ms, p99 {c['p99_ttft_ms']:.0f} ms; TPOT median "
-          f"{c['median_tpot_ms']:.0f} ms; {c['output_throughput']:.1f} output tok/s; SLO "
-          f"attainment {attained / max(finished, 1):.0%} (server); wrote {args.out}")
+    print(line(f"{st['policy']} ({st['mode']}) at {args.rate:g} req/s", result["client"],
+               args.num_prompts, f"; SLO attainment {attained / max(finished, 1):.0%}"))
+    if "vllm" in result:
+        print(line(f"vLLM's server (chunked) at {args.rate:g} req/s", result["vllm"],
+                   args.num_prompts))
+    print(f"wrote {args.out}")
     return result
 
 

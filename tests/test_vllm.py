@@ -370,3 +370,21 @@ def test_vllms_benchmark_client_load_tests_lpenv_serve(tmp_path):
     assert server["lpenv_prompt_tokens_total"] == n * prompt
     assert server["lpenv_generation_tokens_total"] == n * output
     assert server["lpenv_kv_blocks_free"] == server["lpenv_kv_blocks_total"]
+
+
+@needs_vllm
+def test_bench_serve_runs_vllms_own_server_on_the_same_weights(tmp_path):
+    """``--vllm``: vLLM's OpenAI server serves the same checkpoint as lpenv's chunked baseline,
+    to the same client and prompts (the same token counts on both servers)."""
+    from scripts import bench_serve
+
+    n, prompt, output = 6, 64, 4
+    result = bench_serve.main(["--out", str(tmp_path / "b.json"), "--rate", "4",
+                               "--num-prompts", str(n), "--input-len", str(prompt),
+                               "--output-len", str(output), "--vllm", "policy=chunked",
+                               "warmup=false"])
+    for side in ("client", "vllm"):
+        c = result[side]
+        assert (c["completed"], c["failed"]) == (n, 0), side
+        assert (c["total_input_tokens"], c["total_output_tokens"]) == (n * prompt, n * output)
+    assert result["settings"]["mode"] == "chunked"
