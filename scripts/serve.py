@@ -53,9 +53,11 @@ class Server:
         self.loop.stop()
 
 
-def start(cfg: DictConfig) -> Server:
-    """Build the engine and the policy from ``cfg``, start the loop and the HTTP server
-    (in threads of their own; ``port=0`` takes a free port)."""
+def start(cfg: DictConfig, loop_thread: bool = True) -> Server:
+    """Build the engine and the policy from ``cfg``, start the HTTP server in a thread of its
+    own (``port=0`` takes a free port) and the serving loop in another (``loop_thread``), or
+    leave the loop for the caller to ``run`` (the main thread: faster, see
+    ``ServingLoop.start``)."""
     try:
         check_top_level(cfg, ServeConfig)
         slo, backend = to_dataclass("slo", cfg.slo), to_dataclass("backend", cfg.backend)
@@ -75,8 +77,11 @@ def start(cfg: DictConfig) -> Server:
     if cfg.warmup:
         warm_up(executor, engine_cfg, model)
     engine = Engine(engine_cfg, executor=executor, clock=WallClock(), model_config=model)
-    loop = ServingLoop(engine, policy, ServingMetrics(slo.ttft_s, slo.tbt_s)).start()
     name = cfg.served_model_name or engine_cfg.model
+    info = {"model": name, "policy": str(cfg.policy.name), "mode": engine_cfg.mode}
+    loop = ServingLoop(engine, policy, ServingMetrics(slo.ttft_s, slo.tbt_s, info))
+    if loop_thread:
+        loop.start()
     try:
         http = CompletionServer((cfg.host, cfg.port), loop, codec, name)
     except OSError as exc:
@@ -89,15 +94,14 @@ def start(cfg: DictConfig) -> Server:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="serve")
 def _main(cfg: DictConfig) -> None:
     try:
-        server = start(cfg)
+        server = start(cfg, loop_thread=False)
     except ConfigProblem as exc:
         sys.exit(f"lpenv-serve: invalid configuration: {exc}")
     print(f"lpenv-serve: {cfg.policy.name} on {cfg.engine.model} ({server.loop.engine.config.mode}"
           f" prefill), serving {server.http.model!r} at {server.url} (POST /v1/completions, "
           f"GET /metrics); Ctrl-C stops", flush=True)
     try:
-        while server.loop.healthy:
-            server.loop.join(1.0)
+        server.loop.run()  # (here, in the main thread, until Ctrl-C or a failed iteration)
     except KeyboardInterrupt:
         pass
     finally:

@@ -84,7 +84,7 @@ def metrics(server) -> dict[str, float]:
         if line.startswith("#"):
             assert re.fullmatch(r"# (HELP|TYPE) lpenv_\w+ .+", line), line
             continue
-        m = re.fullmatch(r'(lpenv_\w+(?:\{\w+="[^"]*"\})?) (\S+)', line)
+        m = re.fullmatch(r'(lpenv_\w+(?:\{\w+="[^"]*"(?:,\w+="[^"]*")*\})?) (\S+)', line)
         assert m, line
         out[m.group(1)] = float(m.group(2))
     return out
@@ -254,6 +254,7 @@ def test_models_health_tokenize_and_metrics(server):
         buckets = [v for k, v in m.items() if k.startswith(name + "_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == m[name + "_count"]
     assert m["lpenv_slo_attained_total"] <= m['lpenv_requests_total{outcome="finished"}']
+    assert m[f'lpenv_server_info{{model="{MODEL}",policy="paper",mode="layered"}}'] == 1
 
 
 def test_an_exported_policy_decides_in_the_server(tmp_path, monkeypatch):
@@ -350,3 +351,39 @@ def test_histogram_buckets_are_le():
     assert 'x_bucket{le="0.1"} 2' in lines and 'x_bucket{le="0.2"} 4' in lines
     assert 'x_bucket{le="+Inf"} 5' in lines and h.count == 5
     assert abs(h.sum - 0.8) < 1e-12
+
+
+def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path):
+    """The command as deployed: the loop in the main thread, Ctrl-C stops it cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    from scripts.bench_serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.serve", f"model={MODEL}", f"port={port}",
+         f"tokenizer={tokenizer}", f"hydra.run.dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        req = urllib.request.Request(url + "/v1/completions",
+                                     json.dumps({"prompt": "t1 t2 t3", "max_tokens": 4}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            doc = json.loads(r.read())
+        assert len(doc["choices"][0]["text"].split()) == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"serving '{MODEL}' at http://127.0.0.1:{port}" in out
