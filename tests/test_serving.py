@@ -387,3 +387,12 @@ def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert f"serving '{MODEL}' at http://127.0.0.1:{port}" in out
+
+
+def test_client_side_attainment_uses_the_one_definition():
+    from scripts.bench_serve import attainment
+
+    result = {"ttfts": [0.5, 0.5, 3.0, 0.5, 0.1], "errors": ["", "", "", "", "boom"],
+              "itls": [[0.1, 0.1], [0.1, 0.2], [0.1, 0.1], [0.1], []]}
+    # met; a gap over 0.125 s; first token late; a token short; failed
+    assert attainment(result, 3, ttft_slo=2.0, tbt_slo=0.125) == 1 / 5

@@ -366,6 +366,7 @@ def test_vllms_benchmark_client_load_tests_lpenv_serve(tmp_path):
     assert client["total_input_tokens"] == n * prompt  # (the client's tokenizer is the server's)
     assert client["total_output_tokens"] == n * output
     assert client["median_ttft_ms"] > 0 and client["median_tpot_ms"] > 0
+    assert 0 <= client["slo_attainment"] <= 1
     assert server['lpenv_requests_total{outcome="finished"}'] == n
     assert server["lpenv_prompt_tokens_total"] == n * prompt
     assert server["lpenv_generation_tokens_total"] == n * output
@@ -387,4 +388,5 @@ def test_bench_serve_runs_vllms_own_server_on_the_same_weights(tmp_path):
         c = result[side]
         assert (c["completed"], c["failed"]) == (n, 0), side
         assert (c["total_input_tokens"], c["total_output_tokens"]) == (n * prompt, n * output)
+        assert 0 <= c["slo_attainment"] <= 1
     assert result["settings"]["mode"] == "chunked"
