@@ -153,7 +153,13 @@ class _Handler(BaseHTTPRequestHandler):
         if route is None:
             self._error(404, f"no route POST {self.path}")
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._error(400, "Content-Length must be a byte count")
+            return
         if length > MAX_BODY:
             self._error(413, f"the body is over {MAX_BODY} bytes")
             return

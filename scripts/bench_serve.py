@@ -8,8 +8,8 @@ a tokenizer whose words are token ids, so the client's prompts have exactly
 ``--input-len`` tokens on the server too), runs vLLM's client against it in a subprocess
 (Poisson arrivals at ``--rate``, random prompts), and writes one JSON: the client's figures
 (TTFT, TPOT, ITL, throughput as vLLM measures them, and SLO attainment by lpenv's definition
-from the client's own timings, the same figure for either server), the server's ``/metrics`` at the end
-(SLO attainment, prefill batches by layer groups, energy) and the run's settings. With
+from the client's own timings, the same figure for either server), the server's
+``/metrics`` at the end (prefill batches by layer groups, energy) and the run's settings. With
 ``--vllm``, vLLM's own OpenAI server then serves the same weights as lpenv's chunked baseline
 (``backend.name=vllm``'s settings) to the same client: ``"vllm"`` in the JSON. Needs vLLM
 (``make vllm``): run it with ``.venv-vllm/bin/python``.

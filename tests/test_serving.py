@@ -236,6 +236,10 @@ def test_bad_requests_are_400s_that_queue_nothing(server):
     assert m['lpenv_requests_total{outcome="rejected"}'] == \
         before['lpenv_requests_total{outcome="rejected"}'] + 2
     assert not server.loop.engine.scheduler.requests
+    sock = socket.create_connection(server.http.server_address[:2], timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.0 400")
+    sock.close()
     assert get(server, "/nope")[0] == 404
     assert post(server, "/v1/chat", {"prompt": [1]})[0] == 404
 
