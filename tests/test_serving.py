@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from engine_adapter.engine import Engine
@@ -400,3 +402,69 @@ def test_client_side_attainment_uses_the_one_definition():
               "itls": [[0.1, 0.1], [0.1, 0.2], [0.1, 0.1], [0.1], []]}
     # met; a gap over 0.125 s; first token late; a token short; failed
     assert attainment(result, 3, ttft_slo=2.0, tbt_slo=0.125) == 1 / 5
+
+
+@pytest.fixture(scope="module")
+def small_kv(server):
+    """The live server's model on a 384-token KV cache: clients contend for blocks
+    (preemption), one at most 384 tokens long."""
+    from dataclasses import replace
+
+    from engine_adapter.executor_torch import TorchExecutor
+
+    live = server.loop.engine
+    config = replace(live.config, kv_cache_tokens=384, max_model_len=384)
+    return config, TorchExecutor(live.executor.model, config.num_kv_blocks, config.block_size)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("submit"), st.integers(1, 200), st.integers(1, 40)),
+    st.tuples(st.just("abort"), st.integers(0, 20)),
+    st.tuples(st.just("pause"), st.integers(0, 30))), min_size=1, max_size=14))
+@example(ops=[("submit", 180, 40), ("submit", 180, 40), ("submit", 150, 30),
+              ("pause", 5), ("abort", 2), ("submit", 20, 5)])  # (preempts: 360 of 384 held)
+def test_any_mix_of_clients_and_aborts_ends_every_stream_and_frees_every_block(server, small_kv,
+                                                                              ops):
+    """Requests arriving, leaving and contending for a small KV cache, in any order: every
+    stream ends once; a finished one has exactly its tokens; what the streams got is what
+    the engine emitted; no request stays and no KV block leaks."""
+    config, executor = small_kv
+    executor.reset()
+    engine = Engine(config, executor=executor, model_config=server.loop.engine.model_config)
+    metrics = ServingMetrics(2.0, 0.125)
+    loop = ServingLoop(engine, server.loop.decide, metrics).start()
+    streams = []
+    try:
+        for op in ops:
+            if op[0] == "submit":
+                streams.append((loop.submit(list(range(op[1])), op[2]), op[2]))
+            elif op[0] == "abort" and streams:
+                loop.abort(streams[op[1] % len(streams)][0].request_id)
+            else:
+                time.sleep(op[1] / 1000)
+        received, ends = 0, {"length": 0, "abort": 0}
+        for stream, max_tokens in streams:
+            tokens, end = [], None
+            while not isinstance(end, StreamEnd):
+                end = stream.get(60)
+                assert end is not None, "a stream never ended"
+                if not isinstance(end, StreamEnd):
+                    tokens.append(end)
+            assert end.reason in ends
+            ends[end.reason] += 1
+            assert len(tokens) == max_tokens if end.reason == "length" else \
+                len(tokens) < max_tokens
+            assert stream.get(0.01) is None  # (nothing after the end)
+            received += len(tokens)
+        deadline = time.monotonic() + 10
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)  # (an abort of a request in a batch in flight ends with it)
+    finally:
+        loop.stop()
+    assert not engine.has_unfinished() and not engine.scheduler.requests
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert metrics.outcomes["finished"] == ends["length"]
+    assert metrics.outcomes["aborted"] == ends["abort"]
+    assert metrics.generation_tokens == received
