@@ -81,7 +81,9 @@ class ServingLoop:
         self.engine = engine
         self.decide = decide
         self.metrics = metrics
-        self.lock = threading.Lock()  # held around metrics and the engine's state when read
+        # Held around the metrics and the streams. An iteration runs without it: ``gauges``
+        # reads the engine's queue lengths as they are at that moment.
+        self.lock = threading.Lock()
         self._wake = threading.Condition(threading.Lock())
         self._inbox: list[_Submission] = []
         self._aborts: set[str] = set()
@@ -146,7 +148,8 @@ class ServingLoop:
             self._wake.notify()
 
     def gauges(self) -> dict[str, tuple[float, str]]:
-        """The engine's state now, for ``/metrics``."""
+        """The engine's state now, for ``/metrics`` (lengths, read while an iteration may
+        run: a snapshot, never a torn value)."""
         with self.lock:
             s, blocks = self.engine.scheduler, self.engine.blocks
             return {
