@@ -110,3 +110,29 @@ def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_checkpoint):
     first16 = torch.stack([lg[0].float() for lg in logits16])
     assert (first16 - first32).abs().max() / first32.abs().max() < 5e-2
     assert all(len(t) == MAX_TOKENS for t in tokens16)
+
+
+@pytest.mark.parametrize("model", ["qwen3-moe-tiny", "mixtral-tiny", "qwen3-moe-cpu"])
+def test_grouped_experts_are_the_loop_over_experts_bit_for_bit(model, monkeypatch):
+    """The CPU's grouped matmul path of the MoE layer (float32) against the loop over experts
+    (what the GPU and bfloat16 run): the same outputs to the bit, from one row (most experts
+    idle) to 300."""
+    from engine_adapter import model as model_module
+    from engine_adapter.model_config import ModelConfig
+    from engine_adapter.weights import dummy_weights
+
+    if not model_module.GROUPED_MM:
+        pytest.skip("this PyTorch has no grouped matmul")
+    cfg = ModelConfig.load(model)
+    net = model_module.MoETransformer(cfg, dummy_weights(cfg, torch.float32,
+                                                         torch.device("cpu"), 0))
+    layer = next(w for w in net.weights.layers if w.router is not None)
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 64, 300):
+        x = torch.randn(rows, cfg.hidden_size, generator=gen) * 0.5
+        grouped = net.moe(x, layer)
+        monkeypatch.setattr(model_module, "GROUPED_MM", False)
+        looped = net.moe(x, layer)
+        monkeypatch.setattr(model_module, "GROUPED_MM", True)
+        assert torch.equal(grouped.output, looped.output), (model, rows)
+        assert torch.equal(grouped.expert_tokens, looped.expert_tokens)
