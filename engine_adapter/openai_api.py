@@ -201,6 +201,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._whole(stream)
         except (_ClientGone, BrokenPipeError, ConnectionResetError):
             srv.loop.abort(stream.request_id)
+        except BaseException:
+            srv.loop.abort(stream.request_id)  # (nobody will read the rest of it)
+            raise
 
     def _chunk_doc(self, stream: TokenStream, text: str, finish: str | None) -> dict:
         return {"id": f"cmpl-{stream.request_id}-{self._uid}", "object": "text_completion",
