@@ -59,7 +59,7 @@ class TokenStream:
         self._items.put(item)
 
 
-@dataclass
+@dataclass(eq=False)  # (found in the inbox by identity)
 class _Submission:
     prompt: list[int]
     max_tokens: int
@@ -134,7 +134,12 @@ class ServingLoop:
             self._inbox.append(sub)
             self._wake.notify()
         if not sub.done.wait(timeout):
-            raise RuntimeError(f"the serving loop did not take the request in {timeout:g} s")
+            with self._wake:
+                if sub in self._inbox:  # (still there: withdrawn, it will never run)
+                    self._inbox.remove(sub)
+                    raise RuntimeError(
+                        f"the serving loop did not take the request in {timeout:g} s")
+            sub.done.wait()  # (the loop took it in meanwhile: its answer is a moment away)
         if sub.error is not None:
             raise RequestError(sub.error)
         assert sub.stream is not None

@@ -468,3 +468,19 @@ def test_any_mix_of_clients_and_aborts_ends_every_stream_and_frees_every_block(s
     assert metrics.outcomes["finished"] == ends["length"]
     assert metrics.outcomes["aborted"] == ends["abort"]
     assert metrics.generation_tokens == received
+
+
+def test_a_request_the_loop_does_not_take_in_is_withdrawn(server):
+    """A loop busy past ``submit``'s timeout: the request is withdrawn, never runs later."""
+    live = server.loop.engine
+    engine = Engine(live.config, executor=live.executor, model_config=live.model_config)
+    loop = ServingLoop(engine, server.loop.decide, ServingMetrics(2.0, 0.125))  # not started
+    with pytest.raises(RuntimeError, match="did not take the request"):
+        loop.submit([1, 2, 3], 2, timeout=0.05)
+    loop.start()
+    stream = loop.submit([4, 5, 6], 2)
+    while not isinstance(stream.get(30), StreamEnd):
+        pass
+    loop.stop()
+    assert loop.metrics.outcomes == {"finished": 1}  # (the first never ran)
+    assert not engine.scheduler.requests
