@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from engine_adapter.errors import RequestError
@@ -57,7 +58,8 @@ def parse_completion(body: bytes, codec: ByteCodec | HFCodec, model: str) -> dic
     else:
         raise BadRequest("prompt must be a string or a list of token ids (one prompt per "
                          "request)")
-    max_tokens = doc.get("max_tokens", 16)
+    max_tokens = doc.get("max_tokens")
+    max_tokens = 16 if max_tokens is None else max_tokens
     if type(max_tokens) is not int or max_tokens < 1:
         raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
     temperature = doc.get("temperature", 0)
@@ -65,6 +67,11 @@ def parse_completion(body: bytes, codec: ByteCodec | HFCodec, model: str) -> dic
         raise BadRequest(f"decoding here is greedy: temperature must be 0, got {temperature!r}")
     if doc.get("n", 1) != 1 or doc.get("best_of", 1) != 1:
         raise BadRequest("n and best_of must be 1")
+    for key, unset in (("stop", (None, [], "")), ("logprobs", (None, 0)), ("echo", (False,)),
+                       ("suffix", (None, ""))):
+        if doc.get(key, unset[0]) not in unset:  # (not done here: refused, not ignored)
+            raise BadRequest(f"{key} is not supported here (outputs have exactly max_tokens "
+                             "greedy tokens)")
     stream = doc.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false, got {stream!r}")
@@ -97,15 +104,16 @@ class CompletionServer(ThreadingHTTPServer):
         self.created = int(time.time())
         super().__init__(address, _Handler)
 
-    def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="lpenv-http", daemon=True)
-        thread.start()
-        return thread
+    def serve_in_thread(self) -> None:
+        threading.Thread(target=self.serve_forever, name="lpenv-http", daemon=True).start()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: CompletionServer
     server_version = "lpenv-serve"
+    # Seconds a read or write may block: a client that stops reading its stream is dropped
+    # (and its request aborted) rather than holding a thread for good.
+    timeout = 120
 
     def log_message(self, format: str, *args) -> None:  # (quiet; /metrics says the rest)
         pass
@@ -181,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
             raise BadRequest("tokens must be a list of token ids")
         decoder = self.server.codec.decoder()
-        self._json(200, {"prompt": "".join(decoder.push(t) for t in tokens)})
+        self._json(200, {"prompt": "".join(decoder.push(t) for t in tokens) + decoder.flush()})
 
     def _complete(self, body: bytes) -> None:
         srv = self.server
@@ -211,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": finish}]}
 
-    def _items(self, stream: TokenStream):
+    def _items(self, stream: TokenStream) -> Iterator[int | StreamEnd]:
         """The stream's tokens, then its end; raises _ClientGone if the client left."""
         checked = time.monotonic()
         while True:
@@ -229,11 +237,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
     def _client_gone(self) -> bool:
-        """Whether the client closed its end (readable with nothing to read)."""
-        sock = self.connection
+        """Whether the client closed its end: readable (``poll``, which has no limit on file
+        descriptors, unlike ``select``) with end of file to read. (Not ``recv`` with
+        ``MSG_DONTWAIT``: on a socket with a timeout Python first waits that long.)"""
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
-            ready, _, _ = select.select([sock], [], [], 0)
-            return bool(ready) and sock.recv(1, socket.MSG_PEEK) == b""
+            if not poller.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 
@@ -252,7 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
                         end.message or "the server stopped before the request finished",
                         "server_error")
             return
-        doc = self._chunk_doc(stream, "".join(text), "length")
+        doc = self._chunk_doc(stream, "".join(text) + decoder.flush(), "length")
         doc["usage"] = _usage(stream, n)
         self._json(200, doc)
 
@@ -266,14 +278,16 @@ class _Handler(BaseHTTPRequestHandler):
         decoder, n = self.server.codec.decoder(), 0
         for item in self._items(stream):
             if isinstance(item, StreamEnd):
-                if item.reason == "length":
-                    self._event(self._chunk_doc(stream, "", "length"))
-                else:  # (headers are sent: the error goes in the stream, as OpenAI's does)
+                if item.reason != "length":  # (headers are sent: the error goes in the stream)
                     self._event({"error": {"message": item.message or "the server stopped",
                                            "type": "server_error", "code": 500}})
                 break
             n += 1
-            self._event(self._chunk_doc(stream, decoder.push(item), None))
+            # One chunk a token, the last with its finish reason (as OpenAI's and vLLM's
+            # servers send it: a client counts chunks as tokens).
+            last = n == stream.max_tokens
+            text = decoder.push(item) + (decoder.flush() if last else "")
+            self._event(self._chunk_doc(stream, text, "length" if last else None))
         if include_usage:
             doc = self._chunk_doc(stream, "", None)
             doc["choices"] = []

@@ -43,9 +43,10 @@ class StreamEnd:
 class TokenStream:
     """One request's output tokens as the loop emits them, then a ``StreamEnd``."""
 
-    def __init__(self, request_id: str, prompt_tokens: int) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
         self._items: queue.Queue = queue.Queue()
 
     def get(self, timeout: float | None = None) -> int | StreamEnd | None:
@@ -66,7 +67,8 @@ class _Submission:
     arrival: float
     done: threading.Event
     stream: TokenStream | None = None
-    error: str | None = None
+    error: str | None = None  # the engine refused it (bad input)
+    stopped: str | None = None  # the loop stopped before it ran
 
 
 class ServingLoop:
@@ -139,7 +141,11 @@ class ServingLoop:
                     self._inbox.remove(sub)
                     raise RuntimeError(
                         f"the serving loop did not take the request in {timeout:g} s")
-            sub.done.wait()  # (the loop took it in meanwhile: its answer is a moment away)
+            # (the loop took it in meanwhile: its answer is at most a failed iteration away)
+            if not sub.done.wait(timeout):
+                raise RuntimeError("the serving loop took the request in and went silent")
+        if sub.stopped is not None:
+            raise RuntimeError(sub.stopped)
         if sub.error is not None:
             raise RequestError(sub.error)
         assert sub.stream is not None
@@ -160,12 +166,12 @@ class ServingLoop:
             return {
                 "lpenv_requests_waiting": (len(s.waiting), "Requests waiting for a prefill "
                                            "batch."),
-                "lpenv_requests_running": (len(self._streams), "Requests taken in and not yet "
-                                           "ended (waiting, prefilling or decoding)."),
+                "lpenv_requests_running": (len(self._streams) - len(s.waiting), "Requests "
+                                           "prefilling or decoding."),
                 "lpenv_prefill_batches_in_flight": (len(s.batches), "Layered prefill batches "
                                                     "between their first and last stage."),
                 "lpenv_kv_blocks_free": (blocks.num_free, "Free KV cache blocks."),
-                "lpenv_kv_blocks_total": (blocks.num_blocks, "KV cache blocks."),
+                "lpenv_kv_blocks": (blocks.num_blocks, "KV cache blocks in all."),
             }
 
     # ---- the loop thread ---------------------------------------------------------------------
@@ -188,7 +194,7 @@ class ServingLoop:
             self._stop = True
             pending, self._inbox = self._inbox, []
         for sub in pending:
-            sub.error = self.error or "the server stopped"
+            sub.stopped = f"the server stopped{': ' + self.error if self.error else ''}"
             sub.done.set()
         with self.lock:
             end = StreamEnd("error", self.error) if self.error else StreamEnd("abort")
@@ -206,11 +212,15 @@ class ServingLoop:
                 return False
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
-        with self.lock:
-            for sub in inbox:
-                self._take(sub)
-            for rid in aborts:
-                self._drop(rid)
+        try:
+            with self.lock:
+                for sub in inbox:
+                    self._take(sub)
+                for rid in aborts:
+                    self._drop(rid)
+        finally:  # (an error or Ctrl-C midway: the ones not taken in are answered by _close)
+            with self._wake:
+                self._inbox[:0] = [sub for sub in inbox if not sub.done.is_set()]
         if not engine.has_unfinished():
             return True
         view = engine.decision_view()
@@ -232,7 +242,7 @@ class ServingLoop:
             sub.error = str(exc)
             self.metrics.ended_early("rejected")
         else:
-            sub.stream = self._streams[rid] = TokenStream(rid, len(sub.prompt))
+            sub.stream = self._streams[rid] = TokenStream(rid, len(sub.prompt), sub.max_tokens)
             self._records[rid] = RequestRecord(rid, sub.arrival, len(sub.prompt),
                                                sub.max_tokens)
         sub.done.set()

@@ -23,6 +23,11 @@ TBT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 E2E_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0)
 
 
+def _escaped(value: str) -> str:
+    """A label value in the text format: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Histogram:
     """A Prometheus histogram: counts at or below each bound, their sum and count."""
 
@@ -31,7 +36,7 @@ class Histogram:
         self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last: above every bound
         self.sum = 0.0
 
-    def observe(self, values) -> None:
+    def observe(self, values: Sequence[float] | np.ndarray) -> None:
         values = np.asarray(values, dtype=float).ravel()
         if values.size:
             # (``left``: a value equal to a bound belongs to that bound's bucket, le = "<=")
@@ -105,7 +110,7 @@ class ServingMetrics:
     def exposition(self, gauges: dict[str, tuple[float, str]]) -> str:
         """The text ``GET /metrics`` returns; ``gauges``: name -> (value, help), the engine's
         state now."""
-        labels = ",".join(f'{k}="{v}"' for k, v in self.info.items())
+        labels = ",".join(f'{k}="{_escaped(v)}"' for k, v in self.info.items())
         lines = ["# HELP lpenv_server_info What is served (always 1).",
                  "# TYPE lpenv_server_info gauge", f"lpenv_server_info{{{labels}}} 1",
                  "# HELP lpenv_requests_total Requests that ended, by outcome.",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 from pathlib import Path
+from typing import Protocol
 
 from engine_adapter.errors import ConfigError
 
@@ -60,33 +61,40 @@ class HFCodec:
         return _TokenizerDecoder(self._tok)
 
 
-class StreamDecoder:
+class StreamDecoder(Protocol):
     """Output tokens to text as they come: ``push(token)`` returns the new text (held back
-    while it ends inside a character)."""
+    while it ends inside a character), ``flush()`` what is held back at the end."""
 
-    def push(self, token: int) -> str:
-        raise NotImplementedError
+    def push(self, token: int) -> str: ...
+
+    def flush(self) -> str: ...
 
 
-class _ByteDecoder(StreamDecoder):
+class _ByteDecoder:
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
         return self._utf8.decode(bytes([token % 256]))
 
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
-class _TokenizerDecoder(StreamDecoder):
+
+class _TokenizerDecoder:
+    """``tokenizers``' own incremental decoding (``DecodeStream``): each token's new text,
+    without decoding the whole output again."""
+
     def __init__(self, tok) -> None:
-        self._tok, self._ids, self._sent = tok, [], ""
+        from tokenizers.decoders import DecodeStream
+
+        self._tok, self._stream = tok, DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
-        self._ids.append(token)
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            return ""
-        new, self._sent = text[len(self._sent):], text
-        return new
+        return self._stream.step(self._tok, token) or ""
+
+    def flush(self) -> str:
+        return ""
 
 
 def text_codec(tokenizer: str | None, vocab_size: int) -> ByteCodec | HFCodec:

@@ -116,6 +116,33 @@ def vllm_kv_bytes(config: EngineConfig, model_config: ModelConfig) -> int:
     return blocks * block * model_config.kv_bytes_per_token(config.torch_dtype.itemsize)
 
 
+def baseline_args(config: EngineConfig, model_config: ModelConfig, folder: Path) -> dict:
+    """vLLM's engine arguments for ``config``'s chunked baseline on the weights in ``folder``:
+    the same token budget, sequences, KV cache and dtype, in process or behind vLLM's own
+    server (``baseline_flags``)."""
+    return dict(
+        model=str(folder), dtype=config.dtype, seed=config.seed,
+        max_model_len=max_model_len(config, model_config), max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.chunk_tokens, enable_chunked_prefill=True,
+        block_size=vllm_block_size(config),
+        kv_cache_memory_bytes=vllm_kv_bytes(config, model_config),
+        # Honest baselines: no cached prefixes, each step's outputs at its end (no scheduling
+        # ahead), eager PyTorch as the engine here runs.
+        enable_prefix_caching=False, async_scheduling=False, enforce_eager=True)
+
+
+def baseline_flags(config: EngineConfig, model_config: ModelConfig, folder: Path) -> list[str]:
+    """``baseline_args`` as vLLM's command-line flags (``--no-x`` for a false ``x``)."""
+    flags = []
+    for key, value in baseline_args(config, model_config, folder).items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
 class VllmEngine:
     """vLLM's ``LLMEngine``, stepped in this process, set up like ``config``'s chunked engine.
 
@@ -136,16 +163,8 @@ class VllmEngine:
         self.model_config = model_config
         self.folder = checkpoint(config, model_config) if folder is None else folder
         self.max_model_len = max_model_len(config, model_config)
-        args = EngineArgs(
-            model=str(self.folder), skip_tokenizer_init=True, dtype=config.dtype,
-            seed=config.seed, max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.chunk_tokens,
-            enable_chunked_prefill=True, block_size=vllm_block_size(config),
-            kv_cache_memory_bytes=vllm_kv_bytes(config, model_config),
-            # Honest baselines: no cached prefixes, each step's outputs at its end (no
-            # scheduling ahead), eager PyTorch as the engine here runs.
-            enable_prefix_caching=False, async_scheduling=False, enforce_eager=True,
-            disable_log_stats=False)
+        args = EngineArgs(**baseline_args(config, model_config, self.folder),
+                          skip_tokenizer_init=True, disable_log_stats=False)
         self.engine = LLMEngine.from_engine_args(args)
         self._served = self._steps = 0
         # vLLM reports no bytes or energy: each step's plan gives them, as the engine's own

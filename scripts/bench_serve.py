@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from engine_adapter.engine import max_model_len
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.text_codec import write_word_tokenizer
 from lpenv.metrics import RequestRecord
@@ -150,9 +149,8 @@ def running(cmd: list[str], port: int, log_path: Path, env: dict | None = None):
 
 def vllm_command(overrides: list[str], tokenizer: Path, name: str, port: int) -> list[str]:
     """vLLM's own OpenAI server on the same weights, set up as lpenv's chunked baseline
-    (``policy=chunked``: the same token budget, sequences, KV cache and block size as
-    ``backend.name=vllm``)."""
-    from engine_adapter.vllm_engine import checkpoint, vllm_block_size, vllm_kv_bytes
+    (``policy=chunked``; ``vllm_engine.baseline_args``, as ``backend.name=vllm`` runs it)."""
+    from engine_adapter.vllm_engine import baseline_flags, checkpoint
     from lpenv.config_schema import to_dataclass
     from scripts.evaluate import engine_and_policy
 
@@ -160,14 +158,9 @@ def vllm_command(overrides: list[str], tokenizer: Path, name: str, port: int) ->
     engine, model, _ = engine_and_policy(cfg, to_dataclass("slo", cfg.slo),
                                          to_dataclass("backend", cfg.backend))
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(checkpoint(engine, model)), "--tokenizer", str(tokenizer),
-            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", engine.dtype, "--max-model-len", str(max_model_len(engine, model)),
-            "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens",
-            str(engine.chunk_tokens), "--enable-chunked-prefill", "--block-size",
-            str(vllm_block_size(engine)), "--kv-cache-memory-bytes",
-            str(vllm_kv_bytes(engine, model)), "--no-enable-prefix-caching",
-            "--enforce-eager", "--seed", str(engine.seed)]
+            *baseline_flags(engine, model, checkpoint(engine, model)),
+            "--tokenizer", str(tokenizer), "--served-model-name", name,
+            "--host", "127.0.0.1", "--port", str(port)]
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:

@@ -370,7 +370,7 @@ def test_vllms_benchmark_client_load_tests_lpenv_serve(tmp_path):
     assert server['lpenv_requests_total{outcome="finished"}'] == n
     assert server["lpenv_prompt_tokens_total"] == n * prompt
     assert server["lpenv_generation_tokens_total"] == n * output
-    assert server["lpenv_kv_blocks_free"] == server["lpenv_kv_blocks_total"]
+    assert server["lpenv_kv_blocks_free"] == server["lpenv_kv_blocks"]
 
 
 @needs_vllm
