@@ -29,6 +29,8 @@ log = logging.getLogger("lpenv.serve")
 # How long the loop sleeps when requests are queued but the policy starts nothing and nothing
 # runs (a policy waiting for more arrivals): it decides again after this or at an arrival.
 IDLE_DECIDE_S = 0.005
+# How long an idle loop sleeps between looks at a stop requested from a signal handler.
+STOP_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class ServingLoop:
             self._stop = True
             self._wake.notify()
         self.join(timeout)
+
+    def request_stop(self) -> None:
+        """Stop after the iteration under way, as ``stop`` does, without taking a lock or
+        waiting: safe from a signal handler (``lpenv-serve`` on SIGINT and SIGTERM), where
+        taking the loop's own lock could deadlock."""
+        self._stop = True
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the loop thread (``start``) to end."""
@@ -207,7 +215,7 @@ class ServingLoop:
         engine = self.engine
         with self._wake:
             while not (self._stop or self._inbox or self._aborts or engine.has_unfinished()):
-                self._wake.wait()
+                self._wake.wait(STOP_POLL_S)  # (request_stop sets the flag without the lock)
             if self._stop:
                 return False
             inbox, self._inbox = self._inbox, []

@@ -14,6 +14,7 @@ by layer groups, energy and expert bytes (``engine_adapter.serving_metrics``).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -99,11 +100,13 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(f"lpenv-serve: invalid configuration: {exc}")
     print(f"lpenv-serve: {cfg.policy.name} on {cfg.engine.model} ({server.loop.engine.config.mode}"
           f" prefill), serving {server.http.model!r} at {server.url} (POST /v1/completions, "
-          f"GET /metrics); Ctrl-C stops", flush=True)
+          f"GET /metrics); Ctrl-C or SIGTERM stops", flush=True)
+    # Ctrl-C and SIGTERM stop the loop after its iteration, open streams ending cleanly: a
+    # KeyboardInterrupt could land while the loop holds its lock and leave it held.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.loop.request_stop())
     try:
-        server.loop.run()  # (here, in the main thread, until Ctrl-C or a failed iteration)
-    except KeyboardInterrupt:
-        pass
+        server.loop.run()  # (here, in the main thread, until stopped or an iteration fails)
     finally:
         server.stop()
     if server.loop.error:

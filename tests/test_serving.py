@@ -363,8 +363,10 @@ def test_histogram_buckets_are_le():
     assert abs(h.sum - 0.8) < 1e-12
 
 
-def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path):
-    """The command as deployed: the loop in the main thread, Ctrl-C stops it cleanly."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path, stop):
+    """The command as deployed: the loop in the main thread; Ctrl-C (or SIGTERM) stops it
+    cleanly."""
     import signal
     import subprocess
     import sys
@@ -393,7 +395,7 @@ def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path):
             doc = json.loads(r.read())
         assert len(doc["choices"][0]["text"].split()) == 4
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert f"serving '{MODEL}' at http://127.0.0.1:{port}" in out
