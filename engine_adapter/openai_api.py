@@ -143,10 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"id": srv.model, "object": "model", "created": srv.created,
                  "owned_by": "lpenv"}]})
         elif self.path == "/metrics":
-            loop = srv.loop
-            gauges = loop.gauges()
-            with loop.lock:
-                body = loop.metrics.exposition(gauges).encode()
+            body = srv.loop.exposition().encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(body)))
@@ -202,6 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RuntimeError as exc:  # the loop stopped
             self._error(503, str(exc), "server_error")
             return
+        self._completion_id = f"cmpl-{uuid.uuid4().hex}"  # (one request per connection)
         try:
             if req["stream"]:
                 self._stream(stream, req["include_usage"])
@@ -214,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise
 
     def _chunk_doc(self, stream: TokenStream, text: str, finish: str | None) -> dict:
-        return {"id": f"cmpl-{stream.request_id}-{self._uid}", "object": "text_completion",
+        return {"id": self._completion_id, "object": "text_completion",
                 "created": self.server.created, "model": self.server.model,
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": finish}]}
@@ -250,7 +248,6 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _whole(self, stream: TokenStream) -> None:
-        self._uid = uuid.uuid4().hex[:8]
         decoder = self.server.codec.decoder()
         text, n, end = [], 0, StreamEnd("abort")
         for item in self._items(stream):
@@ -269,7 +266,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, doc)
 
     def _stream(self, stream: TokenStream, include_usage: bool) -> None:
-        self._uid = uuid.uuid4().hex[:8]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

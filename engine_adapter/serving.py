@@ -85,7 +85,7 @@ class ServingLoop:
         self.engine = engine
         self.decide = decide
         self.metrics = metrics
-        # Held around the metrics and the streams. An iteration runs without it: ``gauges``
+        # Held around the metrics and the streams. An iteration runs without it: ``exposition``
         # reads the engine's queue lengths as they are at that moment.
         self.lock = threading.Lock()
         self._wake = threading.Condition(threading.Lock())
@@ -166,12 +166,12 @@ class ServingLoop:
             self._aborts.add(request_id)
             self._wake.notify()
 
-    def gauges(self) -> dict[str, tuple[float, str]]:
-        """The engine's state now, for ``/metrics`` (lengths, read while an iteration may
-        run: a snapshot, never a torn value)."""
+    def exposition(self) -> str:
+        """``GET /metrics``: the counters and the engine's state now, under one lock (queue
+        lengths read while an iteration may run: a snapshot, never a torn value)."""
         with self.lock:
             s, blocks = self.engine.scheduler, self.engine.blocks
-            return {
+            return self.metrics.exposition({
                 "lpenv_requests_waiting": (len(s.waiting), "Requests waiting for a prefill "
                                            "batch."),
                 "lpenv_requests_running": (len(self._streams) - len(s.waiting), "Requests "
@@ -180,7 +180,7 @@ class ServingLoop:
                                                     "between their first and last stage."),
                 "lpenv_kv_blocks_free": (blocks.num_free, "Free KV cache blocks."),
                 "lpenv_kv_blocks": (blocks.num_blocks, "KV cache blocks in all."),
-            }
+            })
 
     # ---- the loop thread ---------------------------------------------------------------------
     def run(self) -> None:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,6 +117,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, output: Callable[[], str],
+                       timeout: float = 600) -> None:
+    """Until the server process ``proc`` answers ``GET /health`` at ``url``; a RuntimeError
+    with its ``output()`` if it exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[2]} exited ({proc.returncode}):\n{output()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[2]} did not come up in {timeout:g} s") from None
+            time.sleep(0.5)
+
+
 @contextmanager
 def running(cmd: list[str], port: int, log_path: Path, env: dict | None = None):
     """A server process started from ``cmd``; its URL once ``/health`` answers. Interrupted
@@ -124,18 +142,7 @@ def running(cmd: list[str], port: int, log_path: Path, env: dict | None = None):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[2]} exited ({proc.returncode}):\n"
-                                   + log_path.read_text()[-3000:])
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{cmd[2]} did not come up in 600 s") from None
-                time.sleep(1)
+        wait_until_healthy(proc, url, lambda: log_path.read_text()[-3000:])
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

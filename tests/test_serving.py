@@ -371,7 +371,7 @@ def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path, stop):
     import subprocess
     import sys
 
-    from scripts.bench_serve import free_port
+    from scripts.bench_serve import free_port, wait_until_healthy
 
     port = free_port()
     proc = subprocess.Popen(
@@ -380,15 +380,7 @@ def test_lpenv_serve_serves_until_interrupted(tokenizer, tmp_path, stop):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        wait_until_healthy(proc, url, proc.stdout.read, timeout=120)
         req = urllib.request.Request(url + "/v1/completions",
                                      json.dumps({"prompt": "t1 t2 t3", "max_tokens": 4}).encode())
         with urllib.request.urlopen(req, timeout=60) as r:
