@@ -8,7 +8,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # Both cores for the engine's matmuls.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run train test test-slow test-vllm vllm lint bench bench-sim bench-serve serve calibrate paper clean
+.PHONY: run train test test-slow test-vllm vllm lint bench bench-sim bench-serve serve calibrate paper clean compile
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,8 +17,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	# The pinned torch first, so no dependency can pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,compile]'
+	# The simulator's hot path compiled (about 2 minutes); without a C compiler it runs as
+	# Python, as fast as before (engine_adapter/compiled.py).
+	$(BIN)/python -m engine_adapter.compiled || echo "lpenv: compiling failed: running uncompiled"
 	touch $(STAMP)
+
+# Compile the simulator's hot path again, after editing it (until then the source runs, with a
+# warning); `make compile COMPILE_ARGS=--clean` removes the build.
+COMPILE_ARGS ?=
+compile: $(STAMP)
+	$(BIN)/python -m engine_adapter.compiled $(COMPILE_ARGS)
 
 # The main job: the chunked baseline, fixed G, the paper's rule, the SLO-aware heuristic,
 # vLLM's chunked baseline (where `make vllm` installed it) and
@@ -166,4 +175,5 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) results
+	-$(BIN)/python -m engine_adapter.compiled --clean
+	rm -rf $(VENV) $(VLLM_VENV) results build

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
+from engine_adapter.energy import Amount
 from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.hardware import HardwareProfile, resolve_profile
 from engine_adapter.model_config import ModelConfig
@@ -76,6 +78,7 @@ def from_coefficients(base: HardwareProfile, coef: Sequence[float], **changes) -
         expert_curve_s=tuple(c[len(TERMS):]), overlap=False, **changes)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class CostModel:
     def __init__(self, config: ModelConfig, profile: HardwareProfile | str = "cpu-generic",
                  dtype_bytes: int = 4) -> None:
@@ -97,7 +100,8 @@ class CostModel:
               ) -> tuple[float, Traffic]:
         """Latency and traffic of ``plan`` (the engine reports the traffic as it is, so it is
         counted once); distinct experts per layer from the routers, or the routing model's."""
-        return self.price_groups(plan, self.groups(plan, distinct_experts))
+        latency, traffic = self.price_groups(plan, self.groups(plan, distinct_experts))
+        return float(latency), traffic  # (a plan's: one number)
 
     def groups(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
                ) -> list[tuple[LayerClass, int | None, int]]:
@@ -105,9 +109,9 @@ class CostModel:
         counts, distinct experts from uniform routing."""
         return alike_layers(plan, self.config, distinct_experts, self.routing)
 
-    def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, int | None,
-                                                                        int]],
-                     edge: Traffic | None = None) -> tuple[float, Traffic]:
+    def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, float | None,
+                                                                        Amount]],
+                     edge: Traffic | None = None) -> tuple[Amount, Traffic]:
         """Latency and traffic of ``plan`` with its layers in ``groups``. Row stats whose
         attention fields and layer counts are arrays (``traffic.run_classes``) price each
         iteration of a run at once, each exactly as alone (``edge``: the run's embedding and
@@ -122,8 +126,8 @@ class CostModel:
                     edge = self._decode_edge[len(plan.decode)] = edge_traffic(
                         cfg, plan, self.dtype_bytes)
         rows = len(plan.decode)
-        for st in plan.stages:
-            rows += st.num_tokens
+        for stage in plan.stages:
+            rows += stage.num_tokens
         eb, wb, kb, fl, xf, af = edge  # (a Traffic, in its fields' order)
         latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
                    + self._time(fl - xf - af, xf, af, wb, kb))
@@ -220,6 +224,7 @@ class CostModel:
                 for lo, hi in layer_groups(self.config.num_layers, num_groups)]
 
 
+@mypyc_attr(native_class=False)  # (compiled: a subclass of a Python class)
 class ModeledLatency(ExecutorWrapper):
     """Wraps an executor and reports the cost model's latency instead of the measured one,
     so that episodes on the real engine are reproducible."""

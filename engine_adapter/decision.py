@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.errors import InvalidDecision, is_count
 
 
+@mypyc_attr(native_class=False)  # (compiled: made by policies, of what they pass)
 @dataclass(frozen=True)
 class Decision:
     """Start a prefill batch of ``admit`` (in this order) split into ``num_groups`` layer groups,
@@ -26,6 +29,27 @@ class Decision:
     num_groups: int = 1
     admit: tuple[str, ...] = ()
     budget: int | None = None
+
+    def __post_init__(self) -> None:
+        # Policies pass numpy's integers and lists (an RL action's); what a policy gives is
+        # checked here, where it is made, and kept as Python's (what reports and JSON carry).
+        # (Read untyped: the fields hold whatever was passed until checked.)
+        raw: Any = self
+        if not is_count(raw.num_groups):
+            raise InvalidDecision(f"num_groups must be an integer of at least 1, got "
+                                  f"{raw.num_groups!r}")
+        if not isinstance(raw.admit, (tuple, list)):
+            raise InvalidDecision(f"a decision admits a tuple of request ids, got "
+                                  f"{raw.admit!r}")
+        if len(set(raw.admit)) != len(raw.admit):
+            raise InvalidDecision(f"admission lists a request twice: {tuple(raw.admit)}")
+        if raw.budget is not None and not is_count(raw.budget):
+            raise InvalidDecision(f"a decision's token budget must be a positive integer or "
+                                  f"None, got {raw.budget!r}")
+        object.__setattr__(self, "num_groups", int(raw.num_groups))
+        object.__setattr__(self, "admit", tuple(raw.admit))
+        if raw.budget is not None:
+            object.__setattr__(self, "budget", int(raw.budget))
 
     @classmethod
     def wait(cls) -> Decision:
@@ -80,20 +104,14 @@ class SchedulerView(NamedTuple):
 
     def allot(self, decision: Decision) -> list[tuple[WaitingRequest, int]]:
         """Tokens each admitted request gets, in order; raises InvalidDecision if impossible."""
-        g = decision.num_groups
-        if not is_count(g) or g > self.num_layers:
+        if decision.num_groups > self.num_layers:
             raise InvalidDecision(
                 f"num_groups must be an integer in 1..{self.num_layers} (the layer count), "
-                f"got {g!r}")
-        if len(set(decision.admit)) != len(decision.admit):
-            raise InvalidDecision(f"admission lists a request twice: {decision.admit}")
+                f"got {decision.num_groups}")
         by_id = {w.request_id: w for w in self.waiting}
         unknown = [r for r in decision.admit if r not in by_id]
         if unknown:
             raise InvalidDecision(f"admission names requests that are not waiting: {unknown}")
-        if decision.budget is not None and not is_count(decision.budget):
-            raise InvalidDecision(f"a decision's token budget must be a positive integer or "
-                                  f"None, got {decision.budget!r}")
         cap = self.prefill_budget if decision.budget is None else min(decision.budget,
                                                                        self.prefill_budget)
         budget, blocks, new_seqs = cap, 0, 0

@@ -30,6 +30,14 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+from mypy_extensions import mypyc_attr
+
+from engine_adapter.compiled import picklable
+
+# A quantity, or one per iteration of a run priced at once (``traffic.run_classes``).
+Amount = float | np.ndarray
+
 
 @dataclass(frozen=True)
 class EnergyModel:
@@ -58,6 +66,7 @@ class EnergyMeter(Protocol):
     def stop(self, seconds: float, num_bytes: int, flops: int) -> float: ...
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class ModeledEnergy:
     """Energy from the documented model; ``source`` says it is modeled and which constants."""
 
@@ -142,3 +151,5 @@ def energy_meter(device_type: str, device_index: int = 0) -> EnergyMeter:
         except Exception:  # no pynvml or no counter: fall back and say so in the source
             return ModeledEnergy(ENERGY_MODELS["h100-sxm"])
     return ModeledEnergy(ENERGY_MODELS["cpu-generic"])
+
+picklable(EnergyModel)

@@ -6,8 +6,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from numbers import Real
+from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.block_manager import BlockManager
 from engine_adapter.clock import VirtualClock, WallClock
@@ -55,6 +57,7 @@ def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     return length
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class Engine:
     """Continuous batching over one scheduler and one executor.
 
@@ -100,12 +103,13 @@ class Engine:
         plans by their shapes: ``add_request_of_length`` will do)."""
         return getattr(self.executor, "needs_data", True)
 
+    # (What callers pass is typed Any below: it is checked here, whatever it is.)
     def add_request(
         self,
         prompt_token_ids: Sequence[int],
-        max_tokens: int,
-        request_id: str | None = None,
-        arrival_time: float | None = None,
+        max_tokens: Any,
+        request_id: Any = None,
+        arrival_time: Any = None,
     ) -> str:
         """Queue a request; bad input raises RequestError and changes nothing."""
         ids = np.asarray(prompt_token_ids)
@@ -122,10 +126,10 @@ class Engine:
 
     def add_request_of_length(
         self,
-        prompt_len: int,
-        max_tokens: int,
-        request_id: str | None = None,
-        arrival_time: float | None = None,
+        prompt_len: Any,
+        max_tokens: Any,
+        request_id: Any = None,
+        arrival_time: Any = None,
     ) -> str:
         """Queue a request known only by its prompt length, on an executor that needs no token
         ids (the simulator): no ids are drawn or stored. Otherwise as ``add_request``."""
@@ -136,8 +140,8 @@ class Engine:
             raise RequestError(f"prompt_len must be a positive integer, got {prompt_len!r}")
         return self._queue(None, prompt_len, max_tokens, request_id, arrival_time)
 
-    def _queue(self, prompt: list[int] | None, prompt_len: int, max_tokens: int,
-               request_id: str | None, arrival_time: float | None) -> str:
+    def _queue(self, prompt: list[int] | None, prompt_len: Any, max_tokens: Any,
+               request_id: Any, arrival_time: Any) -> str:
         if not is_count(max_tokens):
             raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if prompt_len + max_tokens > self.max_model_len:

@@ -9,7 +9,7 @@ def is_count(value: object) -> bool:
     count here)."""
     if type(value) is int:  # (the common case, without the ABC check)
         return value >= 1
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, Integral) and not isinstance(value, bool) and bool(value >= 1)
 
 
 class EngineError(Exception):

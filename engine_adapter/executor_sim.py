@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
+from engine_adapter.compiled import picklable
 from engine_adapter.cost_model import CostModel
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import ExecutionResult, IterationPlan, IterationRun, RunResult
@@ -43,6 +45,7 @@ def layer_rows(plan: IterationPlan) -> list[int]:
     return rows
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class SimExecutor:
     needs_data = False  # plans need no block tables or token ids here
 
@@ -144,9 +147,8 @@ class SimExecutor:
         if self.noise_sd:
             noise_state = self._rng.bit_generator.state
             factors = self._noise(k)
-        end = run.batch_end
-        if run.joined and k > end + 1:
-            j = end + 1
+        j = run.join_at
+        if run.joined and k > j:
             latency, traffic = self._price_run(run, j)
             times = self._times(start, latency, factors, j)
             parts = [(traffic, j)]
@@ -166,3 +168,5 @@ class SimExecutor:
             self._rng.bit_generator.state = noise_state
             self._rng.standard_normal(ran)
         return RunResult.of(times[:ran + 1], parts, ran)
+
+picklable(SimDevice)

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from engine_adapter.energy import ENERGY_MODELS, EnergyModel
+from engine_adapter.compiled import picklable
+from engine_adapter.energy import ENERGY_MODELS, Amount, EnergyModel
 from engine_adapter.errors import ConfigError
 
 
@@ -90,17 +91,17 @@ class HardwareProfile:
             raise ConfigError("hardware profile: expert_curve_knots and expert_curve_s must have "
                               "the same length")
 
-    def expert_curve_time(self, distinct: int, rows_per_expert: float) -> float:
+    def expert_curve_time(self, distinct: float, rows_per_expert: float) -> float:
         return distinct * sum(s * min(rows_per_expert, k)
                               for k, s in zip(self.expert_curve_knots, self.expert_curve_s))
 
-    def compute_time(self, dense_flops: float, expert_flops: float, attention_flops: float
-                     ) -> float:
+    def compute_time(self, dense_flops: Amount, expert_flops: Amount, attention_flops: Amount
+                     ) -> Amount:
         return (dense_flops / self.matmul_efficiency + expert_flops / self.expert_efficiency
                 + attention_flops / self.attention_efficiency) / (
                     self.peak_flops * self.tensor_parallel)
 
-    def memory_time(self, weight_bytes: float, kv_bytes: float) -> float:
+    def memory_time(self, weight_bytes: Amount, kv_bytes: Amount) -> Amount:
         return (weight_bytes / self.weight_efficiency + kv_bytes / self.kv_efficiency) / (
             self.bandwidth * self.tensor_parallel)
 
@@ -226,3 +227,5 @@ def write_profile(profile: HardwareProfile, path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
     return path
+
+picklable(HardwareProfile)

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from mypy_extensions import mypyc_attr
+
+from engine_adapter.compiled import picklable
 
 
 class Segment(NamedTuple):
@@ -98,7 +103,7 @@ class IterationRun(NamedTuple):
     num_layers: int
     decode: tuple[Segment, ...]  # the first iteration's rows
     stages: tuple[StageWork, ...]  # the first iteration's stage (none, or one batch's)
-    stage_bounds: tuple[tuple[int, int], ...]  # that batch's layer groups
+    stage_bounds: Sequence[tuple[int, int]]  # that batch's layer groups
     max_iterations: int
     # Chunked mode: each iteration's stage is a new one-stage batch (the next id) taking the
     # next ``chunk`` tokens of the same prompt (none of them its last).
@@ -121,10 +126,17 @@ class IterationRun(NamedTuple):
         st = self.stages[0]
         return st.num_groups - 1 - st.stage
 
+    @property
+    def join_at(self) -> int:
+        """The first iteration its joined rows decode in: the one after its batch's end (0:
+        none join)."""
+        end = self.batch_end
+        return end + 1 if self.joined and end is not None else 0
+
     def after_batch(self) -> IterationRun:
         """Its iterations after the batch's last stage, as a decode-only run of their own:
         the decode rows, then the joined ones (the order the scheduler appends them in)."""
-        j = self.batch_end + 1
+        j = self.join_at
         decode = tuple(Segment(s.request_id, s.start + j, 1, s.block_table, s.sample,
                                s.token_ids) for s in self.decode) + self.joined
         return IterationRun(self.first_iteration + j, self.mode, self.num_layers, decode, (), (),
@@ -135,14 +147,14 @@ class IterationRun(NamedTuple):
         before = self.num_tokens
         if not self.joined:
             return [before] * iterations
-        j = self.batch_end + 1
+        j = self.join_at
         return [before] * min(j, iterations) + [len(self.decode) + len(self.joined)] * max(
             0, iterations - j)
 
     def plan(self, i: int = 0) -> IterationPlan:
         """Its ``i``-th iteration, as ``Scheduler.schedule`` would plan it."""
-        if self.joined and i > self.batch_end:
-            return self.after_batch().plan(i - self.batch_end - 1)
+        if self.joined and i >= self.join_at:
+            return self.after_batch().plan(i - self.join_at)
         if i == 0:
             return IterationPlan(self.first_iteration, self.mode, self.num_layers, self.decode,
                                  self.stages)
@@ -170,6 +182,7 @@ class TokenEvent:
     time: float
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class ExecutionResult:
     """What an executor measured while running a plan."""
@@ -192,6 +205,7 @@ class ExecutionResult:
         return [None if c is None else sum(1 for x in c if x > 0) for c in self.expert_tokens]
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class RunResult:
     """What an executor priced for the first iterations of an IterationRun (those starting
@@ -211,7 +225,7 @@ class RunResult:
     def of(cls, times: list[float], parts: list[tuple[Any, int]], ran: int) -> RunResult:
         """The first ``ran`` iterations of a run priced in consecutive ``parts`` (a Traffic
         whose fields are arrays over its iterations, or constants, and how many it covers)."""
-        fields: list[list[int]] = [[], [], []]
+        fields: tuple[list[int], list[int], list[int]] = ([], [], [])
         left = ran
         for traffic, n in parts:
             n = min(n, left)
@@ -231,6 +245,7 @@ class RunResult:
         return cls(times, *fields)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class IterationReport:
     """Everything one iteration did and cost."""
@@ -263,6 +278,7 @@ class IterationReport:
         return self.weight_bytes + self.kv_bytes
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class RunReport:
     """What an IterationRun did: ``iterations`` iterations, each what an IterationReport
@@ -293,3 +309,5 @@ class RunReport:
     @property
     def end_time(self) -> float:
         return self.times[-1]
+
+picklable(TokenEvent)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued; may hold KV of earlier prompt pieces
@@ -14,6 +16,7 @@ class RequestStatus(enum.Enum):
     ABORTED = "aborted"
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class Request:
     """One generation request.
@@ -52,12 +55,17 @@ class Request:
     def is_finished(self) -> bool:
         return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED)
 
+    def _prompt(self) -> list[int]:
+        if self.prompt_token_ids is None:
+            raise ValueError(f"request {self.request_id!r} has no token ids (the simulator's)")
+        return self.prompt_token_ids
+
     def token_at(self, position: int) -> int:
         p = self.prompt_len
         if position < p:
-            return self.prompt_token_ids[position]
+            return self._prompt()[position]
         return self.output_token_ids[position - p]
 
     def tokens(self, start: int, stop: int) -> list[int]:
-        all_ids = self.prompt_token_ids + self.output_token_ids
+        all_ids = self._prompt() + self.output_token_ids
         return all_ids[start:stop]

@@ -12,7 +12,11 @@ Two modes share everything but the forming of prefill batches:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.block_manager import BlockManager
 from engine_adapter.decision import (
@@ -41,6 +45,7 @@ def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
     return bounds
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class PrefillBatch:
     batch_id: int
@@ -50,6 +55,7 @@ class PrefillBatch:
     stage: int = 0
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class StepOutcome:
     """Token emissions (request, output index, token) and lifecycle changes of an iteration."""
@@ -58,6 +64,7 @@ class StepOutcome:
     finished: list[str] = field(default_factory=list)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class Scheduler:
     def __init__(
         self,
@@ -79,7 +86,8 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.chunk_tokens = chunk_tokens
         self.max_num_seqs = max_num_seqs
-        self.decide = decide
+        # (what a policy returns is checked: _check_decision)
+        self.decide: Callable[[SchedulerView], object] | None = decide
         # Plans carry block tables and token ids for executors that touch tensors; the
         # simulator needs neither, and copying them each iteration is most of its time.
         self.with_data = with_data
@@ -241,7 +249,8 @@ class Scheduler:
         if starts and self.batches:
             return None  # two batches in flight
         capped_after = self.max_in_flight is not None and self.max_in_flight <= 1
-        if due and (not starts or len(decision.admit) < len(self.waiting) and not capped_after):
+        admitted = len(decision.admit) if decision is not None else 0
+        if due and (not starts or admitted < len(self.waiting) and not capped_after):
             return None  # requests would wait with a decision due next: one iteration alone
         if not (self.decoding or self.batches or starts):
             return None
@@ -347,6 +356,8 @@ class Scheduler:
                 grows += [(i, 1, 0)] * (need - held)
                 held = max(held, need)
         grows.sort()
+        if head is None:
+            return [rows[j] for _, _, j in grows]
         return [head if kind else rows[j] for _, kind, j in grows]
 
     def commit_run(self, run: IterationRun, iterations: int, token: int) -> StepOutcome:
@@ -359,7 +370,7 @@ class Scheduler:
             raise ValueError(f"cannot commit {iterations} iterations of a run of "
                              f"{run.max_iterations} planned at iteration {run.first_iteration}")
         head = self.waiting[0] if run.chunk else None
-        join_at = run.batch_end + 1 if run.joined else 0
+        join_at = run.join_at
         self.blocks.add_one(self._run_growth(iterations, head, run.chunk, run.joined, join_at))
         if head is not None:  # its chunks, each a batch of one stage, as _start_batch made them
             head.num_computed += iterations * run.chunk
@@ -400,18 +411,16 @@ class Scheduler:
         self._prepared, self._view, self.preempted_last = False, None, []
         return out
 
-    def _check_decision(self, decision: Decision | None) -> None:
+    def _check_decision(self, decision: object) -> None:
         """A decision the scheduler cannot take as given is refused, never ignored or
-        changed: not a Decision, an admission that is not a sequence of request ids (a bare
-        string would admit its characters), or one that admits where no batch can start."""
+        changed: not a Decision, or one that admits where no batch can start. (A Decision
+        checks its own fields where it is made: an admission that is not a sequence of request
+        ids, a bare string, would have admitted its characters.)"""
         if decision is None:
             return
         if not isinstance(decision, Decision):
             raise InvalidDecision(
                 f"a policy must return a Decision, got {type(decision).__name__}")
-        if not isinstance(decision.admit, (tuple, list)):
-            raise InvalidDecision(f"a decision admits a tuple of request ids, got "
-                                  f"{decision.admit!r}")
         if not decision.admit:
             return
         if self.mode == "chunked":
@@ -438,8 +447,9 @@ class Scheduler:
         elif decision is None:
             if self.decide is None:
                 raise InvalidDecision("requests wait and there is no policy to decide")
-            decision = self.decide(view)
-            self._check_decision(decision)
+            chosen: Any = self.decide(view)
+            self._check_decision(chosen)
+            decision = chosen
         if decision.admit:
             self._start_batch(view, decision)
 
@@ -623,6 +633,6 @@ class Scheduler:
                 req.request_id, start, tokens, tuple(req.block_table) if data else (),
                 sample=start + tokens == req.num_tokens,
                 token_ids=tuple(req.tokens(start, start + tokens)) if data else ()))
-        g = int(decision.num_groups)  # (numpy's integers too: reports carry Python's)
+        g = decision.num_groups
         self.batches.append(
             PrefillBatch(batch_id, g, layer_groups(self.num_layers, g), tuple(segments)))

@@ -11,10 +11,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from engine_adapter.compiled import picklable
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationPlan, IterationRun, Segment
 
@@ -24,12 +25,12 @@ class Traffic(NamedTuple):
     arrays over its iterations). A named tuple, as ``RowStats`` and ``LayerClass``: several
     are made per iteration priced, and a frozen dataclass takes twice as long to make."""
 
-    expert_bytes: int  # the paper's expert-load traffic: distinct experts x bytes of one expert
-    weight_bytes: int  # all weights read, experts included
-    kv_bytes: int  # KV cache read and written
-    flops: int  # all of them; the two kinds below are parts of it, priced apart
-    expert_flops: int = 0  # expert FFNs
-    attention_flops: int = 0  # QK^T and PV
+    expert_bytes: Any  # the paper's expert-load traffic: distinct experts x bytes of one expert
+    weight_bytes: Any  # all weights read, experts included
+    kv_bytes: Any  # KV cache read and written
+    flops: Any  # all of them; the two kinds below are parts of it, priced apart
+    expert_flops: Any = 0  # expert FFNs
+    attention_flops: Any = 0  # QK^T and PV
 
     @property
     def dense_flops(self) -> int:
@@ -44,7 +45,7 @@ class Traffic(NamedTuple):
         return Traffic(self.expert_bytes * n, self.weight_bytes * n, self.kv_bytes * n,
                        self.flops * n, self.expert_flops * n, self.attention_flops * n)
 
-    def __add__(self, other: Traffic) -> Traffic:
+    def __add__(self, other: Traffic) -> Traffic:  # type: ignore[override]  # (fields summed)
         return Traffic(self.expert_bytes + other.expert_bytes,
                        self.weight_bytes + other.weight_bytes,
                        self.kv_bytes + other.kv_bytes, self.flops + other.flops,
@@ -58,17 +59,17 @@ ZERO = Traffic(0, 0, 0, 0)
 class RowStats(NamedTuple):
     """What a layer's attention and projections cost depends on, summed over its segments."""
 
-    rows: int = 0
-    scores: int = 0  # sum over queries of keys attended
-    keys_read: int = 0  # context keys read (once per segment)
+    rows: Any = 0
+    scores: Any = 0  # sum over queries of keys attended
+    keys_read: Any = 0  # context keys read (once per segment)
     # What plain (unfused) attention does instead, as the torch engine runs it: the decode batch
     # padded to its longest context, a segment not starting at 0 with a full mask; and its
     # calls (one per segment, one for the decode batch). Fused paged kernels do neither.
-    padded_scores: int = 0
-    padded_keys: int = 0
-    groups: int = 0
+    padded_scores: Any = 0
+    padded_keys: Any = 0
+    groups: Any = 0
 
-    def __add__(self, other: RowStats) -> RowStats:
+    def __add__(self, other: RowStats) -> RowStats:  # type: ignore[override]  # (fields summed)
         return RowStats(self.rows + other.rows, self.scores + other.scores,
                         self.keys_read + other.keys_read, self.padded_scores + other.padded_scores,
                         self.padded_keys + other.padded_keys, self.groups + other.groups)
@@ -173,7 +174,7 @@ class LayerClass(NamedTuple):
 
     window: int | None
     moe: bool
-    count: int  # an array over the iterations in a run's classes (run_classes)
+    count: Any  # an array over the iterations in a run's classes (run_classes)
     first: int
     spans: tuple[tuple[int, int], ...]
     stats: RowStats
@@ -318,7 +319,7 @@ class LayerShape:
                    2 * attn_params + 2 * dense_params, 0, 0, 4 * heads * d,
                    2 * kv_heads * d * dtype_bytes)
 
-    def fields(self, rows: int, scores, keys_read, distinct_experts: int | None) -> tuple:
+    def fields(self, rows: int, scores, keys_read, distinct_experts: float | None) -> tuple:
         """(expert bytes, weight bytes, KV bytes, dense FLOPs, expert FLOPs, attention FLOPs)
         of ``rows`` rows attending ``scores`` keys in all, reading ``keys_read`` context keys
         (ints, or arrays over a run's iterations)."""
@@ -393,3 +394,5 @@ def plan_traffic(
             total = total + layer_traffic(config, c.first, c.stats, distinct,
                                           dtype_bytes).scaled(count)
     return total
+
+picklable(LayerShape)

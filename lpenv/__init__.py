@@ -2,6 +2,8 @@
 
 from gymnasium.envs.registration import register, registry
 
+import engine_adapter  # noqa: F401  (its guard decides, before any module of ours loads, whether the compiled build runs)
+
 ENV_ID = "lpenv/LayeredPrefill-v1"
 
 if ENV_ID not in registry:

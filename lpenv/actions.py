@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.errors import InvalidDecision, is_count
@@ -42,6 +44,7 @@ def default_group_choices(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(choices.values()))
 
 
+@mypyc_attr(native_class=False)  # (compiled: made of what users pass, checked here)
 @dataclass(frozen=True)
 class ActionCodec:
     group_choices: tuple[int, ...]
@@ -52,24 +55,25 @@ class ActionCodec:
     _memo: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.group_choices or not all(is_count(g) for g in self.group_choices):
-            raise ValueError(f"group_choices must be positive integers, got {self.group_choices}")
-        if not is_count(self.admission_levels):
+        raw: Any = self  # (untyped until checked)
+        if not raw.group_choices or not all(is_count(g) for g in raw.group_choices):
+            raise ValueError(f"group_choices must be positive integers, got {raw.group_choices}")
+        if not is_count(raw.admission_levels):
             raise ValueError(f"admission_levels must be a positive integer, got "
-                             f"{self.admission_levels!r}")
+                             f"{raw.admission_levels!r}")
         # numpy's integers (np.arange) as Python's: what decisions and JSON carry
-        object.__setattr__(self, "group_choices", tuple(int(g) for g in self.group_choices))
-        object.__setattr__(self, "admission_levels", int(self.admission_levels))
+        object.__setattr__(self, "group_choices", tuple(int(g) for g in raw.group_choices))
+        object.__setattr__(self, "admission_levels", int(raw.admission_levels))
 
     @classmethod
-    def for_layers(cls, num_layers: int, group_choices: Sequence[int] | None = None,
-                   admission_levels: int = 4, allow_stagger: bool = True) -> ActionCodec:
+    def for_layers(cls, num_layers: int, group_choices: Any = None,
+                   admission_levels: Any = 4, allow_stagger: Any = True) -> ActionCodec:
         if group_choices is not None and not len(group_choices):
             raise ValueError("group_choices must list at least one G (None: the default "
                              "choices)")
         choices = (tuple(group_choices) if group_choices is not None
                    else default_group_choices(num_layers))
-        codec = cls(choices, admission_levels, allow_stagger)
+        codec = cls(choices, admission_levels, bool(allow_stagger))
         too_big = [g for g in codec.group_choices if g > num_layers]
         if too_big:
             raise ValueError(f"group_choices {too_big} exceed the model's {num_layers} layers")
@@ -128,7 +132,8 @@ class ActionCodec:
         return Decision(min(self.group_choices[g_idx], view.num_layers),
                         view.level_admission(level, self.admission_levels))
 
-    def masked_components(self, action: Sequence[int], mask: np.ndarray) -> list[int]:
+    def masked_components(self, action: Sequence[int] | np.ndarray, mask: np.ndarray
+                          ) -> list[int]:
         """The components of ``action`` (in range) that the flat ``mask`` (``masks``) forbids."""
         bad, off = [], 0
         for component, (x, n) in enumerate(zip(action, self.nvec)):
@@ -150,12 +155,12 @@ class ActionCodec:
         if not decision.admit:
             return [0, self.admission_levels - 1, WAIT]
         layers = view.num_layers
-        g = next((i for i, c in enumerate(self.group_choices)
-                  if min(c, layers) == decision.num_groups), None)
+        choices = [min(c, layers) for c in self.group_choices]
+        g = choices.index(decision.num_groups) if decision.num_groups in choices else None
         if g is None and round_groups:
             largest = math.ceil(layers / decision.num_groups)
-            g = min(range(len(self.group_choices)), key=lambda i: abs(
-                math.ceil(layers / min(self.group_choices[i], layers)) - largest))
+            gaps = [abs(math.ceil(layers / c) - largest) for c in choices]
+            g = gaps.index(min(gaps))
         if g is None:
             raise InvalidAction(f"G = {decision.num_groups} is not among the action's "
                                 f"group_choices {list(self.group_choices)}")

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.decision import Decision, SchedulerView
 from engine_adapter.engine import Engine
@@ -29,6 +30,7 @@ def draw_prompt(rng: np.random.Generator, spec: RequestSpec, vocab: int) -> list
     return rng.integers(0, vocab, spec.prompt_tokens).tolist()
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class Episode:
     def __init__(self, engine: Engine, requests: list[RequestSpec], slo: SLO,
                  reward: RewardConfig, rng: np.random.Generator,

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.plan import IterationReport, RunReport
 
@@ -23,6 +24,7 @@ def measured(arrival_time: float, measure_from_s: float) -> bool:
     return arrival_time >= measure_from_s
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 @dataclass
 class RequestRecord:
     request_id: str
@@ -57,6 +59,7 @@ class RequestRecord:
         return self.meets_ttft(ttft_slo) and self.meets_tbt(tbt_slo)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class MetricsRecorder:
     """Collects arrivals and iteration reports; summarizes them on demand.
 

@@ -24,8 +24,10 @@ constants. Every entry is clipped to [0, ``CLIP``].
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.decision import SchedulerView
 from engine_adapter.errors import is_count
@@ -34,6 +36,7 @@ SPEC_VERSION = 1
 CLIP = 10.0
 
 
+@mypyc_attr(native_class=False)  # (compiled: made of what users pass, checked here)
 @dataclass(frozen=True)
 class ObservationSpec:
     ttft_slo_s: float
@@ -48,9 +51,11 @@ class ObservationSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        if self.queue_slots != 0 and not is_count(self.queue_slots):
+        raw: Any = self  # (untyped until checked)
+        if raw.queue_slots != 0 and not is_count(raw.queue_slots):
             raise ValueError(f"queue_slots must be a non-negative integer, got "
-                             f"{self.queue_slots!r}")
+                             f"{raw.queue_slots!r}")
+        object.__setattr__(self, "queue_slots", int(raw.queue_slots))
         for key in ("rate_scale", "energy_scale"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and value > 0 and np.isfinite(value)):

@@ -23,6 +23,9 @@ import itertools
 from bisect import bisect_left
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
+from engine_adapter.compiled import picklable
 from engine_adapter.plan import IterationReport, RunReport
 from lpenv.metrics import MetricsRecorder, RequestRecord, measured
 
@@ -46,6 +49,7 @@ class SLO:
             raise ValueError(f"SLOs must be positive, got TTFT {self.ttft_s}, TBT {self.tbt_s}")
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class RewardAccountant:
     def __init__(self, config: RewardConfig, slo: SLO, recorder: MetricsRecorder,
                  planned_requests: int, planned_tokens: int) -> None:
@@ -195,3 +199,6 @@ class RewardAccountant:
         r, self._pending = self._pending, 0.0
         self.total += r
         return r
+
+picklable(RewardConfig)
+picklable(SLO)

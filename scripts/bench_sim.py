@@ -14,6 +14,10 @@ once too: ``one_by_one`` gives its realtime factor and whether its result is ide
 and costs nothing in accuracy. ``chunked_512`` gives the same figures for the paper's
 baseline (chunked prefill, 512-token budget) on the same workload.
 
+``compiled`` says whether the simulator's hot path ran compiled (``engine_adapter.compiled``);
+if it did, ``source`` gives ``env_steps_per_s`` measured right after from the same modules'
+source (``LPENV_PURE_PYTHON=1``, a process of its own): the build's worth, side by side.
+
     python -m scripts.bench_sim --out results/bench_sim.json
 """
 
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +38,7 @@ from tqdm import tqdm
 
 import lpenv
 from engine_adapter.clock import VirtualClock
+from engine_adapter.compiled import PURE_ENV, running_compiled
 from engine_adapter.config import EngineConfig
 from engine_adapter.engine import Engine
 from engine_adapter.model_config import ModelConfig
@@ -123,6 +131,18 @@ def env_steps(steps: int, seed: int, random: bool = False) -> dict:
     return {"env_steps": done_steps, "env_wall_s": wall, key: done_steps / wall}
 
 
+def env_steps_from_source(steps: int, seed: int, repeats: int) -> dict:
+    """``env_steps`` in a process that runs the compiled modules' source
+    (``LPENV_PURE_PYTHON=1``): what the build is worth."""
+    code = ("import json, sys; from scripts.bench_sim import env_steps, repeated; "
+            "print(json.dumps(repeated(lambda: env_steps(*map(int, sys.argv[1:3])), "
+            "int(sys.argv[3]), 'env_steps_per_s')))")
+    out = subprocess.run([sys.executable, "-c", code, str(steps), str(seed), str(repeats)],
+                         env={**os.environ, PURE_ENV: "1"}, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                                chunked)
 
     result = {"model": "qwen3-30b-a3b", "hardware": "h100-sxm-tp2", "workload": "arxiv",
-              "rate": args.rate, "policy": "paper",
+              "rate": args.rate, "policy": "paper", "compiled": running_compiled(),
               **repeated(run, args.repeats, "realtime_factor"),
               **repeated(lambda: env_steps(args.env_steps, args.seed), args.repeats,
                          "env_steps_per_s")}
@@ -165,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     chunked = repeated(lambda: run(chunked=True), args.repeats, "realtime_factor")
     chunked["one_by_one"] = one_by_one(chunked, chunked=True)
     result["chunked_512"] = chunked
+    if result["compiled"]:  # the same env steps from the source, for the ratio
+        result["source"] = env_steps_from_source(args.env_steps, args.seed, args.repeats)
     result["total_wall_s"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

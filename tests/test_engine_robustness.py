@@ -12,6 +12,7 @@ from engine_adapter.config import EngineConfig
 from engine_adapter.decision import Decision
 from engine_adapter.engine import Engine
 from engine_adapter.errors import ConfigError, InvalidDecision, RequestError
+from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.model_config import ModelConfig
 from lpenv.backends import BackendConfig, build_executor
 
@@ -24,12 +25,20 @@ def sim_engine(decide=None, **settings) -> Engine:
     return Engine(cfg, decide=decide, executor=executor, model_config=TINY)
 
 
+class Recording(ExecutorWrapper):
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.plans: list = []
+
+    def execute(self, plan):
+        self.plans.append(plan)
+        return self.inner.execute(plan)
+
+
 def recording(e: Engine) -> list:
     """The plans ``e``'s executor is given, as they come."""
-    plans = []
-    execute = e.executor.execute
-    e.executor.execute = lambda plan: (plans.append(plan), execute(plan))[1]
-    return plans
+    e.executor = Recording(e.executor)
+    return e.executor.plans
 
 
 def tight() -> Engine:
@@ -107,16 +116,16 @@ def test_a_policy_that_aborts_while_deciding_loses_nothing():
     assert e.blocks.num_free == e.blocks.num_blocks
 
 
-@pytest.mark.parametrize("decision, message", [
-    (Decision(1, "ab"), "tuple of request ids"),  # a bare string admitted "a" and "b"
-    (Decision(1, None), "tuple of request ids"),  # was taken as waiting
+@pytest.mark.parametrize("admit, message", [
+    ("ab", "tuple of request ids"),  # a bare string admitted "a" and "b"
+    (None, "tuple of request ids"),  # was taken as waiting
 ])
-def test_a_malformed_admission_is_refused(decision, message):
+def test_a_malformed_admission_is_refused(admit, message):
     e = sim_engine(kv_cache_tokens=1024)
     e.add_request_of_length(20, 3, request_id="a")
     e.add_request_of_length(20, 3, request_id="b")
     with pytest.raises(InvalidDecision, match=message):
-        e.step(decision)
+        e.step(Decision(1, admit))
     assert len(e.scheduler.waiting) == 2 and e.blocks.num_free == e.blocks.num_blocks
 
 

@@ -116,21 +116,22 @@ def test_no_safetensors(tmp_path):
                decide=FixedGroups(1))
 
 
-@pytest.mark.parametrize("decision, message", [
-    (Decision(0, ("a",)), "num_groups must be an integer"),
-    (Decision(99, ("a",)), "num_groups must be an integer"),
-    (Decision(2.0, ("a",)), "num_groups must be an integer"),
-    (Decision(1, ("a", "a")), "twice"),
-    (Decision(1, ("zzz",)), "not waiting"),
-    (Decision(1, ("a", "b")), "gets no tokens"),
-    (Decision(1, ("a", "b"), budget=4), "budget of 4 tokens"),
-    (Decision(1, ("a",), budget=0), "token budget must be a positive integer"),
-    (Decision(1, ("a",), budget=True), "token budget must be a positive integer"),
-    ("G=2", "must return a Decision"),
+# (made when the policy decides: a bad Decision is refused where it is made)
+@pytest.mark.parametrize("make, message", [
+    (lambda: Decision(0, ("a",)), "num_groups must be an integer"),
+    (lambda: Decision(99, ("a",)), "num_groups must be an integer"),
+    (lambda: Decision(2.0, ("a",)), "num_groups must be an integer"),
+    (lambda: Decision(1, ("a", "a")), "twice"),
+    (lambda: Decision(1, ("zzz",)), "not waiting"),
+    (lambda: Decision(1, ("a", "b")), "gets no tokens"),
+    (lambda: Decision(1, ("a", "b"), budget=4), "budget of 4 tokens"),
+    (lambda: Decision(1, ("a",), budget=0), "token budget must be a positive integer"),
+    (lambda: Decision(1, ("a",), budget=True), "token budget must be a positive integer"),
+    (lambda: "G=2", "must return a Decision"),
 ])
-def test_invalid_policy_decision(decision, message):
+def test_invalid_policy_decision(make, message):
     engine = Engine(EngineConfig(model="qwen3-moe-tiny", kv_cache_tokens=2048, prefill_budget=8),
-                    decide=lambda view: decision)
+                    decide=lambda view: make())
     engine.add_request(list(range(10)), 2, request_id="a")
     engine.add_request(list(range(10)), 2, request_id="b")
     with pytest.raises(InvalidDecision, match=message):

@@ -17,6 +17,7 @@ from engine_adapter.config import EngineConfig
 from engine_adapter.cost_model import CostModel
 from engine_adapter.engine import Engine
 from engine_adapter.executor_sim import SimExecutor
+from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.hardware import resolve_profile
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import (
@@ -45,6 +46,31 @@ PADDED = replace(resolve_profile("cpu-generic"), padded_attention=True, latency_
 PAPER_SLO = SLO(10.0, 0.125)
 
 
+class Seen:
+    """What an episode's engine did, watched from outside (the runs it executed, and those
+    runs' reports: the tests work alike on the compiled modules, whose methods cannot be
+    patched)."""
+
+    def __init__(self) -> None:
+        self.runs: list[IterationRun] = []  # given to the executor
+        self.reports = 0  # run reports
+        self.misses_in_runs = 0  # SLO misses found by a run
+        self.batch_ends_in_runs = 0  # runs a prefill batch ended in
+
+
+class Watching(ExecutorWrapper):
+    def __init__(self, inner, seen: Seen) -> None:
+        super().__init__(inner)
+        self.seen = seen
+
+    def execute_run(self, run: IterationRun, start: float, until: float):
+        self.seen.runs.append(run)
+        return self.inner.execute_run(run, start, until)
+
+
+SEEN: dict[int, Seen] = {}  # by the episode's id
+
+
 def _episode(mcfg: ModelConfig, profile, workload: WorkloadConfig, fast: bool, policy,
              kv_tokens: int = 1 << 20, horizon_s: float | None = None,
              slo: SLO = PAPER_SLO, seed: int = 11,
@@ -53,15 +79,21 @@ def _episode(mcfg: ModelConfig, profile, workload: WorkloadConfig, fast: bool, p
                        max_num_seqs=256, max_model_len=min(32768, kv_tokens),
                        dtype="bfloat16", max_batches_in_flight=cap, mode=policy.mode,
                        chunk_tokens=getattr(policy, "chunk_tokens", 512))
-    executor = SimExecutor(mcfg, CostModel(mcfg, profile, 2), seed=3)
+    seen = Seen()
+    executor = Watching(SimExecutor(mcfg, CostModel(mcfg, profile, 2), seed=3), seen)
     engine = Engine(cfg, executor=executor, clock=VirtualClock(), model_config=mcfg)
     rng = np.random.default_rng(seed)
     episode = Episode(engine, generate(workload, rng), slo, RewardConfig(), rng,
                       horizon_s=horizon_s, fast_forward=fast, measure_from_s=workload.warmup_s)
-    episode.runs = 0
+    SEEN[id(episode)] = seen
+    missed = [0]
 
-    def count(report) -> None:
-        episode.runs += isinstance(report, RunReport)
+    def count(report) -> None:  # (after the rewards took the report)
+        if isinstance(report, RunReport):
+            seen.reports += 1
+            seen.misses_in_runs += len(episode.rewards.missed) - missed[0]
+            seen.batch_ends_in_runs += bool(report.emitted)
+        missed[0] = len(episode.rewards.missed)
 
     episode.on_iteration = count
     return episode, episode.run(policy)
@@ -79,8 +111,8 @@ def _same(a: dict, b: dict) -> None:
 
 def _assert_identical(fast: Episode, slow: Episode, sf: dict, ss: dict,
                       require_runs: bool = True) -> None:
-    assert fast.runs > 0 or not require_runs  # the fast path ran
-    assert slow.runs == 0  # and only there
+    assert SEEN[id(fast)].reports > 0 or not require_runs  # the fast path ran
+    assert SEEN[id(slow)].reports == 0  # and only there
     _same(sf, ss)
     assert sf["return"] == ss["return"]
     assert fast.recorder.iteration_latencies == slow.recorder.iteration_latencies
@@ -120,44 +152,35 @@ def test_runs_change_nothing(case):
     assert sf["decisions"] < su["decisions"] == ss["decisions"]
 
 
-def _counting_chunk_runs(monkeypatch) -> dict:
-    """Counts the chunked runs planned (the queue's head prefilled chunk after chunk)."""
-    from engine_adapter.scheduler import Scheduler
-
-    seen = {"chunk_runs": 0, "chunk_iterations": 0}
-    plan = Scheduler._plan_chunks
-
-    def counting(self, now, limit):
-        run = plan(self, now, limit)
-        if run is not None:
-            seen["chunk_runs"] += 1
-            seen["chunk_iterations"] += run.max_iterations
-        return run
-
-    monkeypatch.setattr(Scheduler, "_plan_chunks", counting)
-    return seen
+def _chunk_runs(*episodes: Episode) -> tuple[int, int]:
+    """The chunked runs executed (the queue's head prefilled chunk after chunk), and their
+    iterations."""
+    runs = [r for e in episodes for r in SEEN[id(e)].runs if r.chunk]
+    return len(runs), sum(r.max_iterations for r in runs)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_runs_in_chunked_mode(case, monkeypatch):
+def test_runs_in_chunked_mode(case):
     # First come, first served: runs where nothing waits, and while the queue's head is
     # prefilled chunk after chunk (long prompts: the arXiv shape).
-    seen = _counting_chunk_runs(monkeypatch)
     mcfg, profile, _ = CASES[case]
     workload = WorkloadConfig(lengths="arxiv", rate=1.5, num_requests=30, max_prompt=16000,
                               max_output=200)
+    fasts = []
     for chunk in (512, 160):  # 160: a budget the decode batch can fill (no chunk at all)
         fast, sf = _episode(mcfg, profile, workload, True, ChunkedPrefill(chunk))
         slow, ss = _episode(mcfg, profile, workload, False, ChunkedPrefill(chunk))
         _assert_identical(fast, slow, sf, ss)
         assert sf["requests_finished"] == 30
-    assert seen["chunk_runs"] > 10 and seen["chunk_iterations"] > 5 * seen["chunk_runs"]
+        fasts.append(fast)
+    runs, iterations = _chunk_runs(*fasts)
+    assert runs > 10 and iterations > 5 * runs
 
 
-def test_chunked_runs_under_kv_pressure_and_a_horizon(monkeypatch):
+def test_chunked_runs_under_kv_pressure_and_a_horizon():
     # Chunks and decode rows growing into a small cache: runs stop where their blocks would
     # not fit, preemption happens one iteration at a time, and the horizon cuts a run.
-    seen = _counting_chunk_runs(monkeypatch)
+    fasts = []
     workload = WorkloadConfig(lengths="arxiv", rate=3.0, num_requests=30, max_prompt=6000,
                               max_output=300)
     for horizon in (None, 7.0):
@@ -167,7 +190,8 @@ def test_chunked_runs_under_kv_pressure_and_a_horizon(monkeypatch):
                             horizon_s=horizon, slo=SLO(2.0, 0.05))
         _assert_identical(fast, slow, sf, ss)
         assert ss["requests_finished"] > 0 and len(slow.rewards.missed) > 0
-    assert seen["chunk_runs"] > 0
+        fasts.append(fast)
+    assert _chunk_runs(*fasts)[0] > 0
 
 
 def test_runs_under_kv_pressure_and_a_horizon():
@@ -326,21 +350,10 @@ def test_a_noisy_run_past_its_batch_cut_anywhere_draws_as_one_by_one(cut):
         assert (x, m, f) == (t.expert_bytes, t.weight_bytes + t.kv_bytes, t.flops)
 
 
-def test_runs_go_on_past_a_batch_where_nothing_waits(monkeypatch):
+def test_runs_go_on_past_a_batch_where_nothing_waits():
     # G = 1 (the batch ends in the run's first iteration) and G = 8: its requests decode in
     # the same run; KV pressure stops such runs where the joined rows' blocks run out.
-    from engine_adapter.scheduler import Scheduler
-
-    seen = {"joined": 0}
-    plan = Scheduler.plan_run
-
-    def counting(self, *args, **kwargs):
-        run = plan(self, *args, **kwargs)
-        seen["joined"] += run is not None and bool(run.joined) and run.max_iterations > (
-            run.batch_end + 1)
-        return run
-
-    monkeypatch.setattr(Scheduler, "plan_run", counting)
+    joined = 0
     workload = WorkloadConfig(lengths="sharegpt", rate=3.0, num_requests=40, max_output=200)
     for groups, kv in ((1, 1 << 20), (8, 1 << 20), (1, 5000)):
         fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups), kv_tokens=kv,
@@ -348,7 +361,9 @@ def test_runs_go_on_past_a_batch_where_nothing_waits(monkeypatch):
         slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups), kv_tokens=kv,
                             slo=SLO(1.0, 0.05))
         _assert_identical(fast, slow, sf, ss)
-    assert seen["joined"] > 20
+        joined += sum(bool(r.joined) and r.max_iterations > r.batch_end + 1
+                      for r in SEEN[id(fast)].runs)
+    assert joined > 20
 
 
 @pytest.mark.parametrize("emitted_at", [0, 1, 3])
@@ -426,19 +441,10 @@ def _prices_each_iteration_as_alone(mcfg: ModelConfig, cost: CostModel,
     assert executor.execute_run(run, 5.0, until).iterations == k // 2 + 1
 
 
-def test_runs_with_requests_running_out_of_time_inside_them(monkeypatch):
+def test_runs_with_requests_running_out_of_time_inside_them():
     # Tight TTFT (0.3 s), requests waiting behind a batch in flight: misses fall inside runs, at the
     # iteration one by one would find them, and batches end inside runs too.
-    seen = {"misses": 0, "batch_ends": 0}
-    take = RewardAccountant.iteration_run
-
-    def counting(self, report):
-        before = len(self.missed)
-        take(self, report)
-        seen["misses"] += len(self.missed) - before
-        seen["batch_ends"] += bool(report.emitted)
-
-    monkeypatch.setattr(RewardAccountant, "iteration_run", counting)
+    misses = batch_ends = 0
     workload = WorkloadConfig(lengths="sharegpt", rate=8.0, num_requests=40, max_output=120)
     for groups in (3, 8):
         fast, sf = _episode(QWEN, NOISY, workload, True, FixedGroups(groups),
@@ -446,4 +452,6 @@ def test_runs_with_requests_running_out_of_time_inside_them(monkeypatch):
         slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups),
                             slo=SLO(0.3, 0.125))
         _assert_identical(fast, slow, sf, ss)
-    assert seen["misses"] > 0 and seen["batch_ends"] > 0
+        misses += SEEN[id(fast)].misses_in_runs
+        batch_ends += SEEN[id(fast)].batch_ends_in_runs
+    assert misses > 0 and batch_ends > 0

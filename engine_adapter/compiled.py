@@ -1,0 +1,164 @@
+"""The simulator's hot path compiled with mypyc: which modules, the build, and the guard.
+
+The modules in ``MODULES`` (the scheduler, the simulator executor and its cost model, the
+env's episode, observation, action and reward code) are plain, type-annotated Python. mypyc
+compiles them, unchanged, into C extensions that run the env on the sim backend about 1.5x as
+fast (``scripts/bench_sim.py`` reports which way it ran). ``python -m engine_adapter.compiled``
+builds them in place (needs mypy and a C compiler; ``make`` does it), and records a digest of
+their sources.
+
+Python imports a module's extension before its source, so a build left behind by an edit would
+run the old code. ``guard`` (called when either package is imported) prevents that: where a
+source has changed since the build, or a module was not built, or ``LPENV_PURE_PYTHON=1`` is
+set, every module below is imported from its source instead (with a warning, unless asked for).
+"""
+
+from __future__ import annotations
+
+import copyreg
+import dataclasses
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+MODULES = (
+    "engine_adapter.block_manager", "engine_adapter.cost_model", "engine_adapter.decision",
+    "engine_adapter.energy", "engine_adapter.engine", "engine_adapter.executor_sim",
+    "engine_adapter.hardware", "engine_adapter.plan", "engine_adapter.request",
+    "engine_adapter.scheduler", "engine_adapter.traffic",
+    "lpenv.actions", "lpenv.episode", "lpenv.metrics", "lpenv.observation", "lpenv.reward",
+)
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = Path(__file__).with_name("compiled.json")
+PURE_ENV = "LPENV_PURE_PYTHON"
+
+
+def source(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def extension(module: str) -> Path | None:
+    """The module's built extension next to its source, if there is one."""
+    src = source(module)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = src.with_suffix(suffix)
+        if path.exists():
+            return path
+    return None
+
+
+def digest() -> str:
+    h = hashlib.sha256()
+    for m in MODULES:
+        h.update(m.encode())
+        h.update(source(m).read_bytes())
+    return h.hexdigest()
+
+
+def stale_reason() -> str | None:
+    """Why the build must not run (None: it may), where there is one."""
+    built = [m for m in MODULES if extension(m) is not None]
+    if not built:
+        return "not built"
+    if len(built) < len(MODULES):
+        return f"{len(MODULES) - len(built)} of the modules are not built"
+    try:
+        recorded = json.loads(MANIFEST.read_text())["digest"]
+    except (OSError, ValueError, KeyError):
+        return f"{MANIFEST.name} is missing or unreadable"
+    if recorded != digest():
+        return "sources changed since the build"
+    return None
+
+
+class _FromSource(importlib.abc.MetaPathFinder):
+    """Imports the compiled modules from their sources."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in MODULES:
+            return None
+        return importlib.util.spec_from_file_location(name, source(name))
+
+
+_state: dict[str, object] = {}
+
+
+def guard() -> None:
+    """Decide once, before any of ``MODULES`` is imported, whether the build runs."""
+    if "compiled" in _state:
+        return
+    reason = stale_reason()
+    if reason is None and os.environ.get(PURE_ENV) == "1":
+        reason = f"{PURE_ENV}=1"
+    elif reason is not None and reason != "not built":
+        warnings.warn(f"lpenv: the compiled modules are not used ({reason}): running the "
+                      f"source, as fast as uncompiled; rebuild with `python -m "
+                      f"engine_adapter.compiled`", stacklevel=2)
+    if reason is not None and reason != "not built":
+        sys.meta_path.insert(0, _FromSource())
+    _state["compiled"] = reason is None
+
+
+def running_compiled() -> bool:
+    """Whether the compiled modules are the ones running."""
+    guard()
+    return bool(_state["compiled"])
+
+
+def _reduce_frozen(obj):
+    return type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init)
+
+
+def picklable(cls: type) -> None:
+    """Pickle and copy a frozen dataclass by its fields: compiled, its instances have no
+    ``__dict__`` to restore, and a frozen one refuses the attribute sets copying does."""
+    copyreg.pickle(cls, _reduce_frozen)
+
+
+def build() -> None:
+    """Compile ``MODULES`` in place and record their digest."""
+    MANIFEST.unlink(missing_ok=True)
+    files = [str(source(m).relative_to(ROOT)) for m in MODULES]
+    env = {**os.environ, PURE_ENV: "1"}
+    print(f"lpenv: compiling {len(files)} modules with mypyc (a minute or two)...", flush=True)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "mypyc", "--ignore-missing-imports",
+                          "--follow-imports=silent", *files], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{out.stdout[-4000:]}{out.stderr[-4000:]}\nlpenv: mypyc failed (above): "
+                 "the modules run from their source")
+    MANIFEST.write_text(json.dumps({"digest": digest(), "modules": list(MODULES)}) + "\n")
+    print(f"lpenv: compiled in {time.perf_counter() - start:.0f} s")
+
+
+def clean() -> None:
+    for m in MODULES:
+        ext = extension(m)
+        if ext is not None:
+            ext.unlink()
+    for lib in ROOT.glob("*__mypyc*"):
+        lib.unlink()
+    MANIFEST.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Compile the simulator's hot path with mypyc "
+                                "(or remove the build).")
+    p.add_argument("--clean", action="store_true", help="remove the build")
+    args = p.parse_args(argv)
+    clean() if args.clean else build()
+
+
+if __name__ == "__main__":
+    main()
