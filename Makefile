@@ -20,14 +20,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,compile]'
 	# The simulator's hot path compiled (about 2 minutes); without a C compiler it runs as
 	# Python, as fast as before (engine_adapter/compiled.py).
-	$(BIN)/python -m engine_adapter.compiled || echo "lpenv: compiling failed: running uncompiled"
+	$(BIN)/lpenv-compile || echo "lpenv: compiling failed: running uncompiled"
 	touch $(STAMP)
 
 # Compile the simulator's hot path again, after editing it (until then the source runs, with a
 # warning); `make compile COMPILE_ARGS=--clean` removes the build.
 COMPILE_ARGS ?=
 compile: $(STAMP)
-	$(BIN)/python -m engine_adapter.compiled $(COMPILE_ARGS)
+	$(BIN)/lpenv-compile $(COMPILE_ARGS)
 
 # The main job: the chunked baseline, fixed G, the paper's rule, the SLO-aware heuristic,
 # vLLM's chunked baseline (where `make vllm` installed it) and
@@ -175,5 +175,5 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	-$(BIN)/python -m engine_adapter.compiled --clean
+	-$(BIN)/lpenv-compile --clean
 	rm -rf $(VENV) $(VLLM_VENV) results build

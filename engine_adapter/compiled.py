@@ -3,9 +3,9 @@
 The modules in ``MODULES`` (the scheduler, the simulator executor and its cost model, the
 env's episode, observation, action and reward code) are plain, type-annotated Python. mypyc
 compiles them, unchanged, into C extensions that run the env on the sim backend about 1.5x as
-fast (``scripts/bench_sim.py`` reports which way it ran). ``python -m engine_adapter.compiled``
-builds them in place (needs mypy and a C compiler; ``make`` does it), and records a digest of
-their sources.
+fast (``scripts/bench_sim.py`` reports which way it ran). ``lpenv-compile`` builds them in
+place (needs mypy and a C compiler; ``make`` does it; ``--clean`` removes the build), and
+records a digest of their sources.
 
 Python imports a module's extension before its source, so a build left behind by an edit would
 run the old code. ``guard`` (called when either package is imported) prevents that: where a
@@ -39,6 +39,9 @@ MODULES = (
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = Path(__file__).with_name("compiled.json")
 PURE_ENV = "LPENV_PURE_PYTHON"
+# The build's shared library, a module of this package (an editable install finds the
+# packages, not the directory above them).
+GROUP = "engine_adapter.hot_path"
 
 
 def source(module: str) -> Path:
@@ -70,6 +73,8 @@ def stale_reason() -> str | None:
         return "not built"
     if len(built) < len(MODULES):
         return f"{len(MODULES) - len(built)} of the modules are not built"
+    if extension(GROUP + "__mypyc") is None:
+        return "the build's shared library is missing"
     try:
         recorded = json.loads(MANIFEST.read_text())["digest"]
     except (OSError, ValueError, KeyError):
@@ -96,13 +101,14 @@ def guard() -> None:
     if "compiled" in _state:
         return
     reason = stale_reason()
-    if reason is None and os.environ.get(PURE_ENV) == "1":
+    built = reason != "not built"
+    if os.environ.get(PURE_ENV) == "1":
         reason = f"{PURE_ENV}=1"
-    elif reason is not None and reason != "not built":
+    elif reason is not None and built:
         warnings.warn(f"lpenv: the compiled modules are not used ({reason}): running the "
-                      f"source, as fast as uncompiled; rebuild with `python -m "
-                      f"engine_adapter.compiled`", stacklevel=2)
-    if reason is not None and reason != "not built":
+                      f"source, as fast as uncompiled; rebuild with `lpenv-compile` (make "
+                      f"compile)", stacklevel=2)
+    if reason is not None and built:
         sys.meta_path.insert(0, _FromSource())
     _state["compiled"] = reason is None
 
@@ -130,8 +136,12 @@ def build() -> None:
     env = {**os.environ, PURE_ENV: "1"}
     print(f"lpenv: compiling {len(files)} modules with mypyc (a minute or two)...", flush=True)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "mypyc", "--ignore-missing-imports",
-                          "--follow-imports=silent", *files], cwd=ROOT, env=env,
+    # (setuptools' build_ext in place, as the mypyc command does, with the group named)
+    code = ("import sys; from setuptools import setup; from mypyc.build import mypycify; "
+            "setup(name='lpenv-hot-path', script_args=['build_ext', '--inplace'], "
+            "ext_modules=mypycify(['--ignore-missing-imports', '--follow-imports=silent', "
+            "*sys.argv[2:]], group_name=sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, GROUP, *files], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{out.stdout[-4000:]}{out.stderr[-4000:]}\nlpenv: mypyc failed (above): "
@@ -145,7 +155,8 @@ def clean() -> None:
         ext = extension(m)
         if ext is not None:
             ext.unlink()
-    for lib in ROOT.glob("*__mypyc*"):
+    lib = extension(GROUP + "__mypyc")
+    if lib is not None:
         lib.unlink()
     MANIFEST.unlink(missing_ok=True)
 
@@ -158,7 +169,3 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clean", action="store_true", help="remove the build")
     args = p.parse_args(argv)
     clean() if args.clean else build()
-
-
-if __name__ == "__main__":
-    main()

@@ -53,6 +53,8 @@ class ActionCodec:
     # The last mask computed, by view identity: the env asks for it several times per step
     # (decision point, decode, action_masks, info) and views are immutable.
     _memo: list = field(default_factory=list, init=False, repr=False, compare=False)
+    # The masks there can be (only whether it may wait and may start varies), made once.
+    _made: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         raw: Any = self  # (untyped until checked)
@@ -101,8 +103,13 @@ class ActionCodec:
         can_start = view is not None and view.admits_any() and (
             self.allow_stagger or not view.in_flight)
         # (levels are ignored when waiting: the mask keeps them all allowed then)
-        return np.array([True] * (len(self.group_choices) + self.admission_levels)
-                        + [can_wait or not can_start, can_start])
+        key = (can_wait or not can_start, can_start)
+        mask = self._made.get(key)
+        if mask is None:
+            mask = self._made[key] = np.array(
+                [True] * (len(self.group_choices) + self.admission_levels) + list(key))
+            mask.flags.writeable = False  # (shared by every step that has it)
+        return mask
 
     def is_decision_point(self, view: SchedulerView | None) -> bool:
         return view is not None and bool(self._mask(view, True)[-1])

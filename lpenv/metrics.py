@@ -146,9 +146,13 @@ class MetricsRecorder:
         # (no iteration ran: nothing was served, no time passed)
         span = self.last_time - (self.first_time or 0.0) if lat.size else 0.0
 
-        def pct(a: np.ndarray, q: float) -> float:
-            return float(np.percentile(a, q)) if a.size else float("nan")
+        def pct(a: np.ndarray, *qs: float) -> list[float]:
+            # (all of an array's at once: each call sorts it again)
+            return np.percentile(a, qs).tolist() if a.size else [float("nan")] * len(qs)
 
+        ttft_p50, ttft_p90, ttft_p99 = pct(ttfts, 50, 90, 99)
+        tbt_p50, tbt_p99 = pct(gaps, 50, 99)
+        iteration_p50, iteration_p99 = pct(lat, 50, 99)
         n = max(len(recs), 1)
         return {
             "requests_total": len(recs),
@@ -159,12 +163,11 @@ class MetricsRecorder:
             "ttft_attainment": sum(ttft_ok) / n,
             "tbt_attainment": sum(tbt_ok) / n,
             "ttft_mean_s": float(ttfts.mean()) if ttfts.size else float("nan"),
-            "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90),
-            "ttft_p99_s": pct(ttfts, 99),
-            "tbt_p50_s": pct(gaps, 50), "tbt_p99_s": pct(gaps, 99),
+            "ttft_p50_s": ttft_p50, "ttft_p90_s": ttft_p90, "ttft_p99_s": ttft_p99,
+            "tbt_p50_s": tbt_p50, "tbt_p99_s": tbt_p99,
             "e2e_mean_s": float(np.mean([r.token_times[-1] - r.arrival_time for r in done]))
             if done else float("nan"),
-            "iteration_p50_s": pct(lat, 50), "iteration_p99_s": pct(lat, 99),
+            "iteration_p50_s": iteration_p50, "iteration_p99_s": iteration_p99,
             "iterations": int(lat.size),
             "throughput_tok_s": generated / window if window > 0 else float("nan"),
             "energy_j": self.energy_j,

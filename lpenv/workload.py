@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class WorkloadConfig:
         return self.arrival
 
 
+@cache  # (read once: episodes reset often; callers only read it)
 def length_table(name: str) -> dict:
     return json.loads(resources.files("lpenv.tables").joinpath(f"{name}.json").read_text())
 
@@ -182,5 +183,9 @@ def generate(config: WorkloadConfig, rng: np.random.Generator) -> list[RequestSp
     prompts = np.clip(np.rint(prompts * config.scale), config.min_prompt, config.max_prompt)
     outputs = np.clip(np.rint(outputs * config.scale), config.min_output, config.max_output)
     order = np.argsort(arrivals, kind="stable")
-    return [RequestSpec(f"r{i}", float(arrivals[j]), int(prompts[j]), int(outputs[j]))
-            for i, j in enumerate(order)]
+    # (as Python's numbers, whole columns at once)
+    times = np.asarray(arrivals, dtype=float)[order].tolist()
+    prompt_tokens = prompts[order].astype(np.int64).tolist()
+    output_tokens = outputs[order].astype(np.int64).tolist()
+    return [RequestSpec(f"r{i}", t, p, o)
+            for i, (t, p, o) in enumerate(zip(times, prompt_tokens, output_tokens))]
