@@ -9,12 +9,14 @@ records a digest of their sources.
 
 Python imports a module's extension before its source, so a build left behind by an edit would
 run the old code. ``guard`` (called when either package is imported) prevents that: where a
-source has changed since the build, or a module was not built, or ``LPENV_PURE_PYTHON=1`` is
-set, every module below is imported from its source instead (with a warning, unless asked for).
+source has changed since the build (theirs, or a project module they import), or only some
+were built, or ``LPENV_PURE_PYTHON=1`` is set, every module below is imported from its source
+instead (with a warning, unless asked for or nothing was built).
 """
 
 from __future__ import annotations
 
+import ast
 import copyreg
 import dataclasses
 import hashlib
@@ -58,9 +60,23 @@ def extension(module: str) -> Path | None:
     return None
 
 
+def compiled_against() -> list[str]:
+    """``MODULES`` and the project's modules they import (mypyc compiles them against those
+    modules' types: a change there changes the build too)."""
+    names = set(MODULES)
+    for m in MODULES:
+        for node in ast.walk(ast.parse(source(m).read_bytes())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+    return sorted(n for n in names if n.split(".")[0] in ("engine_adapter", "lpenv")
+                  and n != __name__ and source(n).is_file())  # (not this module: the guard)
+
+
 def digest() -> str:
     h = hashlib.sha256()
-    for m in MODULES:
+    for m in compiled_against():
         h.update(m.encode())
         h.update(source(m).read_bytes())
     return h.hexdigest()
@@ -72,7 +88,7 @@ def stale_reason() -> str | None:
     if not built:
         return "not built"
     if len(built) < len(MODULES):
-        return f"{len(MODULES) - len(built)} of the modules are not built"
+        return f"not built: {len(MODULES) - len(built)} of the modules"
     if extension(GROUP + "__mypyc") is None:
         return "the build's shared library is missing"
     try:
@@ -85,11 +101,18 @@ def stale_reason() -> str | None:
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Imports the compiled modules from their sources."""
+    """Imports the compiled modules from their sources; says so at the first (unless the
+    source was asked for), where it matters: ``lpenv-compile`` imports none of them."""
+
+    def __init__(self, warning: str | None) -> None:
+        self.warning = warning
 
     def find_spec(self, name, path=None, target=None):
         if name not in MODULES:
             return None
+        if self.warning is not None:
+            warnings.warn(self.warning, stacklevel=2)
+            self.warning = None
         return importlib.util.spec_from_file_location(name, source(name))
 
 
@@ -102,14 +125,14 @@ def guard() -> None:
         return
     reason = stale_reason()
     built = reason != "not built"
+    warning = None
     if os.environ.get(PURE_ENV) == "1":
         reason = f"{PURE_ENV}=1"
-    elif reason is not None and built:
-        warnings.warn(f"lpenv: the compiled modules are not used ({reason}): running the "
-                      f"source, as fast as uncompiled; rebuild with `lpenv-compile` (make "
-                      f"compile)", stacklevel=2)
+    elif reason is not None:
+        warning = (f"lpenv: the compiled modules are not used ({reason}): running the source, "
+                   f"as fast as uncompiled; rebuild with `lpenv-compile` (make compile)")
     if reason is not None and built:
-        sys.meta_path.insert(0, _FromSource())
+        sys.meta_path.insert(0, _FromSource(warning))
     _state["compiled"] = reason is None
 
 
@@ -130,10 +153,13 @@ def picklable(cls: type) -> None:
 
 
 def build() -> None:
-    """Compile ``MODULES`` in place and record their digest."""
-    MANIFEST.unlink(missing_ok=True)
+    """Compile ``MODULES`` in place and record their sources' digest (as they were when the
+    build began)."""
+    # The old build goes first: files unlinked, not rewritten, so that a process running it
+    # keeps its copy (and a module no longer in MODULES keeps no extension).
+    clean()
+    recorded = digest()
     files = [str(source(m).relative_to(ROOT)) for m in MODULES]
-    env = {**os.environ, PURE_ENV: "1"}
     print(f"lpenv: compiling {len(files)} modules with mypyc (a minute or two)...", flush=True)
     start = time.perf_counter()
     # (setuptools' build_ext in place, as the mypyc command does, with the group named)
@@ -141,17 +167,22 @@ def build() -> None:
             "setup(name='lpenv-hot-path', script_args=['build_ext', '--inplace'], "
             "ext_modules=mypycify(['--ignore-missing-imports', '--follow-imports=silent', "
             "*sys.argv[2:]], group_name=sys.argv[1]))")
-    out = subprocess.run([sys.executable, "-c", code, GROUP, *files], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", code, GROUP, *files], cwd=ROOT,
                          capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{out.stdout[-4000:]}{out.stderr[-4000:]}\nlpenv: mypyc failed (above): "
                  "the modules run from their source")
-    MANIFEST.write_text(json.dumps({"digest": digest(), "modules": list(MODULES)}) + "\n")
+    MANIFEST.write_text(json.dumps({"digest": recorded, "modules": list(MODULES)}) + "\n")
     print(f"lpenv: compiled in {time.perf_counter() - start:.0f} s")
 
 
 def clean() -> None:
-    for m in MODULES:
+    """Remove the build: ``MODULES``' extensions and those the last build made."""
+    try:
+        made = json.loads(MANIFEST.read_text())["modules"]
+    except (OSError, ValueError, KeyError):
+        made = []
+    for m in {*MODULES, *made}:
         ext = extension(m)
         if ext is not None:
             ext.unlink()
@@ -167,5 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Compile the simulator's hot path with mypyc "
                                 "(or remove the build).")
     p.add_argument("--clean", action="store_true", help="remove the build")
+    p.add_argument("--if-stale", action="store_true",
+                   help="build only where the build is missing or does not match its sources")
     args = p.parse_args(argv)
-    clean() if args.clean else build()
+    if args.clean:
+        clean()
+    elif not args.if_stale or stale_reason() is not None:
+        build()

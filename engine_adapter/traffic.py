@@ -32,12 +32,13 @@ class Traffic(NamedTuple):
     expert_flops: Any = 0  # expert FFNs
     attention_flops: Any = 0  # QK^T and PV
 
+    # (Any, as the fields: ints, floats where distinct experts are expected values, arrays)
     @property
-    def dense_flops(self) -> int:
+    def dense_flops(self) -> Any:
         return self.flops - self.expert_flops - self.attention_flops
 
     @property
-    def total_bytes(self) -> int:
+    def total_bytes(self) -> Any:
         return self.weight_bytes + self.kv_bytes
 
     def scaled(self, n: int) -> Traffic:

@@ -174,7 +174,7 @@ class ActionCodec:
         if decision.budget is not None and decision.budget < view.prefill_budget:
             raise InvalidAction(f"a {decision.budget}-token budget: the action's levels all "
                                 f"fill the engine's {view.prefill_budget}")
-        admit = tuple(decision.admit)
+        admit = decision.admit
         for level in range(self.admission_levels):
             if view.level_admission(level, self.admission_levels) == admit:
                 return [g, level, START]

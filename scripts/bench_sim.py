@@ -139,7 +139,9 @@ def env_steps_from_source(steps: int, seed: int, repeats: int) -> dict:
             "int(sys.argv[3]), 'env_steps_per_s')))")
     out = subprocess.run([sys.executable, "-c", code, str(steps), str(seed), str(repeats)],
                          env={**os.environ, PURE_ENV: "1"}, capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode:
+        raise RuntimeError(f"the env from source failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -54,7 +54,7 @@ class Seen:
     def __init__(self) -> None:
         self.runs: list[IterationRun] = []  # given to the executor
         self.reports = 0  # run reports
-        self.misses_in_runs = 0  # SLO misses found by a run
+        self.misses_in_runs = 0  # SLO misses found by a run, inside it
         self.batch_ends_in_runs = 0  # runs a prefill batch ended in
 
 
@@ -86,14 +86,19 @@ def _episode(mcfg: ModelConfig, profile, workload: WorkloadConfig, fast: bool, p
     episode = Episode(engine, generate(workload, rng), slo, RewardConfig(), rng,
                       horizon_s=horizon_s, fast_forward=fast, measure_from_s=workload.warmup_s)
     SEEN[id(episode)] = seen
-    missed = [0]
+    missed: set[str] = set()
 
     def count(report) -> None:  # (after the rewards took the report)
         if isinstance(report, RunReport):
             seen.reports += 1
-            seen.misses_in_runs += len(episode.rewards.missed) - missed[0]
+            # Misses new since the last report whose TTFT deadline fell inside the run, or
+            # of its decode rows (not those found between reports, e.g. on an idle jump).
+            start, end = report.times[0], report.times[-1]
+            seen.misses_in_runs += sum(
+                start < episode.recorder.requests[rid].arrival_time + slo.ttft_s <= end
+                or rid in report.request_ids for rid in episode.rewards.missed - missed)
             seen.batch_ends_in_runs += bool(report.emitted)
-        missed[0] = len(episode.rewards.missed)
+        missed.update(episode.rewards.missed)
 
     episode.on_iteration = count
     return episode, episode.run(policy)
@@ -361,7 +366,7 @@ def test_runs_go_on_past_a_batch_where_nothing_waits():
         slow, ss = _episode(QWEN, NOISY, workload, False, FixedGroups(groups), kv_tokens=kv,
                             slo=SLO(1.0, 0.05))
         _assert_identical(fast, slow, sf, ss)
-        joined += sum(bool(r.joined) and r.max_iterations > r.batch_end + 1
+        joined += sum(bool(r.joined) and r.max_iterations > r.join_at
                       for r in SEEN[id(fast)].runs)
     assert joined > 20
 
