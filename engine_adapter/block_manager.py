@@ -16,12 +16,27 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # LIFO free list: recently freed blocks are reused first (warm in cache).
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # LIFO free list: recently freed blocks are reused first (warm in cache). Blocks never
+        # handed out are not listed: they come after it, lowest first (``_fresh`` the next),
+        # so a large cache costs nothing to make (the env makes one every episode).
+        self._free: list[int] = []
+        self._fresh = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_blocks - self._fresh
+
+    def _take(self, n: int) -> list[int]:
+        """The next ``n`` free blocks (there must be as many), in the order they go out."""
+        free = self._free
+        k = min(n, len(free))
+        taken = free[len(free) - k:]
+        taken.reverse()
+        del free[len(free) - k:]
+        if n > k:
+            taken += range(self._fresh, self._fresh + n - k)
+            self._fresh += n - k
+        return taken
 
     def blocks_needed(self, request: Request, upto_tokens: int) -> int:
         """Blocks ``request`` must add to hold KV for its first ``upto_tokens`` tokens."""
@@ -29,23 +44,22 @@ class BlockManager:
         return max(0, need - len(request.block_table))
 
     def can_grow(self, request: Request, upto_tokens: int) -> bool:
-        return self.blocks_needed(request, upto_tokens) <= len(self._free)
+        return self.blocks_needed(request, upto_tokens) <= self.num_free
 
     def grow(self, request: Request, upto_tokens: int) -> None:
         need = self.blocks_needed(request, upto_tokens)
-        if need > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {need}, {len(self._free)} free")
-        if need:  # the blocks a pop() each would give, in that order
-            request.block_table += reversed(self._free[-need:])
-            del self._free[-need:]
+        if need > self.num_free:
+            raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free} free")
+        if need:
+            request.block_table += self._take(need)
 
     def add_one(self, requests: Sequence[Request]) -> None:
         """One more block to each of ``requests``, in this order (a request listed twice gets
         two): a run of decode iterations growing many tables at once."""
-        if len(requests) > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {len(requests)}, {len(self._free)} free")
-        for request in requests:
-            request.block_table.append(self._free.pop())
+        if len(requests) > self.num_free:
+            raise RuntimeError(f"out of KV blocks: need {len(requests)}, {self.num_free} free")
+        for request, block in zip(requests, self._take(len(requests))):
+            request.block_table.append(block)
 
     def free(self, request: Request) -> None:
         self._free.extend(reversed(request.block_table))
