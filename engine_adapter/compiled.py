@@ -74,12 +74,20 @@ def compiled_against() -> list[str]:
                   and n != __name__ and source(n).is_file())  # (not this module: the guard)
 
 
-def digest() -> str:
+def digest(modules: list[str]) -> str:
     h = hashlib.sha256()
-    for m in compiled_against():
+    for m in modules:
         h.update(m.encode())
         h.update(source(m).read_bytes())
     return h.hexdigest()
+
+
+def record() -> dict:
+    """What a build records: the modules it compiled, those it was compiled against and
+    their sources' digest. (Checking it needs no parsing: an import added to a compiled
+    module changes that module's source.)"""
+    against = compiled_against()
+    return {"digest": digest(against), "modules": list(MODULES), "against": against}
 
 
 def stale_reason() -> str | None:
@@ -92,10 +100,14 @@ def stale_reason() -> str | None:
     if extension(GROUP + "__mypyc") is None:
         return "the build's shared library is missing"
     try:
-        recorded = json.loads(MANIFEST.read_text())["digest"]
-    except (OSError, ValueError, KeyError):
+        made = json.loads(MANIFEST.read_text())
+        recorded, against = made["digest"], made["against"]
+    except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST.name} is missing or unreadable"
-    if recorded != digest():
+    try:
+        if recorded != digest(against):
+            return "sources changed since the build"
+    except (OSError, TypeError):  # (a module it was compiled against is gone)
         return "sources changed since the build"
     return None
 
@@ -158,7 +170,7 @@ def build() -> None:
     # The old build goes first: files unlinked, not rewritten, so that a process running it
     # keeps its copy (and a module no longer in MODULES keeps no extension).
     clean()
-    recorded = digest()
+    made = record()
     files = [str(source(m).relative_to(ROOT)) for m in MODULES]
     print(f"lpenv: compiling {len(files)} modules with mypyc (a minute or two)...", flush=True)
     start = time.perf_counter()
@@ -172,7 +184,7 @@ def build() -> None:
     if out.returncode:
         sys.exit(f"{out.stdout[-4000:]}{out.stderr[-4000:]}\nlpenv: mypyc failed (above): "
                  "the modules run from their source")
-    MANIFEST.write_text(json.dumps({"digest": recorded, "modules": list(MODULES)}) + "\n")
+    MANIFEST.write_text(json.dumps(made) + "\n")
     print(f"lpenv: compiled in {time.perf_counter() - start:.0f} s")
 
 

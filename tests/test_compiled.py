@@ -82,10 +82,21 @@ def test_a_build_whose_sources_changed_is_stale(tmp_path, monkeypatch):
         assert compiled.stale_reason().startswith("not built")
         return
     assert "missing" in compiled.stale_reason()
-    manifest.write_text(json.dumps({"digest": "0" * 64}))
+    made = compiled.record()
+    manifest.write_text(json.dumps({**made, "digest": "0" * 64}))
     assert compiled.stale_reason() == "sources changed since the build"
-    manifest.write_text(json.dumps({"digest": compiled.digest()}))
+    manifest.write_text(json.dumps(made))
     assert compiled.stale_reason() is None
+
+
+def test_the_digest_covers_the_modules_the_compiled_ones_are_compiled_against():
+    against = compiled.compiled_against()
+    assert set(compiled.MODULES) <= set(against)
+    # (types the build compiled in: errors.is_count, config.EngineConfig, routing)
+    assert {"engine_adapter.errors", "engine_adapter.config", "engine_adapter.routing"} <= set(
+        against)
+    assert "engine_adapter.compiled" not in against  # (the guard is not compiled in)
+    assert compiled.record()["digest"] == compiled.digest(against)
 
 
 def test_the_source_finder_takes_the_compiled_modules_from_their_source():
