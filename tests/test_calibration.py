@@ -453,3 +453,28 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
                                                                        abs=0.001)
     assert unsettled["held_out_iteration_error_speed_removed"]["median"] == pytest.approx(
         0.085, abs=0.002)
+
+
+def test_the_h200_nvml_record_refits_the_energy_its_counter_measured(tmp_path):
+    """A record measured on an H200 with NVML's counter (2026-11-29, ``--repeats 1
+    --energy-s 3``): its five sustained loads refit here to the constants the README quotes,
+    each load's joules predicted to within a few percent, and the profile it installs names
+    its energy after the counter."""
+    from scripts.calibrate import main
+
+    main(["--refit", str(H200_RECORDS / "h200_nvml_qwen3-moe-cpu_record.json.gz"), "--out",
+          str(tmp_path), "--profile-dir", str(tmp_path / "profiles")])
+    report = json.loads((tmp_path / "cuda-auto.json").read_text())
+    energy = report["energy"]
+    assert energy["source"] == "fitted to nvml over 5 sustained loads"
+    assert energy["static_w"] == pytest.approx(129.6, abs=0.1)
+    assert energy["j_per_byte"] == pytest.approx(270.8e-12, abs=0.1e-12)
+    assert energy["j_per_flop"] == pytest.approx(30.8e-12, abs=0.1e-12)
+    assert energy["span_error"]["median"] < 0.01 and energy["span_error"]["p90"] < 0.025
+    # Idle, the card drew 82 W (nvidia-smi, same run); the fitted static power is the busy
+    # card's floor, above idle and below the heaviest load's mean (474 J over 3.17 s).
+    assert 82 < energy["static_w"] < 474 / 3.17
+    profile = json.loads((tmp_path / "profiles" / "cuda-auto.json").read_text())
+    assert profile["energy"]["name"] == "cuda-auto-nvml"
+    assert report["grid_iterations"] == 802
+    assert report["held_out_iteration_error"]["median"] == pytest.approx(0.097, abs=0.002)
