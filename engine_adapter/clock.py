@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import time
 
+from mypy_extensions import mypyc_attr
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class VirtualClock:
     def __init__(self, start: float = 0.0) -> None:
         self._now = start
@@ -26,6 +29,7 @@ class VirtualClock:
         self._now = max(self._now, t)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class WallClock:
     def __init__(self) -> None:
         self._t0 = time.perf_counter()

@@ -32,9 +32,10 @@ import warnings
 from pathlib import Path
 
 MODULES = (
-    "engine_adapter.block_manager", "engine_adapter.cost_model", "engine_adapter.decision",
-    "engine_adapter.energy", "engine_adapter.engine", "engine_adapter.executor_sim",
-    "engine_adapter.hardware", "engine_adapter.plan", "engine_adapter.request",
+    "engine_adapter.block_manager", "engine_adapter.clock", "engine_adapter.cost_model",
+    "engine_adapter.decision", "engine_adapter.energy", "engine_adapter.engine",
+    "engine_adapter.errors", "engine_adapter.executor_sim", "engine_adapter.hardware",
+    "engine_adapter.plan", "engine_adapter.request", "engine_adapter.routing",
     "engine_adapter.scheduler", "engine_adapter.traffic",
     "lpenv.actions", "lpenv.episode", "lpenv.metrics", "lpenv.observation", "lpenv.reward",
 )

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from mypy_extensions import mypyc_attr
 
-from engine_adapter.energy import Amount
 from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.hardware import HardwareProfile, resolve_profile
 from engine_adapter.model_config import ModelConfig
@@ -35,6 +35,7 @@ from engine_adapter.traffic import (
     RowStats,
     Traffic,
     alike_layers,
+    each,
     edge_traffic,
     layer_traffic,
 )
@@ -110,13 +111,26 @@ class CostModel:
         return alike_layers(plan, self.config, distinct_experts, self.routing)
 
     def price_groups(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, float | None,
-                                                                        Amount]],
-                     edge: Traffic | None = None) -> tuple[Amount, Traffic]:
-        """Latency and traffic of ``plan`` with its layers in ``groups``. Row stats whose
-        attention fields and layer counts are arrays (``traffic.run_classes``) price each
-        iteration of a run at once, each exactly as alone (``edge``: the run's embedding and
-        LM-head traffic per iteration, where it changes)."""
-        cfg, hw = self.config, self.profile
+                                                                        int]],
+                     edge: Traffic | None = None) -> tuple[float, Traffic]:
+        """Latency and traffic of ``plan`` with its layers in ``groups``."""
+        latency, (eb, wb, kb, fl, xf, af) = self.price_run(plan, groups, 1, edge)
+        return latency[0], Traffic(eb[0], wb[0], kb[0], fl[0], xf[0], af[0])
+
+    def price_run(self, plan: IterationPlan, groups: Sequence[tuple[LayerClass, float | None,
+                                                                     Any]],
+                  iterations: int, edge: Traffic | None = None) -> tuple[list[float], Traffic]:
+        """Latency and traffic of each of ``iterations`` iterations of ``plan``'s shape, with
+        its layers in ``groups``: a run's (``traffic.run_classes``), whose attention stats and
+        layer counts are arrays over its iterations (``edge``: its embedding and LM-head
+        traffic, where that changes), or one plan's (``iterations`` 1, every field one number).
+        Traffic's fields come back as lists over the iterations.
+
+        Each iteration is priced by the same scalar arithmetic, in the same order, whether
+        alone or in a run: a run's iteration costs to the bit what it costs alone. (A loop,
+        not array arithmetic: runs are short, a dozen iterations, and numpy's call overhead
+        on arrays that short was most of the simulator's pricing.)"""
+        cfg, hw, k = self.config, self.profile, iterations
         if edge is None:
             if plan.stages:
                 edge = edge_traffic(cfg, plan, self.dtype_bytes)
@@ -128,35 +142,51 @@ class CostModel:
         rows = len(plan.decode)
         for stage in plan.stages:
             rows += stage.num_tokens
-        eb, wb, kb, fl, xf, af = edge  # (a Traffic, in its fields' order)
-        latency = (hw.iteration_overhead_s + rows * hw.row_overhead_s
-                   + self._time(fl - xf - af, xf, af, wb, kb))
-        shapes, curve = self._shapes, hw.expert_curve_knots
+        eb, wb, kb, fl = (each(edge.expert_bytes, k), each(edge.weight_bytes, k),
+                          each(edge.kv_bytes, k), each(edge.flops, k))
+        xf, af = each(edge.expert_flops, k), each(edge.attention_flops, k)
+        fixed = hw.iteration_overhead_s + rows * hw.row_overhead_s
+        latency = [fixed + self._time(fl[i] - xf[i] - af[i], xf[i], af[i], wb[i], kb[i])
+                   for i in range(k)]
+        shapes, curve, padded = self._shapes, hw.expert_curve_knots, hw.padded_attention
         for c, distinct, count in groups:
             st = c.stats
             r = st.rows
             if not r:
                 continue
             shape = shapes[c.moe]
-            t_eb, t_wb, t_kb, t_dense, t_xf, t_af = shape.fields(r, st.scores, st.keys_read,
-                                                                 distinct)
-            attention, kv = self._attention_work(st, shape, t_af, t_kb)
+            kv_row, score_flops = shape.kv_row, shape.score_flops
             # (terms that are zero, a curve or all-reduces the profile lacks, are left out:
             # adding 0 changes no sum)
-            one = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
-                   + (distinct or 0) * hw.expert_overhead_s)
+            one_fixed = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
+                         + (distinct or 0) * hw.expert_overhead_s)
             if distinct and curve:
-                one = one + hw.expert_curve_time(distinct, r * cfg.top_k / distinct)
-            one = one + self._time(t_dense, t_xf, attention, t_wb, kv)
-            if self._tensor_parallel:
-                one = one + hw.allreduce_time(r, cfg.hidden_size, self.dtype_bytes)
-            latency += count * one
-            t_fl = t_dense + t_xf + t_af
-            if type(count) is not int or count != 1:  # (a run's layer counts are arrays)
-                t_eb, t_wb, t_kb, t_fl, t_xf, t_af = (t_eb * count, t_wb * count, t_kb * count,
-                                                      t_fl * count, t_xf * count, t_af * count)
-            eb, wb, kb, fl, xf, af = (eb + t_eb, wb + t_wb, kb + t_kb, fl + t_fl, xf + t_xf,
-                                      af + t_af)
+                one_fixed = one_fixed + hw.expert_curve_time(distinct, r * cfg.top_k / distinct)
+            allreduce = (hw.allreduce_time(r, cfg.hidden_size, self.dtype_bytes)
+                         if self._tensor_parallel else 0.0)
+            scores, keys, counts = each(st.scores, k), each(st.keys_read, k), each(count, k)
+            if padded:  # (the torch engine's plain attention: ``_attention_work``)
+                padded_scores, padded_keys = each(st.padded_scores, k), each(st.padded_keys, k)
+            for i in range(k):
+                t_eb, t_wb, t_kb, t_dense, t_xf, t_af = shape.fields(r, scores[i], keys[i],
+                                                                     distinct)
+                if padded:
+                    attention, kv = (score_flops * padded_scores[i],
+                                     (padded_keys[i] + r) * kv_row)
+                else:
+                    attention, kv = t_af, t_kb
+                one = one_fixed + self._time(t_dense, t_xf, attention, t_wb, kv)
+                if self._tensor_parallel:
+                    one = one + allreduce
+                n = counts[i]
+                latency[i] += n * one
+                t_fl = t_dense + t_xf + t_af
+                eb[i] += t_eb * n
+                wb[i] += t_wb * n
+                kb[i] += t_kb * n
+                fl[i] += t_fl * n
+                xf[i] += t_xf * n
+                af[i] += t_af * n
         return latency, Traffic(eb, wb, kb, fl, xf, af)
 
     def terms(self, plan: IterationPlan, distinct_experts: Sequence[int | None]) -> np.ndarray:
@@ -194,16 +224,13 @@ class CostModel:
             return attention_flops, kv_bytes
         return shape.score_flops * st.padded_scores, (st.padded_keys + st.rows) * shape.kv_row
 
-    def _time(self, dense_flops, expert_flops, attention_flops, weight_bytes, kv_bytes):
+    def _time(self, dense_flops: float, expert_flops: float, attention_flops: float,
+              weight_bytes: float, kv_bytes: float) -> float:
         """Seconds of compute and memory work: overlapped (their max) or not (their sum)."""
         hw = self.profile
         compute = hw.compute_time(dense_flops, expert_flops, attention_flops)
         memory = hw.memory_time(weight_bytes, kv_bytes)
-        if not hw.overlap:
-            return compute + memory
-        if isinstance(compute, np.ndarray):  # a run's iterations at once
-            return np.maximum(compute, memory)
-        return max(compute, memory)
+        return max(compute, memory) if hw.overlap else compute + memory
 
     def predict(self, decode_context_lens: Sequence[int],
                 stages: Sequence[tuple[int, int, Sequence[tuple[int, int]]]] = ()) -> float:

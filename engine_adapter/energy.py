@@ -30,13 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 from mypy_extensions import mypyc_attr
 
 from engine_adapter.compiled import picklable
-
-# A quantity, or one per iteration of a run priced at once (``traffic.run_classes``).
-Amount = float | np.ndarray
 
 
 @dataclass(frozen=True)

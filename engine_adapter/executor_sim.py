@@ -116,15 +116,13 @@ class SimExecutor:
         classes = run_classes(run, self.config, k)
         groups = [(c, self.routing.distinct(c.stats.rows) if c.moe and c.stats.rows else None,
                    c.count) for c in classes]
-        return self.cost.price_groups(run.plan(), groups, self._run_edge(run, k))
+        return self.cost.price_run(run.plan(), groups, k, self._run_edge(run, k))
 
     @staticmethod
     def _times(start: float, latency, factors, k: int) -> list[float]:
         """The run's start, then each of its first ``k`` iterations' end: a sequential sum,
         the clock's own (``factors``: the latency noise)."""
-        if isinstance(latency, np.ndarray):
-            latency = latency.tolist()
-        else:  # (a constant over the run, e.g. a batch's one stage)
+        if not isinstance(latency, list):  # (one iteration's, e.g. a batch's one stage)
             latency = [latency] * k
         if factors is not None:
             latency = [x * f for x, f in zip(latency, factors[:k].tolist())]

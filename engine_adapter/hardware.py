@@ -35,7 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine_adapter.compiled import picklable
-from engine_adapter.energy import ENERGY_MODELS, Amount, EnergyModel
+from engine_adapter.energy import ENERGY_MODELS, EnergyModel
 from engine_adapter.errors import ConfigError
 
 
@@ -95,13 +95,13 @@ class HardwareProfile:
         return distinct * sum(s * min(rows_per_expert, k)
                               for k, s in zip(self.expert_curve_knots, self.expert_curve_s))
 
-    def compute_time(self, dense_flops: Amount, expert_flops: Amount, attention_flops: Amount
-                     ) -> Amount:
+    def compute_time(self, dense_flops: float, expert_flops: float, attention_flops: float
+                     ) -> float:
         return (dense_flops / self.matmul_efficiency + expert_flops / self.expert_efficiency
                 + attention_flops / self.attention_efficiency) / (
                     self.peak_flops * self.tensor_parallel)
 
-    def memory_time(self, weight_bytes: Amount, kv_bytes: Amount) -> Amount:
+    def memory_time(self, weight_bytes: float, kv_bytes: float) -> float:
         return (weight_bytes / self.weight_efficiency + kv_bytes / self.kv_efficiency) / (
             self.bandwidth * self.tensor_parallel)
 

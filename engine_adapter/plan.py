@@ -224,25 +224,27 @@ class RunResult:
     @classmethod
     def of(cls, times: list[float], parts: list[tuple[Any, int]], ran: int) -> RunResult:
         """The first ``ran`` iterations of a run priced in consecutive ``parts`` (a Traffic
-        whose fields are arrays over its iterations, or constants, and how many it covers)."""
-        fields: tuple[list[int], list[int], list[int]] = ([], [], [])
+        whose fields are lists over its iterations, or constants, and how many it covers)."""
+        expert: list[int] = []
+        moved: list[int] = []
+        flops: list[int] = []
         left = ran
         for traffic, n in parts:
             n = min(n, left)
             if n <= 0:
                 break
             left -= n
-            for out, value in zip(fields, (traffic.expert_bytes,
-                                           traffic.weight_bytes + traffic.kv_bytes,
-                                           traffic.flops)):
-                # an array over the part's iterations, or a constant of each
-                if type(value) is int:
-                    out += [value] * n
-                elif getattr(value, "ndim", 0):
-                    out += value[:n].tolist()
-                else:
-                    out += [int(value)] * n
-        return cls(times, *fields)
+            eb, wb, kb, fl = (traffic.expert_bytes, traffic.weight_bytes, traffic.kv_bytes,
+                              traffic.flops)
+            if isinstance(wb, list):  # one value per iteration of the part
+                expert += eb[:n]
+                moved += [w + v for w, v in zip(wb[:n], kb[:n])]
+                flops += fl[:n]
+            else:  # one iteration's, the same in each
+                expert += [eb if type(eb) is int else int(eb)] * n
+                moved += [int(wb + kb)] * n
+                flops += [fl if type(fl) is int else int(fl)] * n
+        return cls(times, expert, moved, flops)
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)

@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from engine_adapter.errors import ConfigError
 from engine_adapter.model_config import ModelConfig
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # (compiled: copied with the env)
 class RoutingModel:
     def __init__(self, config: ModelConfig, kind: str = "uniform") -> None:
         self.config = config

@@ -264,6 +264,16 @@ def run_classes(run: IterationRun, config: ModelConfig, iterations: int) -> list
     return outside + inside
 
 
+def each(value: Any, iterations: int) -> list:
+    """A field's value in each of a run's ``iterations``: an array's (or a list's) items, one
+    per iteration, or the one value ``iterations`` times (a new list either way)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list):
+        return list(value)
+    return [value] * iterations
+
+
 def per_layer(classes: Sequence[LayerClass], values: Sequence, num_layers: int,
               config: ModelConfig) -> list:
     """One value per class spread back to one per layer."""

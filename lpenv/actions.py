@@ -33,6 +33,7 @@ from engine_adapter.errors import InvalidDecision, is_count
 WAIT, START = 0, 1
 
 
+@mypyc_attr(native_class=False)  # (compiled: as the errors it extends)
 class InvalidAction(InvalidDecision):
     """An action outside the space or forbidden by the current mask."""
 
