@@ -22,8 +22,9 @@ from engine_adapter.plan import IterationPlan, IterationRun, Segment
 
 class Traffic(NamedTuple):
     """Bytes moved and FLOPs done by an iteration (by each of a run's, where the fields are
-    arrays over its iterations). A named tuple, as ``RowStats`` and ``LayerClass``: several
-    are made per iteration priced, and a frozen dataclass takes twice as long to make."""
+    lists over its iterations: ``CostModel.price_run``). A named tuple, as ``RowStats`` and
+    ``LayerClass``: several are made per iteration priced, and a frozen dataclass takes twice
+    as long to make."""
 
     expert_bytes: Any  # the paper's expert-load traffic: distinct experts x bytes of one expert
     weight_bytes: Any  # all weights read, experts included
@@ -32,7 +33,8 @@ class Traffic(NamedTuple):
     expert_flops: Any = 0  # expert FFNs
     attention_flops: Any = 0  # QK^T and PV
 
-    # (Any, as the fields: ints, floats where distinct experts are expected values, arrays)
+    # (Any, as the fields: ints, floats where distinct experts are expected values; the
+    # properties and sums below are a single iteration's)
     @property
     def dense_flops(self) -> Any:
         return self.flops - self.expert_flops - self.attention_flops
@@ -71,9 +73,19 @@ class RowStats(NamedTuple):
     groups: Any = 0
 
     def __add__(self, other: RowStats) -> RowStats:  # type: ignore[override]  # (fields summed)
-        return RowStats(self.rows + other.rows, self.scores + other.scores,
-                        self.keys_read + other.keys_read, self.padded_scores + other.padded_scores,
-                        self.padded_keys + other.padded_keys, self.groups + other.groups)
+        return RowStats(self.rows + other.rows, _plus(self.scores, other.scores),
+                        _plus(self.keys_read, other.keys_read),
+                        _plus(self.padded_scores, other.padded_scores),
+                        _plus(self.padded_keys, other.padded_keys), self.groups + other.groups)
+
+
+def _plus(a: Any, b: Any) -> Any:
+    """Two fields summed: numbers, or lists over a run's iterations (item by item)."""
+    if type(a) is list:
+        return [x + y for x, y in zip(a, b)] if type(b) is list else [x + b for x in a]
+    if type(b) is list:
+        return [a + y for y in b]
+    return a + b
 
 
 NO_ROWS = RowStats()
@@ -85,19 +97,17 @@ def _attended_keys(seg: Segment, window: int | None, sinks: bool) -> tuple[int, 
     return _attended(seg.start, seg.length, window, sinks)
 
 
-def _attended(start, length: int, window: int | None, sinks: bool, lo=min, hi=max):
-    """``_attended_keys`` of ``length`` queries from ``start`` on: one segment (ints, with
-    ``min``/``max``), or one per iteration of a run (``start`` an array, with
-    ``np.minimum``/``np.maximum``)."""
+def _attended(start: Any, length: int, window: int | None, sinks: bool) -> tuple[Any, Any]:
+    """``_attended_keys`` of ``length`` queries from ``start`` on."""
     first, last = start + 1, start + length  # query at position p attends p + 1 keys
     if window is None:
         scores, keys = (first + last) * length // 2, last
     else:
         # min(p, w) summed over p in [first, last]: a ramp up to w, then flat
-        ramp_end = lo(last, window)
-        ramp = (first + ramp_end) * hi(ramp_end - first + 1, 0) // 2
-        scores = ramp + window * (last - hi(first - 1, ramp_end))
-        keys = lo(last, window + length - 1)
+        ramp_end = min(last, window)
+        ramp = (first + ramp_end) * max(ramp_end - first + 1, 0) // 2
+        scores = ramp + window * (last - max(first - 1, ramp_end))
+        keys = min(last, window + length - 1)
     return scores + (length if sinks else 0), keys
 
 
@@ -133,34 +143,40 @@ def _decode_stats(segments: Sequence[Segment], window: int | None, sinks: bool) 
 def decode_run_stats(segments: Sequence[Segment], window: int | None, sinks: bool,
                      iterations: int) -> RowStats:
     """``_decode_stats`` of each of a run's iterations at once (each row one position further
-    per iteration): the attention fields are arrays over the iterations."""
+    per iteration): the attention fields are lists over the iterations."""
     rows = len(segments)
     if not rows:
         return NO_ROWS
     ends = [seg.start + 1 for seg in segments]
-    step = np.arange(iterations, dtype=np.int64)
     if window is None:
-        keys = sum(ends) + rows * step
+        first = sum(ends)
+        keys = [first + rows * i for i in range(iterations)]
     else:
-        keys = np.minimum(np.array(ends)[:, None] + step, window).sum(axis=0)
-    scores = keys + rows if sinks else keys
+        keys = [sum(e + i if e + i < window else window for e in ends)
+                for i in range(iterations)]
+    scores = [n + rows for n in keys] if sinks else keys
     if rows == 1:
         return RowStats(1, scores, keys, scores, keys, 1)
-    padded = rows * (max(ends) + step)
+    width = max(ends)
+    padded = [rows * (width + i) for i in range(iterations)]
     return RowStats(rows, scores, keys, padded, padded, 1)
 
 
 def chunk_run_stats(seg: Segment, window: int | None, sinks: bool, iterations: int,
                     chunk: int) -> RowStats:
     """``row_stats`` of a chunked run's prompt chunk (``seg``, then ``chunk`` positions
-    further at each iteration), the attention fields arrays over the iterations."""
-    start = seg.start + chunk * np.arange(iterations, dtype=np.int64)
-    scores, keys = _attended(start, seg.length, window, sinks, np.minimum, np.maximum)
-    end = start + seg.length
-    # (SDPA's causal path only for a first chunk, without a window: as row_stats)
-    padded = np.where(start == 0, scores, seg.length * end) if window is None else (
-        seg.length * end)
-    return RowStats(seg.length, scores, keys, padded, end, 1)
+    further at each iteration), the attention fields lists over the iterations."""
+    length = seg.length
+    scores, keys, padded, ends = [], [], [], []
+    for i in range(iterations):
+        start = seg.start + chunk * i
+        sc, kr = _attended(start, length, window, sinks)
+        scores.append(sc)
+        keys.append(kr)
+        # (SDPA's causal path only for a first chunk, without a window: as row_stats)
+        padded.append(sc if start == 0 and window is None else length * (start + length))
+        ends.append(start + length)
+    return RowStats(length, scores, keys, padded, ends, 1)
 
 
 def layer_row_stats(plan: IterationPlan, config: ModelConfig) -> list[RowStats]:
@@ -175,7 +191,7 @@ class LayerClass(NamedTuple):
 
     window: int | None
     moe: bool
-    count: Any  # an array over the iterations in a run's classes (run_classes)
+    count: Any  # a list over the iterations in a run's classes (run_classes)
     first: int
     spans: tuple[tuple[int, int], ...]
     stats: RowStats
@@ -238,7 +254,7 @@ def layer_classes(plan: IterationPlan, config: ModelConfig) -> list[LayerClass]:
 def run_classes(run: IterationRun, config: ModelConfig, iterations: int) -> list[LayerClass]:
     """``layer_classes`` of a run's first ``iterations`` iterations at once, in its order: per
     layer kind, the layers outside the batch's stage (decode rows only), then those in it
-    (its rows too), with layer counts and attention stats as arrays over the iterations."""
+    (its rows too), with layer counts and attention stats as lists over the iterations."""
     sinks = config.attention_sinks
     kinds = config.layer_kinds
     decode = {window: decode_run_stats(run.decode, window, sinks, iterations)
@@ -255,10 +271,9 @@ def run_classes(run: IterationRun, config: ModelConfig, iterations: int) -> list
     bounds = run.stage_bounds[st.stage:st.stage + iterations]
     outside, inside = [], []
     for (window, moe), layers in kinds.items():
-        covered = np.array([bisect_left(layers, hi) - bisect_left(layers, lo)
-                            for lo, hi in bounds])
-        outside.append(LayerClass(window, moe, len(layers) - covered, layers[0], (),
-                                  decode[window]))
+        covered = [bisect_left(layers, hi) - bisect_left(layers, lo) for lo, hi in bounds]
+        outside.append(LayerClass(window, moe, [len(layers) - n for n in covered], layers[0],
+                                  (), decode[window]))
         inside.append(LayerClass(window, moe, covered, layers[0], (),
                                  decode[window] + row_stats(st.segments, window, sinks)))
     return outside + inside
@@ -333,7 +348,7 @@ class LayerShape:
     def fields(self, rows: int, scores, keys_read, distinct_experts: float | None) -> tuple:
         """(expert bytes, weight bytes, KV bytes, dense FLOPs, expert FLOPs, attention FLOPs)
         of ``rows`` rows attending ``scores`` keys in all, reading ``keys_read`` context keys
-        (ints, or arrays over a run's iterations)."""
+        (an iteration's)."""
         expert_bytes = (distinct_experts or 0) * self.expert_bytes
         return (expert_bytes, self.weight_bytes + expert_bytes, (keys_read + rows) * self.kv_row,
                 rows * self.dense_row_flops, rows * self.expert_row_flops,
