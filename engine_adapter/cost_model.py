@@ -32,7 +32,6 @@ from engine_adapter.scheduler import layer_groups
 from engine_adapter.traffic import (
     LayerClass,
     LayerShape,
-    RowStats,
     Traffic,
     alike_layers,
     each,
@@ -122,9 +121,9 @@ class CostModel:
                   iterations: int, edge: Traffic | None = None) -> tuple[list[float], Traffic]:
         """Latency and traffic of each of ``iterations`` iterations of ``plan``'s shape, with
         its layers in ``groups``: a run's (``traffic.run_classes``), whose attention stats and
-        layer counts are arrays over its iterations (``edge``: its embedding and LM-head
-        traffic, where that changes), or one plan's (``iterations`` 1, every field one number).
-        Traffic's fields come back as lists over the iterations.
+        layer counts are lists (or arrays) over its iterations (``edge``: its embedding and
+        LM-head traffic, where that changes), or one plan's (``iterations`` 1, every field one
+        number). Traffic's fields come back as lists over the iterations.
 
         Each iteration is priced by the same scalar arithmetic, in the same order, whether
         alone or in a run: a run's iteration costs to the bit what it costs alone. (A loop,
@@ -148,14 +147,13 @@ class CostModel:
         fixed = hw.iteration_overhead_s + rows * hw.row_overhead_s
         latency = [fixed + self._time(fl[i] - xf[i] - af[i], xf[i], af[i], wb[i], kb[i])
                    for i in range(k)]
-        shapes, curve, padded = self._shapes, hw.expert_curve_knots, hw.padded_attention
+        shapes, curve = self._shapes, hw.expert_curve_knots
         for c, distinct, count in groups:
             st = c.stats
             r = st.rows
             if not r:
                 continue
             shape = shapes[c.moe]
-            kv_row, score_flops = shape.kv_row, shape.score_flops
             # (terms that are zero, a curve or all-reduces the profile lacks, are left out:
             # adding 0 changes no sum)
             one_fixed = (hw.layer_overhead_s + st.groups * hw.attention_call_overhead_s
@@ -165,16 +163,12 @@ class CostModel:
             allreduce = (hw.allreduce_time(r, cfg.hidden_size, self.dtype_bytes)
                          if self._tensor_parallel else 0.0)
             scores, keys, counts = each(st.scores, k), each(st.keys_read, k), each(count, k)
-            if padded:  # (the torch engine's plain attention: ``_attention_work``)
-                padded_scores, padded_keys = each(st.padded_scores, k), each(st.padded_keys, k)
+            padded_scores, padded_keys = each(st.padded_scores, k), each(st.padded_keys, k)
             for i in range(k):
                 t_eb, t_wb, t_kb, t_dense, t_xf, t_af = shape.fields(r, scores[i], keys[i],
                                                                      distinct)
-                if padded:
-                    attention, kv = (score_flops * padded_scores[i],
-                                     (padded_keys[i] + r) * kv_row)
-                else:
-                    attention, kv = t_af, t_kb
+                attention, kv = self._attention_work(shape, r, padded_scores[i], padded_keys[i],
+                                                     t_af, t_kb)
                 one = one_fixed + self._time(t_dense, t_xf, attention, t_wb, kv)
                 if self._tensor_parallel:
                     one = one + allreduce
@@ -205,8 +199,9 @@ class CostModel:
             if not st.rows:
                 continue
             t = layer_traffic(cfg, c.first, st, distinct, self.dtype_bytes)
-            attention, kv = self._attention_work(st, self._shapes[c.moe], t.attention_flops,
-                                                 t.kv_bytes)
+            attention, kv = self._attention_work(self._shapes[c.moe], st.rows,
+                                                 st.padded_scores, st.padded_keys,
+                                                 t.attention_flops, t.kv_bytes)
             out[2:len(TERMS)] += count * np.array(
                 (1, st.groups, distinct or 0, t.dense_flops, t.expert_flops, attention,
                  t.weight_bytes, kv), dtype=float)
@@ -215,14 +210,15 @@ class CostModel:
                 out[len(TERMS):] += [count * distinct * min(m, k) for k in knots]
         return out
 
-    def _attention_work(self, st: RowStats, shape: LayerShape, attention_flops, kv_bytes
-                        ) -> tuple:
-        """Attention FLOPs and KV bytes as the profile's kernels do them: exact for fused
-        paged attention (``attention_flops`` and ``kv_bytes`` as counted), padded for the
-        torch engine's plain attention."""
+    def _attention_work(self, shape: LayerShape, rows: Any, padded_scores: Any, padded_keys: Any,
+                        attention_flops: Any, kv_bytes: Any) -> tuple[Any, Any]:
+        """Attention FLOPs and KV bytes of an iteration's layer as the profile's kernels do
+        them: exact for fused paged attention (``attention_flops`` and ``kv_bytes`` as
+        counted), padded for the torch engine's plain attention (``RowStats``' padded
+        fields)."""
         if not self.profile.padded_attention:
             return attention_flops, kv_bytes
-        return shape.score_flops * st.padded_scores, (st.padded_keys + st.rows) * shape.kv_row
+        return shape.score_flops * padded_scores, (padded_keys + rows) * shape.kv_row
 
     def _time(self, dense_flops: float, expert_flops: float, attention_flops: float,
               weight_bytes: float, kv_bytes: float) -> float:
