@@ -139,6 +139,11 @@ def guard() -> None:
     reason = stale_reason()
     built = reason != "not built"
     warning = None
+    if reason is None and os.environ.get(PURE_ENV) != "1":
+        try:  # (a build whose files are in order but that does not load here)
+            importlib.import_module(GROUP + "__mypyc")
+        except ImportError as exc:
+            reason = f"its shared library does not load: {exc}"
     if os.environ.get(PURE_ENV) == "1":
         reason = f"{PURE_ENV}=1"
     elif reason is not None:

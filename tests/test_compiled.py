@@ -92,8 +92,9 @@ def test_a_build_whose_sources_changed_is_stale(tmp_path, monkeypatch):
 def test_the_digest_covers_the_modules_the_compiled_ones_are_compiled_against():
     against = compiled.compiled_against()
     assert set(compiled.MODULES) <= set(against)
-    # (types the build compiled in: errors.is_count, config.EngineConfig, routing)
-    assert {"engine_adapter.errors", "engine_adapter.config", "engine_adapter.routing"} <= set(
+    # (types the build compiled in from modules it does not compile: config.EngineConfig,
+    # model_config.ModelConfig, workload.RequestSpec)
+    assert {"engine_adapter.config", "engine_adapter.model_config", "lpenv.workload"} <= set(
         against)
     assert "engine_adapter.compiled" not in against  # (the guard is not compiled in)
     assert compiled.record()["digest"] == compiled.digest(against)
@@ -120,3 +121,20 @@ def test_pure_python_is_asked_for_by_the_environment():
     assert out.returncode == 0, out.stderr  # (no warning: it was asked for)
     path, running = out.stdout.split()
     assert path.endswith("scheduler.py") and running == "False"
+
+
+def test_a_build_that_does_not_load_runs_the_source(monkeypatch):
+    """Files and digest in order, but the shared library fails to load (another machine's
+    libc, a damaged file): the source runs, with a warning saying why, instead of every
+    import failing."""
+    monkeypatch.setattr(compiled, "_state", {})
+    monkeypatch.setattr(compiled, "stale_reason", lambda: None)
+    monkeypatch.setattr(compiled, "GROUP", "engine_adapter.no_such_build")
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    compiled.guard()
+    assert compiled._state["compiled"] is False
+    finder = sys.meta_path[0]
+    assert isinstance(finder, compiled._FromSource)
+    assert "shared library does not load" in finder.warning
+    assert "no_such_build" in finder.warning
