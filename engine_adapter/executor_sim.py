@@ -103,10 +103,20 @@ class SimExecutor:
         if not run.stages or run.chunk:  # (a chunk is its batch's first and last stage)
             return None
         st, n = run.stages[0], len(run.decode)
-        stage = st.stage + np.arange(k)
-        return edge_traffic_of(self.config, n + st.num_tokens * (stage == 0),
-                               n + sum(s.sample for s in st.segments) * (
-                                   stage == st.num_groups - 1), self.cost.dtype_bytes)
+        sampled, last = sum(s.sample for s in st.segments), st.num_groups - 1
+        made: dict[tuple[bool, bool], Traffic] = {}  # (at most three kinds in a run)
+        edges = []
+        for stage in range(st.stage, st.stage + k):
+            kind = (stage == 0, stage == last)
+            edge = made.get(kind)
+            if edge is None:
+                edge = made[kind] = edge_traffic_of(
+                    self.config, n + (st.num_tokens if kind[0] else 0),
+                    n + (sampled if kind[1] else 0), self.cost.dtype_bytes)
+            edges.append(edge)
+        return Traffic([e.expert_bytes for e in edges], [e.weight_bytes for e in edges],
+                       [e.kv_bytes for e in edges], [e.flops for e in edges],
+                       [e.expert_flops for e in edges], [e.attention_flops for e in edges])
 
     def _price_run(self, run: IterationRun, k: int) -> tuple:
         """Latency and traffic of a run's first ``k`` iterations, none past its batch's last

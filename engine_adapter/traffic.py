@@ -385,9 +385,10 @@ def edge_traffic(config: ModelConfig, plan: IterationPlan, dtype_bytes: int) -> 
     return edge_traffic_of(config, embedded, sampled, dtype_bytes)
 
 
-def edge_traffic_of(config: ModelConfig, embedded, sampled, dtype_bytes: int) -> Traffic:
-    """``edge_traffic`` of ``embedded`` rows and ``sampled`` ones (counts, or arrays of them
-    over a run's iterations): the LM head's weights are read where any row is sampled."""
+def edge_traffic_of(config: ModelConfig, embedded: int, sampled: int, dtype_bytes: int
+                    ) -> Traffic:
+    """``edge_traffic`` of ``embedded`` rows and ``sampled`` ones: the LM head's weights are
+    read where any row is sampled."""
     h, vocab = config.hidden_size, config.vocab_size
     head = (vocab * h + h) * dtype_bytes
     return Traffic(0, embedded * h * dtype_bytes + (sampled > 0) * head, 0,
