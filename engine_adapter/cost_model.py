@@ -100,8 +100,7 @@ class CostModel:
               ) -> tuple[float, Traffic]:
         """Latency and traffic of ``plan`` (the engine reports the traffic as it is, so it is
         counted once); distinct experts per layer from the routers, or the routing model's."""
-        latency, traffic = self.price_groups(plan, self.groups(plan, distinct_experts))
-        return float(latency), traffic  # (a plan's: one number)
+        return self.price_groups(plan, self.groups(plan, distinct_experts))
 
     def groups(self, plan: IterationPlan, distinct_experts: Sequence[int | None] | None = None
                ) -> list[tuple[LayerClass, int | None, int]]:
@@ -121,7 +120,7 @@ class CostModel:
                   iterations: int, edge: Traffic | None = None) -> tuple[list[float], Traffic]:
         """Latency and traffic of each of ``iterations`` iterations of ``plan``'s shape, with
         its layers in ``groups``: a run's (``traffic.run_classes``), whose attention stats and
-        layer counts are lists (or arrays) over its iterations (``edge``: its embedding and
+        layer counts are lists over its iterations (``edge``: its embedding and
         LM-head traffic, where that changes), or one plan's (``iterations`` 1, every field one
         number). Traffic's fields come back as lists over the iterations.
 

@@ -120,7 +120,7 @@ class SimExecutor:
 
     def _price_run(self, run: IterationRun, k: int) -> tuple:
         """Latency and traffic of a run's first ``k`` iterations, none past its batch's last
-        stage unless they are all decode-only (arrays over them, or constants)."""
+        stage unless they are all decode-only (lists over them, or one iteration's)."""
         if k == 1:  # (cheaper as the plan alone, and the same)
             return self._price_plan(run.plan())[:2]
         classes = run_classes(run, self.config, k)
@@ -140,13 +140,14 @@ class SimExecutor:
 
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
         """Price a run's iterations at once, each exactly as ``execute`` would price
-        it alone (the same cost model on arrays, the same noise draws), and keep those that
+        it alone (the same cost model, iteration by iteration; the same noise draws), and keep
+        those that
         start before ``until`` (the next arrival or the horizon; the first always runs).
         A run past its batch's last stage is priced up to it first, and after it (the batch's
         requests decoding beside the others, a decode-only run of its own) only where the
         batch ends before ``until``."""
         k = run.max_iterations
-        if k == 1:  # (as ``execute`` prices it; no arrays to set up)
+        if k == 1:  # (as ``execute`` prices it; no lists to set up)
             latency, traffic = self._price_plan(run.plan())[:2]
             if self.noise_sd:
                 latency *= float(self._noise())

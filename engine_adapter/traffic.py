@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from engine_adapter.compiled import picklable
 from engine_adapter.model_config import ModelConfig
 from engine_adapter.plan import IterationPlan, IterationRun, Segment
@@ -111,6 +109,13 @@ def _attended(start: Any, length: int, window: int | None, sinks: bool) -> tuple
     return scores + (length if sinks else 0), keys
 
 
+def _padded_scores(start: Any, length: int, scores: Any, window: int | None) -> Any:
+    """What plain attention computes for a segment attending ``scores`` keys: SDPA's causal
+    path (exactly those) for a segment from position 0 without a window, else the full mask
+    (every query against every key up to the segment's end)."""
+    return scores if start == 0 and window is None else length * (start + length)
+
+
 def row_stats(segments: Sequence[Segment], window: int | None, sinks: bool = False,
               decode: bool = False) -> RowStats:
     if decode:
@@ -119,8 +124,7 @@ def row_stats(segments: Sequence[Segment], window: int | None, sinks: bool = Fal
     for seg in segments:
         sc, kr = _attended_keys(seg, window, sinks)
         rows, scores, keys = rows + seg.length, scores + sc, keys + kr
-        causal = seg.start == 0 and window is None  # SDPA's causal path skips the rest
-        padded_scores += sc if causal else seg.length * seg.end
+        padded_scores += _padded_scores(seg.start, seg.length, sc, window)
         padded_keys += seg.end
     return RowStats(rows, scores, keys, padded_scores, padded_keys, len(segments))
 
@@ -173,8 +177,7 @@ def chunk_run_stats(seg: Segment, window: int | None, sinks: bool, iterations: i
         sc, kr = _attended(start, length, window, sinks)
         scores.append(sc)
         keys.append(kr)
-        # (SDPA's causal path only for a first chunk, without a window: as row_stats)
-        padded.append(sc if start == 0 and window is None else length * (start + length))
+        padded.append(_padded_scores(start, length, sc, window))
         ends.append(start + length)
     return RowStats(length, scores, keys, padded, ends, 1)
 
@@ -280,10 +283,8 @@ def run_classes(run: IterationRun, config: ModelConfig, iterations: int) -> list
 
 
 def each(value: Any, iterations: int) -> list:
-    """A field's value in each of a run's ``iterations``: an array's (or a list's) items, one
-    per iteration, or the one value ``iterations`` times (a new list either way)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+    """A field's value in each of a run's ``iterations``: a list's items, one per iteration,
+    or the one value ``iterations`` times (a new list either way)."""
     if isinstance(value, list):
         return list(value)
     return [value] * iterations

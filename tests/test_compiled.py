@@ -123,18 +123,21 @@ def test_pure_python_is_asked_for_by_the_environment():
     assert path.endswith("scheduler.py") and running == "False"
 
 
-def test_a_build_that_does_not_load_runs_the_source(monkeypatch):
+def test_a_build_that_does_not_load_runs_the_source(tmp_path, monkeypatch):
     """Files and digest in order, but the shared library fails to load (another machine's
-    libc, a damaged file): the source runs, with a warning saying why, instead of every
-    import failing."""
-    monkeypatch.setattr(compiled, "_state", {})
-    monkeypatch.setattr(compiled, "stale_reason", lambda: None)
+    libc, a damaged file): the build is stale (``lpenv-compile --if-stale`` rebuilds it) and
+    the source runs, with a warning saying why, instead of every import failing."""
+    manifest = tmp_path / "compiled.json"
+    manifest.write_text(json.dumps(compiled.record()))  # (this tree's digest)
+    monkeypatch.setattr(compiled, "MANIFEST", manifest)
+    monkeypatch.setattr(compiled, "extension", lambda name: Path(__file__))  # (all there)
     monkeypatch.setattr(compiled, "GROUP", "engine_adapter.no_such_build")
+    monkeypatch.setattr(compiled, "_state", {})
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    reason = compiled.stale_reason()
+    assert reason.startswith("its shared library does not load") and "no_such_build" in reason
     compiled.guard()
     assert compiled._state["compiled"] is False
     finder = sys.meta_path[0]
-    assert isinstance(finder, compiled._FromSource)
-    assert "shared library does not load" in finder.warning
-    assert "no_such_build" in finder.warning
+    assert isinstance(finder, compiled._FromSource) and reason in finder.warning
