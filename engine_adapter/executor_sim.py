@@ -139,10 +139,9 @@ class SimExecutor:
         return list(accumulate(latency, initial=start))
 
     def execute_run(self, run: IterationRun, start: float, until: float) -> RunResult:
-        """Price a run's iterations at once, each exactly as ``execute`` would price
-        it alone (the same cost model, iteration by iteration; the same noise draws), and keep
-        those that
-        start before ``until`` (the next arrival or the horizon; the first always runs).
+        """Price a run's iterations at once, each exactly as ``execute`` would price it alone
+        (the same cost model, iteration by iteration; the same noise draws), and keep those
+        that start before ``until`` (the next arrival or the horizon; the first always runs).
         A run past its batch's last stage is priced up to it first, and after it (the batch's
         requests decoding beside the others, a decode-only run of its own) only where the
         batch ends before ``until``."""
