@@ -24,7 +24,7 @@ import torch
 from scipy.optimize import nnls
 
 from engine_adapter.config import EngineConfig
-from engine_adapter.cost_model import CostModel, from_coefficients
+from engine_adapter.cost_model import CostModel, coefficients, from_coefficients, term_names
 from engine_adapter.decision import Decision
 from engine_adapter.energy import EnergyModel
 from engine_adapter.energy_fit import EnergyCounter, EnergySpan, measure_span
@@ -32,6 +32,7 @@ from engine_adapter.engine import Engine
 from engine_adapter.executor_wrapper import ExecutorWrapper
 from engine_adapter.hardware import HardwareProfile
 from engine_adapter.model_config import ModelConfig
+from engine_adapter.peak_probe import PeakProbe, PeakTrace, paced_terms
 from engine_adapter.plan import ExecutionResult, IterationPlan, IterationReport
 
 
@@ -40,19 +41,24 @@ class Sample:
     plan: IterationPlan
     distinct_experts: tuple[int | None, ...]
     measured_s: float
+    # The device's pace just before (``peak_probe``): when, matmul seconds, copy seconds.
+    probe: tuple[float, float, float] | None = None
 
 
 class RecordingExecutor(ExecutorWrapper):
     """Wraps an executor and keeps every plan it ran with the routers' distinct experts and
-    the measured latency."""
+    the measured latency (and, given a ``PeakProbe``, its reading right before)."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, probe: PeakProbe | None = None) -> None:
         super().__init__(inner)
+        self.probe = probe
         self.samples: list[Sample] = []
 
     def execute(self, plan: IterationPlan) -> ExecutionResult:
+        reading = self.probe() if self.probe is not None else None
         result = self.inner.execute(plan)
-        self.samples.append(Sample(plan, tuple(result.distinct_experts), result.latency_s))
+        self.samples.append(Sample(plan, tuple(result.distinct_experts), result.latency_s,
+                                   reading))
         return result
 
 
@@ -123,10 +129,12 @@ def _probe(engine: Engine, prompt: list[int], num_groups: int | None) -> None:
 
 
 def profile_grid(base: EngineConfig, model_config: ModelConfig, executor, grid: CalibrationGrid,
-                 seed: int = 0, on_probe: Callable[[], None] | None = None) -> list[Sample]:
-    """Run every grid point on ``executor`` (the real engine) and return its samples."""
+                 seed: int = 0, on_probe: Callable[[], None] | None = None,
+                 peak_probe: PeakProbe | None = None) -> list[Sample]:
+    """Run every grid point on ``executor`` (the real engine) and return its samples (each
+    with ``peak_probe``'s reading, given one)."""
     rng = np.random.default_rng(seed)
-    recorder = RecordingExecutor(executor)
+    recorder = RecordingExecutor(executor, peak_probe)
     mc = model_config
     groups = [g for g in grid.groups if g <= mc.num_layers]
     for _ in range(grid.repeats):
@@ -216,8 +224,15 @@ def energy_spans(base: EngineConfig, model_config: ModelConfig, executor,
     return spans
 
 
-def design_matrix(cost: CostModel, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-    terms = np.array([cost.terms(s.plan, s.distinct_experts) for s in samples])
+def design_matrix(cost: CostModel, samples: Sequence[Sample], trace: PeakTrace | None = None,
+                  distinct: Callable[[Sample], Sequence[int | None]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's terms (``CostModel.terms``; with ``trace``, paced: ``paced_terms``) and
+    its measured latency. Distinct experts from the routers unless ``distinct`` gives others."""
+    terms = np.array([cost.terms(s.plan, distinct(s) if distinct else s.distinct_experts)
+                      for s in samples]).reshape(len(samples), -1)
+    if trace is not None:
+        terms = paced_terms(terms, trace.scales(samples), term_names(cost.profile))
     return terms, np.array([s.measured_s for s in samples])
 
 
@@ -253,9 +268,11 @@ def fit_energy(spans: Sequence[EnergySpan], name: str) -> tuple[EnergyModel, np.
 
 
 def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample], name: str,
-                source: str) -> HardwareProfile:
-    """The fitted profile, with the spread of the measurements around it."""
-    terms, measured = design_matrix(cost, samples)
+                source: str, trace: PeakTrace | None = None) -> HardwareProfile:
+    """The fitted profile, with the spread of the measurements around it; with ``trace``, each
+    sample is priced at the device's pace when it ran (``peak_probe``), and the profile is the
+    device at its median pace."""
+    terms, measured = design_matrix(cost, samples, trace)
     coef = fit_coefficients(terms, measured)
     spread = float(np.std(np.log(measured / np.maximum(terms @ coef, 1e-12))))
     return from_coefficients(base, coef, name=name, source=source, latency_noise_sd=spread,
@@ -263,21 +280,30 @@ def fit_profile(base: HardwareProfile, cost: CostModel, samples: Sequence[Sample
 
 
 def predicted_latencies(cost: CostModel, samples: Sequence[Sample],
-                        distinct: Callable[[Sample], Sequence[int | None]] | None = None
-                        ) -> np.ndarray:
+                        distinct: Callable[[Sample], Sequence[int | None]] | None = None,
+                        trace: PeakTrace | None = None) -> np.ndarray:
     """The cost model's latency per sample; distinct experts from the routers unless
-    ``distinct`` supplies others (a routing model's)."""
+    ``distinct`` supplies others (a routing model's); with ``trace``, at the device's pace
+    when each ran (a fitted sum-form profile's: no overlap, no tensor parallel)."""
+    if trace is not None:
+        if cost.profile.overlap or cost.profile.tensor_parallel > 1:
+            raise ValueError(f"{cost.profile.name} is not a sum-form profile: only a fitted "
+                             "one is priced at a probed pace")
+        terms, _ = design_matrix(cost, samples, trace, distinct)
+        return terms @ coefficients(cost.profile)
     return np.array([cost.iteration_latency(s.plan, distinct(s) if distinct else
                                             s.distinct_experts) for s in samples])
 
 
 def percentage_errors(cost: CostModel, samples: Sequence[Sample],
                       distinct: Callable[[Sample], Sequence[int | None]] | None = None,
-                      speed: float = 1.0) -> np.ndarray:
+                      speed: float = 1.0, trace: PeakTrace | None = None) -> np.ndarray:
     """|predicted - measured| / measured per sample (``predicted_latencies``), each prediction
-    times ``speed`` (``window_speed``: the machine's speed while they were measured)."""
+    times ``speed`` (``window_speed``: the machine's speed while they were measured) or, with
+    ``trace``, at the device's probed pace."""
     measured = np.array([s.measured_s for s in samples])
-    return np.abs(speed * predicted_latencies(cost, samples, distinct) - measured) / measured
+    predicted = predicted_latencies(cost, samples, distinct, trace)
+    return np.abs(speed * predicted - measured) / measured
 
 
 def speed_ratios(cost: CostModel, samples: Sequence[Sample]) -> np.ndarray:

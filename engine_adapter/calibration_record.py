@@ -2,9 +2,10 @@
 
 Measuring needs the device (a GPU is often lent for minutes); fitting does not. The record
 keeps each iteration's plan (what ran through which layers), the distinct experts its routers
-loaded and its measured latency, the device's peaks, the held-out episodes' summaries and,
-where the device has an energy counter, the energy spans (``energy_fit``), so that
-``lpenv-calibrate --refit RECORD`` fits and reports anywhere, as often as wanted.
+loaded, its measured latency and the peak probe's reading before it (``peak_probe``), the
+device's peaks, the held-out episodes' summaries and, where the device has an energy counter,
+the energy spans (``energy_fit``), so that ``lpenv-calibrate --refit RECORD`` fits and reports
+anywhere, as often as wanted.
 
 Plans are stored by their shape alone: token ids and block tables do not enter the cost
 model. JSON, not pickle: a record from elsewhere is data, never code.
@@ -51,12 +52,14 @@ def plan_from_json(d: dict) -> IterationPlan:
 
 def samples_json(samples: Sequence[Sample]) -> list:
     return [{"plan": plan_json(s.plan), "distinct_experts": list(s.distinct_experts),
-             "measured_s": s.measured_s} for s in samples]
+             "measured_s": s.measured_s, **({"probe": list(s.probe)} if s.probe else {})}
+            for s in samples]
 
 
 def samples_from_json(rows: list) -> list[Sample]:
-    return [Sample(plan_from_json(r["plan"]), tuple(r["distinct_experts"]), r["measured_s"])
-            for r in rows]
+    # (records from before the peak probe have no "probe")
+    return [Sample(plan_from_json(r["plan"]), tuple(r["distinct_experts"]), r["measured_s"],
+                   tuple(r["probe"]) if r.get("probe") else None) for r in rows]
 
 
 @dataclass

@@ -3,6 +3,9 @@
 1. Measures the device's peak matmul FLOP/s and copy bandwidth.
 2. Runs the real engine over a grid of batch shapes (``engine_adapter.calibration``) and fits
    the cost model's overheads and efficiencies to every iteration's measured latency.
+   On the CPU a peak probe (a small matmul and a copy) is timed before every measured
+   iteration, and the fit prices each iteration at the device's pace then
+   (``engine_adapter.peak_probe``); the report gives the errors as measured and at that pace.
 3. Records the routers' distinct experts against rows (an empirical routing model).
 4. Writes the profile (``hardware=cpu-auto``, or ``backend.hardware=NAME`` for ``--name``) into
    ``$LPENV_PROFILE_DIR`` (default ``~/.cache/lpenv/profiles``) and the routing table into its
@@ -80,6 +83,7 @@ from engine_adapter.hardware import (
     write_profile,
 )
 from engine_adapter.model_config import DEFAULT_MODEL, ModelConfig
+from engine_adapter.peak_probe import PeakProbe, PeakTrace
 from engine_adapter.reference_speed import SPEED_GRID, measure_reference_speed
 from engine_adapter.routing import RoutingModel, record_routing
 from lpenv.episode import Episode
@@ -200,18 +204,24 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
     passes = max(1, grid.repeats)
     one = replace(grid, repeats=1)
     held_cfg = held_out_config(args.model, args.dtype, args.device)
+    # The device's pace, probed before every iteration (``peak_probe``; on the CPU, where
+    # other tenants move it; a GPU is settled instead).
+    probe = PeakProbe(device, engine_cfg.torch_dtype) if (
+        device.type == "cpu" and not args.no_peak_probe) else None
     bar = tqdm(total=grid.size(mc.num_layers), desc="grid", unit="probe")
-    samples = profile_grid(engine_cfg, mc, executor, one, seed=args.seed, on_probe=bar.update)
+    samples = profile_grid(engine_cfg, mc, executor, one, seed=args.seed, on_probe=bar.update,
+                           peak_probe=probe)
     held_out = {}
     for label in HELD_OUT_POLICIES:
         executor.reset()
-        summary, recorder = held_out_episode(held_cfg, mc, label, RecordingExecutor(executor),
+        summary, recorder = held_out_episode(held_cfg, mc, label,
+                                             RecordingExecutor(executor, probe),
                                              args.seed + 1000)
         held_out[label] = {"summary": summary, "samples": recorder.samples}
     for i in range(1, passes):
         executor.reset()
         samples += profile_grid(engine_cfg, mc, executor, one, seed=args.seed + i,
-                                on_probe=bar.update)
+                                on_probe=bar.update, peak_probe=probe)
     bar.close()
     spans, counter = [], None
     energy_s = args.energy_s if args.energy_s is not None else 2.0
@@ -241,9 +251,17 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
         energy_counter=counter.source if counter is not None else None)
 
 
+def peak_trace(record: CalibrationRecord) -> PeakTrace | None:
+    """The device's pace over the record's measurement (grid and held-out runs alike: they
+    ran in between); None for a record measured without the peak probe."""
+    return PeakTrace.of(record.grid_samples + [s for real in record.held_out.values()
+                                               for s in real["samples"]])
+
+
 def fitted_profile(record: CalibrationRecord, name: str
                    ) -> tuple[ModelConfig, int, HardwareProfile]:
-    """The record's model, its bytes per value, and the latency profile fitted to its grid."""
+    """The record's model, its bytes per value, and the latency profile fitted to its grid
+    (at the device's probed pace, where the record has one: ``peak_trace``)."""
     mc = ModelConfig.load(record.model)
     dtype_bytes = EngineConfig(model=record.model, dtype=record.dtype).torch_dtype.itemsize
     like = DATASHEET_PROFILES["cpu-generic" if record.device == "cpu" else "h100-sxm"]
@@ -252,8 +270,11 @@ def fitted_profile(record: CalibrationRecord, name: str
     base = base_profile(name, peaks["flops"], peaks["bandwidth"], like,
                         peaks.get("memory_bytes", 0.0))
     samples = record.grid_samples
+    trace = peak_trace(record)
+    source = f"{record.source}, {len(samples)} iterations" + (
+        ", at the pace a peak probe read before each" if trace is not None else "")
     return mc, dtype_bytes, fit_profile(base, CostModel(mc, base, dtype_bytes), samples, name,
-                                        f"{record.source}, {len(samples)} iterations")
+                                        source, trace)
 
 
 def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict:
@@ -289,6 +310,7 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         [percentage_errors(fitted, real["samples"], speed=speeds[label])
          for label, real in record.held_out.items()]) if held else np.zeros(0)
     routing_model = RoutingModel(mc, f"empirical:{routing_path}")
+    trace = peak_trace(record)
 
     def modeled_distinct(s):
         from engine_adapter.executor_sim import layer_rows
@@ -320,6 +342,16 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         "held_out_episodes": {label: _episode_errors(runs) for label, runs in episodes.items()},
         "energy": energy,
     }
+    if trace is not None:  # the same, each iteration priced at the device's pace then
+        report.update({
+            "peak_trace": trace.spread(),
+            "fit_error_paced": error_percentiles(percentage_errors(fitted, samples,
+                                                                   trace=trace)),
+            "held_out_iteration_error_paced": error_percentiles(
+                percentage_errors(fitted, held, trace=trace)),
+            "held_out_iteration_error_routing_model_paced": error_percentiles(
+                percentage_errors(fitted, held, modeled_distinct, trace=trace)),
+        })
     out.mkdir(parents=True, exist_ok=True)
     plot_fidelity(held, fitted, out / f"{name}_fidelity.png",
                   f"{name}: held-out iterations ({mc.name})")
@@ -379,6 +411,17 @@ def format_report(r: dict) -> str:
             lines.append("  (to tell the machine's speed from the cost model's error, run the "
                          "held-out iterations again beside grid ones: lpenv-calibrate --replay "
                          f"{r.get('record_path', 'RECORD')})")
+    if "peak_trace" in r:
+        t, pe, ph, pm = (r["peak_trace"], r["fit_error_paced"], r["held_out_iteration_error_paced"],
+                         r["held_out_iteration_error_routing_model_paced"])
+        lines += [
+            f"at the device's pace a peak probe read before each iteration ({t['readings']} "
+            f"readings; per FLOP {t['compute_p10']:.2f}-{t['compute_p90']:.2f}x, per byte "
+            f"{t['memory_p10']:.2f}-{t['memory_p90']:.2f}x the median, p10-p90):",
+            f"  fit grid (in sample)          median {pe['median']:.1%}  p90 {pe['p90']:.1%}",
+            f"  held-out, routers' experts    median {ph['median']:.1%}  p90 {ph['p90']:.1%}",
+            f"  held-out, routing model       median {pm['median']:.1%}  p90 {pm['p90']:.1%}",
+        ]
     lines += [
         "held-out episodes (real engine vs simulator):",
         f"  {'policy':22s} {'TTFT mean (s)':>16s} {'e2e mean (s)':>16s} {'attainment':>14s}",
@@ -418,6 +461,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="passes over the grid (default 2; 1 halves the time)")
     p.add_argument("--settle-s", type=float, default=None,
                    help="seconds of load before measuring (default 10 on a GPU, 0 on the CPU)")
+    p.add_argument("--no-peak-probe", action="store_true",
+                   help="on the CPU, do not time a small matmul and copy before each measured "
+                        "iteration (about 4 ms each; the fit then averages over the machine's "
+                        "pace instead of pricing each iteration at it)")
     p.add_argument("--energy-s", type=float, default=None,
                    help="seconds each energy load is held where the device has an energy "
                         "counter (default 2; 0 skips the energy fit)")
@@ -446,16 +493,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.overrides and not args.speed:
         p.error(f"overrides ({' '.join(args.overrides)}) go with --speed only")
     if args.speed and (args.refit or args.replay or args.repeats
-                       or args.energy_s is not None):
-        p.error("--speed measures a short grid of its own: --refit, --replay, --repeats and "
-                "--energy-s do not apply")
-    if args.replay and (args.refit or args.quick or args.repeats or args.energy_s is not None):
-        p.error("--replay runs a record's iterations again: --refit, --quick, --repeats and "
-                "--energy-s do not apply")
+                       or args.energy_s is not None or args.no_peak_probe):
+        p.error("--speed measures a short grid of its own: --refit, --replay, --repeats, "
+                "--energy-s and --no-peak-probe do not apply")
+    if args.replay and (args.refit or args.quick or args.repeats or args.energy_s is not None
+                        or args.no_peak_probe):
+        p.error("--replay runs a record's iterations again: --refit, --quick, --repeats, "
+                "--energy-s and --no-peak-probe do not apply")
     if args.refit and (args.quick or args.repeats or args.settle_s is not None
-                       or args.energy_s is not None):
-        p.error("--quick, --repeats, --settle-s and --energy-s shape a measurement; --refit "
-                "measures nothing")
+                       or args.energy_s is not None or args.no_peak_probe):
+        p.error("--quick, --repeats, --settle-s, --energy-s and --no-peak-probe shape a "
+                "measurement; --refit measures nothing")
     if args.energy_s is not None and args.energy_s < 0:
         p.error(f"--energy-s must be >= 0 (0 skips the energy fit), got {args.energy_s}")
     if args.repeats is not None and args.repeats < 1:

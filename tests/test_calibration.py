@@ -16,6 +16,7 @@ from engine_adapter.calibration import (
     Sample,
     design_matrix,
     fit_coefficients,
+    fit_profile,
     measurement_scatter,
     pass_drift,
     percentage_errors,
@@ -25,13 +26,14 @@ from engine_adapter.calibration import (
 )
 from engine_adapter.calibration_record import CalibrationRecord
 from engine_adapter.config import EngineConfig
-from engine_adapter.cost_model import CostModel, coefficients, from_coefficients
+from engine_adapter.cost_model import CostModel, coefficients, from_coefficients, term_names
 from engine_adapter.decision import Decision
 from engine_adapter.engine import Engine
 from engine_adapter.errors import ConfigError
 from engine_adapter.executor_sim import SimExecutor
 from engine_adapter.hardware import DATASHEET_PROFILES, resolve_profile
 from engine_adapter.model_config import ModelConfig
+from engine_adapter.peak_probe import PeakProbe, PeakTrace, paced_terms
 from engine_adapter.plan import IterationPlan, Segment, StageWork
 from engine_adapter.reference_speed import reference_speed
 from engine_adapter.routing import RoutingModel, record_routing
@@ -87,6 +89,66 @@ def test_window_speed_takes_the_machines_speed_out_of_the_error():
     assert np.median(percentage_errors(cost, slow)) == pytest.approx(0.2 / 1.2, abs=0.01)
     assert np.median(percentage_errors(cost, slow, speed=speed)) < 0.02
     assert window_speed(cost, samples) == pytest.approx(1.0, rel=1e-9)
+
+
+def _paced(samples, compute, memory):
+    """``samples`` re-measured at a pace per sample (how many times as long per FLOP and per
+    byte as the median), each with the peak probe's reading of it (a matmul of 3 ms and a copy
+    of 0.7 ms at the median pace), one second apart."""
+    terms, _ = design_matrix(CostModel(ModelConfig.load("qwen3-moe-tiny"), TRUE, 4), samples)
+    scales = np.c_[compute, memory]
+    measured = paced_terms(terms, scales, term_names(TRUE)) @ coefficients(TRUE)
+    return [replace(s, measured_s=float(m), probe=(float(i), 3e-3 * c, 7e-4 * b))
+            for i, (s, m, c, b) in enumerate(zip(samples, measured, compute, memory))]
+
+
+def test_the_peak_trace_prices_each_iteration_at_the_pace_it_ran():
+    """A device whose matmuls ran 25% faster and copies 40% slower for the first third of a
+    measurement (as a shared host's did): fitted as measured, the profile is off by that; with
+    the probe's trace, each iteration is priced at its pace, the fit recovers the profile and
+    predicts every latency."""
+    mc, cost, samples = _sim_samples(TRUE)
+    third = len(samples) // 3
+    compute = np.where(np.arange(len(samples)) < third, 0.75, 1.0)
+    memory = np.where(np.arange(len(samples)) < third, 1.4, 1.0)
+    paced = _paced(samples, compute, memory)
+    terms, measured = design_matrix(cost, paced)
+    as_measured = fit_coefficients(terms, measured)
+    assert not np.allclose(as_measured, coefficients(TRUE), rtol=0.05)
+    assert (np.abs(terms @ as_measured - measured) / measured).max() > 0.01
+    trace = PeakTrace.of(paced)
+    np.testing.assert_allclose(trace.scales(paced), np.c_[compute, memory], rtol=1e-12)
+    assert trace.spread() == pytest.approx({"readings": len(samples), "compute_p10": 0.75,
+                                            "compute_p90": 1.0, "memory_p10": 1.0,
+                                            "memory_p90": 1.4})
+    fitted = fit_profile(replace(TRUE, name="fit"), cost, paced, "fit", "test", trace)
+    np.testing.assert_allclose(coefficients(fitted), coefficients(TRUE), rtol=1e-6)
+    errors = percentage_errors(CostModel(mc, fitted, 4), paced, trace=trace)
+    assert errors.max() < 1e-6
+    # An iteration not probed is priced at the median pace; none probed: no trace.
+    assert trace.scales([samples[0]]).tolist() == [[1.0, 1.0]]
+    assert PeakTrace.of(samples) is None
+    # Only a sum-form profile is priced at a pace (a datasheet GPU's overlaps its terms).
+    with pytest.raises(ValueError, match="sum-form"):
+        percentage_errors(CostModel(mc, "h100-sxm", 2), paced, trace=trace)
+
+
+def test_the_peak_trace_takes_the_median_of_neighbouring_readings():
+    """One reading far off (a probe that met a busy moment) moves no iteration's pace."""
+    _, _, samples = _sim_samples(TRUE)
+    samples = samples[:40]
+    compute = np.ones(len(samples))
+    compute[17] = 3.0
+    trace = PeakTrace.of(_paced(samples, compute, np.ones(len(samples))))
+    assert trace.compute.tolist() == [1.0] * len(samples)
+
+
+def test_the_peak_probe_times_a_matmul_and_a_copy():
+    probe = PeakProbe(torch.device("cpu"))
+    before = time.perf_counter()
+    at, matmul_s, copy_s = probe()
+    assert before < at <= time.perf_counter()
+    assert 0 < matmul_s < 1 and 0 < copy_s < 1
 
 
 def test_reference_speed_is_how_many_times_as_long_and_its_scale_undoes_it():
@@ -232,6 +294,12 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     assert all(v > 0 for v in report["held_out_speed"].values())
     removed = report["held_out_iteration_error_speed_removed"]
     assert removed["samples"] == report["held_out_iteration_error"]["samples"]
+    # Every iteration had the peak probe's reading before it, and the fit priced it at that.
+    held_samples = report["held_out_iteration_error"]["samples"]
+    assert report["peak_trace"]["readings"] == report["grid_iterations"] + held_samples
+    assert report["held_out_iteration_error_paced"]["samples"] == held_samples
+    assert report["fit_error_paced"]["samples"] == report["grid_iterations"]
+    assert "iterations, at the pace a peak probe read before each" in profile.source
     assert f"{torch.get_num_threads()} torch threads" in profile.source
     assert (tmp_path / "out" / "cpu-auto_fidelity.png").stat().st_size > 0
     energy = report["energy"]
@@ -249,7 +317,9 @@ def test_calibrate_cli_writes_a_profile_hardware_can_name(tmp_path, monkeypatch)
     again = json.loads((tmp_path / "again" / "refit.json").read_text())
     for key in ("coefficients", "fit_error", "held_out_iteration_error",
                 "held_out_iteration_error_routing_model", "held_out_episodes", "grid",
-                "measured_peak_flops", "held_out_speed", "held_out_iteration_error_speed_removed"):
+                "measured_peak_flops", "held_out_speed", "held_out_iteration_error_speed_removed",
+                "peak_trace", "fit_error_paced", "held_out_iteration_error_paced",
+                "held_out_iteration_error_routing_model_paced"):
         assert again[key] == report[key], key
     assert again["record_path"] == record
     assert again["energy"] == {**report["energy"], "name": "refit-wall"}
@@ -408,12 +478,14 @@ def test_a_record_keeps_every_plan_the_cost_model_prices(tmp_path):
              IterationPlan(5, "chunked", mc.num_layers, (), stages[1:]),
              IterationPlan(6, "layered", mc.num_layers, decode, ())]
     samples = [Sample(p, (3,) * mc.num_layers, 0.01 * i + 0.001) for i, p in enumerate(plans)]
+    samples[1] = replace(samples[1], probe=(12.5, 0.0031, 0.0007))  # a peak probe's reading
     rec = CalibrationRecord("qwen3-moe-tiny", "cpu", "float32", "test", {}, {}, 0, samples,
                             {"x": {"summary": {"ttft_mean_s": 1.5}, "samples": samples[:1]}})
     back = CalibrationRecord.read(rec.write(tmp_path / "r.json"))
     for a, b in zip(samples + samples[:1], back.grid_samples + back.held_out["x"]["samples"]):
         assert b.plan.schedule_key() == a.plan.schedule_key()
         assert b.distinct_experts == a.distinct_experts and b.measured_s == a.measured_s
+        assert b.probe == a.probe
         assert (cost.iteration_latency(b.plan, b.distinct_experts)
                 == cost.iteration_latency(a.plan, a.distinct_experts))
     assert back.held_out["x"]["summary"] == {"ttft_mean_s": 1.5}
