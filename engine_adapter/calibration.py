@@ -230,7 +230,7 @@ def design_matrix(cost: CostModel, samples: Sequence[Sample], trace: PeakTrace |
     """Each sample's terms (``CostModel.terms``; with ``trace``, paced: ``paced_terms``) and
     its measured latency. Distinct experts from the routers unless ``distinct`` gives others."""
     terms = np.array([cost.terms(s.plan, distinct(s) if distinct else s.distinct_experts)
-                      for s in samples]).reshape(len(samples), -1)
+                      for s in samples]).reshape(len(samples), len(term_names(cost.profile)))
     if trace is not None:
         terms = paced_terms(terms, trace.scales(samples), term_names(cost.profile))
     return terms, np.array([s.measured_s for s in samples])

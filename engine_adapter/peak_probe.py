@@ -40,7 +40,8 @@ MEMORY_TERMS = ("weight_byte", "kv_byte")
 class Probed(Protocol):
     """A measured iteration with the probe's reading before it: (when, matmul s, copy s)."""
 
-    probe: tuple[float, float, float] | None
+    @property
+    def probe(self) -> tuple[float, float, float] | None: ...
 
 
 class PeakProbe:

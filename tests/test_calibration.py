@@ -527,6 +527,28 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
         0.085, abs=0.002)
 
 
+def test_a_probed_cpu_record_refits_to_the_figures_the_readme_quotes(tmp_path):
+    """``make calibrate`` on this 2-core host with the peak probe (run B in the README): every
+    iteration has its reading, and priced at the pace it ran at, the fit's error and the
+    held-out p90 are lower than as measured; the held-out median is not."""
+    from scripts.calibrate import main
+
+    main(["--refit", str(H200_RECORDS / "cpu_probed_qwen3-moe-cpu_record.json.gz"), "--out",
+          str(tmp_path), "--profile-dir", str(tmp_path)])
+    r = json.loads((tmp_path / "cpu-auto.json").read_text())
+    assert r["peak_trace"]["readings"] == 1930 == r["grid_iterations"] + r[
+        "held_out_iteration_error"]["samples"]
+    assert r["peak_trace"]["compute_p10"] == pytest.approx(0.80, abs=0.005)
+    assert r["peak_trace"]["memory_p90"] == pytest.approx(1.22, abs=0.005)
+    assert r["fit_error"]["median"] == pytest.approx(0.088, abs=0.001)
+    assert r["fit_error_paced"]["median"] == pytest.approx(0.065, abs=0.001)
+    assert r["held_out_iteration_error"]["median"] == pytest.approx(0.078, abs=0.001)
+    assert r["held_out_iteration_error"]["p90"] == pytest.approx(0.325, abs=0.001)
+    assert r["held_out_iteration_error_paced"]["median"] == pytest.approx(0.080, abs=0.001)
+    assert r["held_out_iteration_error_paced"]["p90"] == pytest.approx(0.164, abs=0.001)
+    assert "at the pace a peak probe read before each" in r["profile"]["source"]
+
+
 def test_the_h200_nvml_record_refits_the_energy_its_counter_measured(tmp_path):
     """A record measured on an H200 with NVML's counter (2026-11-29, ``--repeats 1
     --energy-s 3``): its five sustained loads refit here to the constants the README quotes,
