@@ -142,14 +142,19 @@ def guard() -> None:
     """Decide once, before any of ``MODULES`` is imported, whether the build runs."""
     if "compiled" in _state:
         return
-    reason = stale_reason()
-    built = reason != "not built"
     warning = None
     if os.environ.get(PURE_ENV) == "1":
-        reason = f"{PURE_ENV}=1"
-    elif reason is not None:
-        warning = (f"lpenv: the compiled modules are not used ({reason}): running the source, "
-                   f"as fast as uncompiled; rebuild with `lpenv-compile` (make compile)")
+        # (whether the build is in order does not matter, only whether there is one to step
+        # around: no digest to compute, no shared library to load)
+        reason: str | None = f"{PURE_ENV}=1"
+        built = any(extension(m) is not None for m in MODULES)
+    else:
+        reason = stale_reason()
+        built = reason != "not built"
+        if reason is not None:
+            warning = (f"lpenv: the compiled modules are not used ({reason}): running the "
+                       "source, as fast as uncompiled; rebuild with `lpenv-compile` (make "
+                       "compile)")
     if reason is not None and built:
         sys.meta_path.insert(0, _FromSource(warning))
     _state["compiled"] = reason is None
