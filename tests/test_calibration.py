@@ -491,7 +491,7 @@ def test_a_record_keeps_every_plan_the_cost_model_prices(tmp_path):
     assert back.held_out["x"]["summary"] == {"ttft_mean_s": 1.5}
 
 
-H200_RECORDS = Path(__file__).parent / "data"
+RECORDS = Path(__file__).parent / "data"
 
 
 def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
@@ -500,7 +500,7 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
     the drift that setting removes."""
     from scripts.calibrate import main
 
-    main(["--refit", str(H200_RECORDS / "h200_qwen3-moe-cpu_record.json.gz"), "--out",
+    main(["--refit", str(RECORDS / "h200_qwen3-moe-cpu_record.json.gz"), "--out",
           str(tmp_path), "--profile-dir", str(tmp_path)])
     settled = json.loads((tmp_path / "cuda-auto.json").read_text())
     assert settled["grid_iterations"] == 1604 and settled["device"] == "cuda"
@@ -514,7 +514,7 @@ def test_the_h200_records_refit_to_the_figures_the_readme_quotes(tmp_path):
     layered = settled["held_out_episodes"]["layered (paper rule)"]
     assert layered["ttft_mean_s_error"] < 0.01 and layered["e2e_mean_s_error"] < 0.05
 
-    main(["--refit", str(H200_RECORDS / "h200_qwen3-moe-cpu_unsettled_record.json.gz"),
+    main(["--refit", str(RECORDS / "h200_qwen3-moe-cpu_unsettled_record.json.gz"),
           "--name", "unsettled", "--out", str(tmp_path), "--profile-dir", str(tmp_path)])
     unsettled = json.loads((tmp_path / "unsettled.json").read_text())
     assert unsettled["grid_pass_drift"] == pytest.approx(0.77, abs=0.01)
@@ -533,7 +533,7 @@ def test_a_probed_cpu_record_refits_to_the_figures_the_readme_quotes(tmp_path):
     held-out p90 are lower than as measured; the held-out median is not."""
     from scripts.calibrate import main
 
-    main(["--refit", str(H200_RECORDS / "cpu_probed_qwen3-moe-cpu_record.json.gz"), "--out",
+    main(["--refit", str(RECORDS / "cpu_probed_qwen3-moe-cpu_record.json.gz"), "--out",
           str(tmp_path), "--profile-dir", str(tmp_path)])
     r = json.loads((tmp_path / "cpu-auto.json").read_text())
     assert r["peak_trace"]["readings"] == 1930 == r["grid_iterations"] + r[
@@ -556,7 +556,7 @@ def test_the_h200_nvml_record_refits_the_energy_its_counter_measured(tmp_path):
     its energy after the counter."""
     from scripts.calibrate import main
 
-    main(["--refit", str(H200_RECORDS / "h200_nvml_qwen3-moe-cpu_record.json.gz"), "--out",
+    main(["--refit", str(RECORDS / "h200_nvml_qwen3-moe-cpu_record.json.gz"), "--out",
           str(tmp_path), "--profile-dir", str(tmp_path / "profiles")])
     report = json.loads((tmp_path / "cuda-auto.json").read_text())
     energy = report["energy"]
