@@ -1,16 +1,17 @@
 """The device's compute and memory speed, probed between measured iterations.
 
 A shared machine's speed moves while it is measured. On the 2-core host lpenv-calibrate was
-developed on, a small matmul ran 36% faster in a process's first minute than later while a
-copy ran 35% slower, and the same grid iteration measured minutes apart strayed 8-10%: more
-than any cost model can be blamed for. ``PeakProbe`` times a small matmul and a copy right
-before each measured iteration (about 4 ms on that host). ``PeakTrace`` smooths the readings
-(a running median over neighbouring iterations) into how many times as long as usual the
-device then took per FLOP (``compute``) and per byte (``memory``), and ``paced_terms`` scales
-the cost model's FLOP terms and byte terms by them: the fit and its errors then compare each
-iteration with the roofline of the minute it ran in, and the fitted profile is the device at
-its median pace. Overheads (per iteration, layer, call, expert) are left unscaled: scaling
-them by the matmul's pace as well fitted no better.
+developed on, a small matmul ran 36% faster in a process's first minute than later while a copy
+ran 35% slower, and the same grid iteration measured minutes apart strayed 7.6-11.3% (the
+calibration's measurement scatter, four runs): more than any cost model can be blamed for.
+``PeakProbe`` times a small matmul and a copy right before each measured iteration (about 4 ms
+on that host). ``PeakTrace`` smooths the readings (a running median over neighbouring
+iterations) into how many times as long as usual the device then took per FLOP (``compute``)
+and per byte (``memory``), and ``paced_terms`` scales the cost model's FLOP terms and byte
+terms by them: the fit and its errors then compare each iteration with the roofline of the
+minute it ran in, and the fitted profile is the device at its median pace. Overheads (per
+iteration, layer, call, expert) are left unscaled: scaling them by the matmul's pace as well
+fitted no better.
 """
 
 from __future__ import annotations
