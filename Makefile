@@ -39,7 +39,8 @@ compile: $(STAMP)
 RUN_DIR ?= results/main
 RUN_RATES ?= 1,2,3,4
 RUN_ARGS ?= workload=arxiv4k workload.num_requests=24 workload.max_output=32
-# More overrides on top, e.g. RUN_EXTRA=hardware=cpu-auto after `make calibrate`.
+# More overrides on top, e.g. RUN_EXTRA=hardware=cpu-auto after `CALIBRATE_THREADS=2 make
+# calibrate` (the engine at these runs' two threads).
 RUN_EXTRA ?=
 # The CPU SLOs were set on the machine cpu-generic was read off. `auto` first measures how many
 # times as long this machine runs the engine (lpenv-calibrate --speed, about 15 s) and scales
@@ -136,9 +137,12 @@ bench-sim: $(STAMP)
 	$(BIN)/python -m scripts.bench_sim --out results/bench_sim.json
 
 # Fit the cost model to the real engine on this machine: writes the cpu-auto profile (5-10
-# minutes; run it on an otherwise idle machine).
+# minutes; run it on an otherwise idle machine). One torch thread: on this 2-vCPU VM the
+# same 64-token prefill took 126 ms or 198 ms with two threads depending on the minute (the
+# second vCPU's share), 167 ms +-2% with one; the profile is the engine at that many.
+CALIBRATE_THREADS ?= 1
 calibrate: $(STAMP)
-	$(BIN)/lpenv-calibrate --out results/calibration
+	$(BIN)/lpenv-calibrate --threads $(CALIBRATE_THREADS) --out results/calibration
 
 # The paper's SLO-attainment-against-rate experiment on the simulator, all four panels
 # (under two minutes); one panel: make paper PANEL=arxiv-qwen.

@@ -79,6 +79,12 @@ class CalibrationRecord:
     # Sustained loads measured by the device's energy counter (none without one), and which.
     energy_spans: list[EnergySpan] = field(default_factory=list)
     energy_counter: str | None = None
+    # The torch threads the engine ran with (None in records from before it was kept).
+    threads: int | None = None
+    # How many times as long as the held-out workload's reference machine the device ran the
+    # grid's first pass: the held-out episodes ran at that pace (None in older records: they
+    # ran at the reference's).
+    held_out_pace: float | None = None
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -91,7 +97,8 @@ class CalibrationRecord:
                                      "samples": samples_json(h["samples"])}
                              for label, h in self.held_out.items()},
                 "energy_counter": self.energy_counter,
-                "energy_spans": [s.to_json() for s in self.energy_spans]}
+                "energy_spans": [s.to_json() for s in self.energy_spans],
+                "threads": self.threads, "held_out_pace": self.held_out_pace}
         text = json.dumps(body) + "\n"
         if path.suffix == ".gz":  # records kept in a repository are better compressed
             path.write_bytes(gzip.compress(text.encode()))
@@ -116,4 +123,5 @@ class CalibrationRecord:
                    {label: {"summary": h["summary"],
                             "samples": samples_from_json(h["samples"])}
                     for label, h in body["held_out"].items()},
-                   spans_from_json(body.get("energy_spans", [])), body.get("energy_counter"))
+                   spans_from_json(body.get("energy_spans", [])), body.get("energy_counter"),
+                   body.get("threads"), body.get("held_out_pace"))

@@ -13,9 +13,12 @@
 5. Fidelity on a workload it did not fit on: a CPU-scaled arXiv workload served by the paper
    rule (layered) and by chunked prefill, on the real engine (measured, between the grid's
    two passes so that the machine's drift reaches fit and test alike) and on the simulator
-   with the new profile and routing table. Reports the median and p90 absolute percentage
-   error of iteration latency (with the routers' own distinct experts, and with the routing
-   model's), and the episode-level error of TTFT, end-to-end time and SLO attainment.
+   with the new profile and routing table. The workload and its SLOs are stretched to this
+   machine's pace against ``cpu-generic``'s over the grid's first pass (``held_out_at``), so
+   that a slower machine is not simply overloaded. Reports the median and p90 absolute
+   percentage error of iteration latency (with the routers' own distinct experts, and with
+   the routing model's), and the episode-level error of TTFT, end-to-end time and SLO
+   attainment.
 6. Where the device has an energy counter (NVML on a GPU), holds sustained loads for
    ``--energy-s`` seconds each and fits the profile's energy constants (static power, energy
    per byte and per FLOP) to the counter (``engine_adapter.energy_fit``); elsewhere the
@@ -98,6 +101,17 @@ HELD_OUT = WorkloadConfig(name="arxiv4k", rate=3.0, num_requests=24, lengths="ar
                           scale=0.125, min_prompt=16, max_prompt=2048, min_output=4,
                           max_output=64)
 HELD_OUT_SLO = SLO(ttft_s=2.0, tbt_s=0.125)
+# ... at the pace of the machine the CPU SLOs were set on: a machine that runs the engine
+# s times as long gets the workload stretched by s (arrivals s times as far apart, SLOs s times
+# as long), so that its episodes are neither overloaded (0% attained both ways tells nothing)
+# nor idle.
+HELD_OUT_REFERENCE = "cpu-generic"
+
+
+def held_out_at(pace: float) -> tuple[WorkloadConfig, SLO]:
+    """The held-out workload and SLOs for a machine ``pace`` times as slow as the reference."""
+    return (replace(HELD_OUT, rate=HELD_OUT.rate / pace),
+            SLO(HELD_OUT_SLO.ttft_s * pace, HELD_OUT_SLO.tbt_s * pace))
 
 
 def error_percentiles(errors: np.ndarray) -> dict:
@@ -113,14 +127,16 @@ HELD_OUT_POLICIES = {
 
 
 def held_out_episode(engine_cfg: EngineConfig, mc: ModelConfig, label: str, executor,
-                     seed: int) -> tuple[dict, object]:
-    """One policy on the held-out workload, on ``executor``: its summary and the executor."""
+                     seed: int, pace: float = 1.0) -> tuple[dict, object]:
+    """One policy on the held-out workload at ``pace`` (``held_out_at``), on ``executor``:
+    its summary and the executor."""
     policy = HELD_OUT_POLICIES[label](mc)
     cfg = replace(engine_cfg, mode=policy.mode,
                   chunk_tokens=getattr(policy, "chunk_tokens", engine_cfg.chunk_tokens))
     engine = Engine(cfg, executor=executor, model_config=mc)
     rng = np.random.default_rng(seed)
-    episode = Episode(engine, generate(HELD_OUT, rng), HELD_OUT_SLO, RewardConfig(), rng)
+    workload, slo = held_out_at(pace)
+    episode = Episode(engine, generate(workload, rng), slo, RewardConfig(), rng)
     return episode.run(policy), executor
 
 
@@ -211,12 +227,14 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
     bar = tqdm(total=grid.size(mc.num_layers), desc="grid", unit="probe")
     samples = profile_grid(engine_cfg, mc, executor, one, seed=args.seed, on_probe=bar.update,
                            peak_probe=probe)
+    pace = window_speed(CostModel(mc, DATASHEET_PROFILES[HELD_OUT_REFERENCE],
+                                  engine_cfg.torch_dtype.itemsize), samples)
     held_out = {}
     for label in HELD_OUT_POLICIES:
         executor.reset()
         summary, recorder = held_out_episode(held_cfg, mc, label,
                                              RecordingExecutor(executor, probe),
-                                             args.seed + 1000)
+                                             args.seed + 1000, pace)
         held_out[label] = {"summary": summary, "samples": recorder.samples}
     for i in range(1, passes):
         executor.reset()
@@ -236,9 +254,9 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
     where = device.type
     if device.type == "cuda":
         where += f": {torch.cuda.get_device_name(device)}"
-    # (the thread count: on a shared 2-core machine one thread measured steadier than two)
+    threads = torch.get_num_threads()
     source = (f"lpenv-calibrate on {platform.node() or 'this machine'} ({where}, "
-              f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} torch threads), "
+              f"{os.cpu_count()} CPUs visible, {threads} torch thread{'s' * (threads != 1)}), "
               f"{time.strftime('%Y-%m-%d')}, model {mc.name}")
     return CalibrationRecord(
         model=mc.name, device=device.type, dtype=args.dtype, source=source,
@@ -248,7 +266,8 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
                   if device.type == "cuda" else {})},
         grid={**asdict(grid), "quick": args.quick}, seed=args.seed, grid_samples=samples,
         held_out=held_out, energy_spans=spans,
-        energy_counter=counter.source if counter is not None else None)
+        energy_counter=counter.source if counter is not None else None,
+        threads=threads, held_out_pace=pace)
 
 
 def peak_trace(record: CalibrationRecord) -> PeakTrace | None:
@@ -295,13 +314,15 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
 
     fitted = CostModel(mc, profile, dtype_bytes)
     held_cfg = held_out_config(record.model, record.dtype)
+    held_pace = record.held_out_pace or 1.0
+    held_workload, held_slo = held_out_at(held_pace)
     episodes = {}
     for label, real in record.held_out.items():
         sim = SimExecutor(mc, CostModel(mc, str(profile_path), dtype_bytes),
                           f"empirical:{routing_path}", str(profile_path), seed=record.seed)
         episodes[label] = {"measured": real["summary"],
                            "simulated": held_out_episode(held_cfg, mc, label, sim,
-                                                         record.seed + 1000)[0]}
+                                                         record.seed + 1000, held_pace)[0]}
     held = [s for real in record.held_out.values() for s in real["samples"]]
     # Each held-out run's speed, and the error left with it divided out (``window_speed``).
     speeds = {label: window_speed(fitted, real["samples"])
@@ -321,7 +342,7 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
     report = {
         "name": name, "profile_path": str(profile_path), "routing_path": str(routing_path),
         "model": mc.name, "device": record.device, "dtype": record.dtype,
-        "quick": record.grid.get("quick", False),
+        "quick": record.grid.get("quick", False), "torch_threads": record.threads,
         "measured_peak_flops": peaks["flops"], "measured_bandwidth": peaks["bandwidth"],
         # The same measurements at the end: how much the machine's speed moved meanwhile.
         "measured_peak_flops_after": peaks["flops_after"],
@@ -332,8 +353,9 @@ def fit(record: CalibrationRecord, name: str, profiles: Path, out: Path) -> dict
         "coefficients": dict(zip(term_names(profile), coefficients(profile).tolist())),
         "profile": profile.to_json(),
         "fit_error": error_percentiles(percentage_errors(fitted, samples)),
-        "held_out_workload": {**asdict(HELD_OUT), "seed": record.seed + 1000,
-                              "ttft_slo_s": HELD_OUT_SLO.ttft_s, "tbt_slo_s": HELD_OUT_SLO.tbt_s},
+        "held_out_workload": {**asdict(held_workload), "seed": record.seed + 1000,
+                              "ttft_slo_s": held_slo.ttft_s, "tbt_slo_s": held_slo.tbt_s,
+                              "pace": record.held_out_pace, "reference": HELD_OUT_REFERENCE},
         "held_out_iteration_error": error_percentiles(percentage_errors(fitted, held)),
         "held_out_iteration_error_routing_model": error_percentiles(
             percentage_errors(fitted, held, modeled_distinct)),
@@ -422,8 +444,12 @@ def format_report(r: dict) -> str:
             f"  held-out, routers' experts    median {ph['median']:.1%}  p90 {ph['p90']:.1%}",
             f"  held-out, routing model       median {pm['median']:.1%}  p90 {pm['p90']:.1%}",
         ]
+    w = r["held_out_workload"]
     lines += [
-        "held-out episodes (real engine vs simulator):",
+        f"held-out episodes (real engine vs simulator; {w['num_requests']} requests at "
+        f"{w['rate']:.2f} req/s, SLOs TTFT {w['ttft_slo_s']:.2f} s and TBT {w['tbt_slo_s']:.3f} s"
+        + (f": {w['reference']}'s stretched to this machine's pace, {w['pace']:.2f}x as long):"
+           if w["pace"] is not None else f", at {w['reference']}'s pace):"),
         f"  {'policy':22s} {'TTFT mean (s)':>16s} {'e2e mean (s)':>16s} {'attainment':>14s}",
     ]
     for label, x in r["held_out_episodes"].items():
@@ -465,6 +491,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="on the CPU, do not time a small matmul and copy before each measured "
                         "iteration (about 4 ms each; the fit then averages over the machine's "
                         "pace instead of pricing each iteration at it)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads the engine runs with (default: torch's own, "
+                        "OMP_NUM_THREADS or every core). Where other work shares the cores "
+                        "(a VM's), the engine is steadier on fewer: make calibrate uses 1. The "
+                        "profile describes the engine at this many")
     p.add_argument("--energy-s", type=float, default=None,
                    help="seconds each energy load is held where the device has an energy "
                         "counter (default 2; 0 skips the energy fit)")
@@ -497,13 +528,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--speed measures a short grid of its own: --refit, --replay, --repeats, "
                 "--energy-s and --no-peak-probe do not apply")
     if args.replay and (args.refit or args.quick or args.repeats or args.energy_s is not None
-                        or args.no_peak_probe):
-        p.error("--replay runs a record's iterations again: --refit, --quick, --repeats, "
-                "--energy-s and --no-peak-probe do not apply")
+                        or args.no_peak_probe or args.threads is not None):
+        p.error("--replay runs a record's iterations again (at its thread count): --refit, "
+                "--quick, --repeats, --energy-s, --no-peak-probe and --threads do not apply")
     if args.refit and (args.quick or args.repeats or args.settle_s is not None
-                       or args.energy_s is not None or args.no_peak_probe):
-        p.error("--quick, --repeats, --settle-s, --energy-s and --no-peak-probe shape a "
-                "measurement; --refit measures nothing")
+                       or args.energy_s is not None or args.no_peak_probe
+                       or args.threads is not None):
+        p.error("--quick, --repeats, --settle-s, --energy-s, --no-peak-probe and --threads "
+                "shape a measurement; --refit measures nothing")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     if args.energy_s is not None and args.energy_s < 0:
         p.error(f"--energy-s must be >= 0 (0 skips the energy fit), got {args.energy_s}")
     if args.repeats is not None and args.repeats < 1:
@@ -511,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.settle_s is not None and args.settle_s < 0:
         p.error(f"--settle-s must be >= 0, got {args.settle_s}")
     started = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.speed:
         speed_main(args, p, started)
         return
@@ -589,6 +625,8 @@ def replay_main(args: argparse.Namespace, p: argparse.ArgumentParser, started: f
 
     try:
         record = CalibrationRecord.read(args.replay)
+        if record.threads:  # the engine as it was measured
+            torch.set_num_threads(record.threads)
         name = args.name or f"{record.device}-auto"
         report = replay_check(record, name, args.settle_s, args.seed)
     except (ConfigError, ValueError) as exc:
