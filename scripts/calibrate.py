@@ -96,15 +96,15 @@ from policies.chunked import ChunkedPrefill
 from policies.paper_rule import PaperRule
 
 # The held-out workload: conf/workload/arxiv4k.yaml with conf/engine/cpu.yaml's budgets and
-# conf/slo/cpu.yaml's SLOs, at a rate both modes serve without collapsing.
+# conf/slo/cpu.yaml's SLOs, at a rate both modes serve without collapsing on the machine
+# those SLOs were set on (cpu-generic's).
 HELD_OUT = WorkloadConfig(name="arxiv4k", rate=3.0, num_requests=24, lengths="arxiv4k",
                           scale=0.125, min_prompt=16, max_prompt=2048, min_output=4,
                           max_output=64)
 HELD_OUT_SLO = SLO(ttft_s=2.0, tbt_s=0.125)
-# ... at the pace of the machine the CPU SLOs were set on: a machine that runs the engine
-# s times as long gets the workload stretched by s (arrivals s times as far apart, SLOs s times
-# as long), so that its episodes are neither overloaded (0% attained both ways tells nothing)
-# nor idle.
+# A machine that runs the engine s times as long as that one gets the workload stretched by s
+# (arrivals s times as far apart, SLOs s times as long), so that its episodes are neither
+# overloaded (0% attained both ways tells nothing) nor idle.
 HELD_OUT_REFERENCE = "cpu-generic"
 
 
