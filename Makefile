@@ -139,7 +139,7 @@ bench-sim: $(STAMP)
 # Fit the cost model to the real engine on this machine: writes the cpu-auto profile (5-10
 # minutes; run it on an otherwise idle machine). One torch thread: on this 2-vCPU VM the
 # same 64-token prefill took 126 ms or 198 ms with two threads depending on the minute (the
-# second vCPU's share), 167 ms +-2% with one; the profile is the engine at that many.
+# second vCPU's share), 167-172 ms (+-2%) with one; the profile is the engine at that many.
 CALIBRATE_THREADS ?= 1
 calibrate: $(STAMP)
 	$(BIN)/lpenv-calibrate --threads $(CALIBRATE_THREADS) --out results/calibration
