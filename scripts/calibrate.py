@@ -87,7 +87,7 @@ from engine_adapter.hardware import (
 )
 from engine_adapter.model_config import DEFAULT_MODEL, ModelConfig
 from engine_adapter.peak_probe import PeakProbe, PeakTrace
-from engine_adapter.reference_speed import SPEED_GRID, measure_reference_speed
+from engine_adapter.reference_speed import SPEED_GRID, measure_reference_speed, reference_speed
 from engine_adapter.routing import RoutingModel, record_routing
 from lpenv.episode import Episode
 from lpenv.reward import SLO, RewardConfig
@@ -227,8 +227,9 @@ def measure(args: argparse.Namespace) -> CalibrationRecord:
     bar = tqdm(total=grid.size(mc.num_layers), desc="grid", unit="probe")
     samples = profile_grid(engine_cfg, mc, executor, one, seed=args.seed, on_probe=bar.update,
                            peak_probe=probe)
-    pace = window_speed(CostModel(mc, DATASHEET_PROFILES[HELD_OUT_REFERENCE],
-                                  engine_cfg.torch_dtype.itemsize), samples)
+    # (this machine's speed against the reference, as --speed measures it, on the grid's pass)
+    pace = reference_speed(samples, CostModel(mc, DATASHEET_PROFILES[HELD_OUT_REFERENCE],
+                                              engine_cfg.torch_dtype.itemsize)).speed
     held_out = {}
     for label in HELD_OUT_POLICIES:
         executor.reset()
